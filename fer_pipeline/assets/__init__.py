@@ -1,0 +1,1 @@
+"""Dagster wiring: thin asset definitions over the plain-Python stage modules."""

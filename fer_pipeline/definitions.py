@@ -1,0 +1,25 @@
+"""The Dagster code location: ``dagster dev`` (via workspace.yaml) and
+``dagster asset materialize -m fer_pipeline.definitions`` load ``defs`` from here."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+from fer_pipeline.assets.checks import DATA_CHECKS  # noqa: E402
+from fer_pipeline.assets.data import DATA_ASSETS  # noqa: E402
+from fer_pipeline.resources import FerSettings  # noqa: E402
+
+data_pipeline_job = dg.define_asset_job(
+    "data_pipeline", selection=dg.AssetSelection.groups("data"),
+    description="Every data asset: sources → faces → de-duplicated → manifest → splits → plots.")
+
+defs = dg.Definitions(
+    assets=[*DATA_ASSETS],
+    asset_checks=[*DATA_CHECKS],
+    jobs=[data_pipeline_job],
+    resources={"fer": FerSettings()},
+)

@@ -1,0 +1,147 @@
+"""The faces stage: decode, validate and normalise every candidate image, in parallel, once.
+
+Work is keyed by raw content hash in the :class:`~fer_pipeline.face_store.FaceStore`: files seen
+before under the same settings are not read, decoded or hashed again, so re-running after a
+source grows only processes the new files. Decoding runs in worker processes (both cores);
+the parent only streams bytes out of the sources, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fer_pipeline.face_store import INDEX_COLUMNS, FaceStore
+from fer_pipeline.phash import hash_input, phash_batch, to_hex
+from fer_pipeline.preprocess import PreprocessSettings, decode_face
+
+CHUNK = 128  # images per task sent to a worker
+SHARD_ROWS = 20_000  # faces per shard file: bounds the parent's memory on huge sources
+PARALLEL_MIN = 512  # below this many new images, worker start-up costs more than it saves
+
+ReadFn = Callable[[str, str], bytes]  # (source, source_path) -> raw bytes
+
+
+@dataclass
+class ChunkResult:
+    """What a worker returns for one chunk (faces only for accepted images)."""
+
+    index: pd.DataFrame  # INDEX_COLUMNS minus face_ref
+    faces: np.ndarray  # (n_ok, H, W) uint8, in the order of accepted rows of ``index``
+
+
+def process_chunk(items: list[tuple[str, bytes]], settings: PreprocessSettings) -> ChunkResult:
+    """Decode + validate + hash a chunk of (sha256, bytes). Runs in a worker process."""
+    rows: list[dict[str, object]] = []
+    faces: list[np.ndarray] = []
+    for sha, data in items:
+        decoded = decode_face(data, settings)
+        row: dict[str, object] = {"sha256": sha, "reason": decoded.reason, "width": decoded.width,
+                                  "height": decoded.height}
+        if decoded.ok:
+            face = decoded.face
+            assert face is not None
+            row["pixel_sha"] = hashlib.sha256(face.tobytes()).hexdigest()
+            faces.append(face)
+        rows.append(row)
+    h, w = settings.image_size
+    stack = np.stack(faces) if faces else np.zeros((0, h, w), np.uint8)
+    ph, mph = phash_batch(np.stack([hash_input(f) for f in faces])) if faces else (np.zeros(0), np.zeros(0))
+    df = pd.DataFrame(rows, columns=["sha256", "reason", "width", "height", "pixel_sha"])
+    ok = df["reason"].isna().to_numpy()
+    for col, values in (("phash", to_hex(ph)), ("phash_mirror", to_hex(mph)),
+                        ("mean_intensity", stack.reshape(len(stack), -1).mean(axis=1)),
+                        ("std_intensity", stack.reshape(len(stack), -1).std(axis=1))):
+        df[col] = None
+        if len(values):
+            df.loc[ok, col] = list(values)
+    return ChunkResult(df, stack)
+
+
+def _chunks(todo: list[tuple[str, str, str]], read: ReadFn) -> Iterator[list[tuple[str, bytes]]]:
+    batch: list[tuple[str, bytes]] = []
+    for sha, source, path in todo:
+        batch.append((sha, read(source, path)))
+        if len(batch) == CHUNK:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class FacesReport:
+    table: pd.DataFrame  # one row per candidate: source, source_path, sha256 + INDEX_COLUMNS
+    processed: int  # distinct images decoded this time
+    reused: int  # distinct images found in the cache
+    seconds: float
+    workers: int
+
+
+def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, settings: PreprocessSettings,
+                  workers: int | None = None, log: Callable[[str], None] | None = None) -> FacesReport:
+    """Bring the face store up to date for ``candidates`` (columns source, source_path, sha256)."""
+    start = time.perf_counter()
+    index = store.load_index()
+    known = set(index["sha256"])
+    first = candidates.drop_duplicates("sha256")
+    todo = [(s, src, p) for s, src, p in first[["sha256", "source", "source_path"]].itertuples(index=False, name=None)
+            if s not in known]
+    workers = max(1, workers or os.cpu_count() or 1)
+    use_pool = workers > 1 and len(todo) >= PARALLEL_MIN
+    new_index: list[pd.DataFrame] = []
+    pending_faces: list[np.ndarray] = []
+    pending_rows: list[pd.DataFrame] = []
+    done = 0
+
+    def flush() -> None:
+        if not pending_rows:
+            return
+        faces = np.concatenate(pending_faces) if pending_faces else np.zeros((0, *settings.image_size), np.uint8)
+        part = pd.concat(pending_rows, ignore_index=True)
+        part["face_ref"] = None
+        if len(faces):
+            shard_id = hashlib.sha1("".join(part["sha256"]).encode()).hexdigest()[:16]
+            part.loc[part["reason"].isna(), "face_ref"] = store.write_shard(shard_id, faces)
+        new_index.append(part)
+        pending_faces.clear()
+        pending_rows.clear()
+
+    def consume(result: ChunkResult) -> None:
+        nonlocal done
+        pending_rows.append(result.index)
+        pending_faces.append(result.faces)
+        done += len(result.index)
+        if sum(len(f) for f in pending_faces) >= SHARD_ROWS:
+            flush()
+        if log and done % (CHUNK * 40) < CHUNK:
+            log(f"faces: {done}/{len(todo)} new images decoded")
+
+    if use_pool:
+        ctx = mp.get_context("spawn")  # fork is unsafe inside a threaded Dagster run process
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            in_flight = []
+            for chunk in _chunks(todo, read):
+                in_flight.append(pool.submit(process_chunk, chunk, settings))
+                while len(in_flight) > workers * 3:  # bounded queue: stream, don't buffer a dataset
+                    consume(in_flight.pop(0).result())
+            for fut in in_flight:
+                consume(fut.result())
+    else:
+        for chunk in _chunks(todo, read):
+            consume(process_chunk(chunk, settings))
+    flush()
+    if new_index:
+        index = pd.concat([index, *new_index], ignore_index=True) if len(index) else pd.concat(new_index, ignore_index=True)
+        store.save_index(index)
+    table = candidates[["source", "source_path", "sha256"]].merge(index[INDEX_COLUMNS], on="sha256", how="left")
+    return FacesReport(table, processed=len(todo), reused=len(first) - len(todo),
+                       seconds=time.perf_counter() - start, workers=workers if use_pool else 1)

@@ -1,0 +1,95 @@
+"""The manifest: one row per kept image, and the excluded table: one row per file not kept.
+
+Every file of every source lands in exactly one of the two, with the stage that excluded it
+and a reason (junk, not an image, unmapped label, rejected by decoding, duplicate of a named
+kept image, label conflict). ``check_accounting`` proves it.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fer_pipeline.inventory import CANDIDATE, UNMAPPED
+
+MANIFEST_COLUMNS = ["image_id", "source", "source_path", "original_label", "label", "split_hint",
+                    "width", "height", "face_path", "face_height", "face_width", "phash", "dup_group",
+                    "dup_group_size", "mean_intensity", "std_intensity", "gender", "age_group", "race",
+                    "sha256", "bytes"]
+EXCLUDED_COLUMNS = ["source", "source_path", "stage", "reason", "raw_label", "label", "duplicate_of"]
+
+
+def image_id_for(sha256: pd.Series) -> pd.Series:
+    """Content-addressed id: the same bytes get the same id wherever they are found."""
+    return sha256.str.slice(0, 16)
+
+
+def candidates_for_decoding(inventory: pd.DataFrame) -> pd.DataFrame:
+    """Inventory rows that go on to decoding (mapped labels only: unmapped ones are not decoded)."""
+    return inventory[inventory["status"] == CANDIDATE]
+
+
+def dedup_input(inventory: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
+    """Accepted faces joined with their inventory rows: what de-duplication groups."""
+    ok = faces[faces["reason"].isna()][["source", "source_path", "face_ref", "pixel_sha", "phash",
+                                        "phash_mirror", "mean_intensity", "std_intensity", "width", "height"]]
+    df = inventory.merge(ok, on=["source", "source_path"], how="inner")
+    df["image_id"] = image_id_for(df["sha256"])
+    return df
+
+
+def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataFrame,
+                   image_size: tuple[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(manifest, excluded) from the three stage tables."""
+    excluded_parts: list[pd.DataFrame] = []
+    # stage 1: inventory (junk, non-images, no or unmapped label)
+    inv_excl = inventory[inventory["status"] != CANDIDATE].copy()
+    inv_excl["stage"] = inv_excl["status"].map(lambda s: "label_mapping" if s == UNMAPPED else "inventory")
+    excluded_parts.append(inv_excl)
+    # stage 2: decoding/validation rejects
+    rejected = faces[faces["reason"].notna()][["source", "source_path", "reason"]]
+    rej = inventory.drop(columns=["reason"]).merge(rejected, on=["source", "source_path"], how="inner")
+    rej["stage"] = "faces"
+    rej["reason"] = "rejected: " + rej["reason"].astype(str)
+    excluded_parts.append(rej)
+    # stage 3: duplicates and label conflicts
+    rep_path = dedup[dedup["is_representative"]].set_index("dup_group")[["source", "source_path"]]
+    conflicts = dedup[dedup["conflict"]].copy()
+    if len(conflicts):
+        labels = conflicts.groupby("dup_group")["label"].agg(lambda s: ", ".join(sorted(set(s))))
+        conflicts["reason"] = conflicts["dup_group"].map(
+            lambda g: f"label conflict: duplicate group {g} is labelled {labels[g]}")
+        conflicts["stage"] = "deduplication"
+        conflicts["duplicate_of"] = None
+        excluded_parts.append(conflicts)
+    dups = dedup[~dedup["conflict"] & ~dedup["is_representative"]].copy()
+    if len(dups):
+        rp = dups["dup_group"].map(lambda g: f"{rep_path.loc[g, 'source']}/{rep_path.loc[g, 'source_path']}")
+        dups["reason"] = "duplicate of " + dups["duplicate_of"].astype(str) + " (" + rp + ")"
+        dups["stage"] = "deduplication"
+        excluded_parts.append(dups)
+    excluded = pd.concat([p.reindex(columns=EXCLUDED_COLUMNS) for p in excluded_parts], ignore_index=True)
+    excluded = excluded.sort_values(["source", "source_path"], kind="mergesort").reset_index(drop=True)
+
+    kept = dedup[dedup["is_representative"] & ~dedup["conflict"]].copy()
+    kept = kept.rename(columns={"raw_label": "original_label", "face_ref": "face_path"})
+    kept["face_height"], kept["face_width"] = image_size
+    for col in ("width", "height", "face_height", "face_width", "dup_group", "dup_group_size", "bytes"):
+        kept[col] = kept[col].astype("int64")
+    for col in ("mean_intensity", "std_intensity"):
+        kept[col] = kept[col].astype("float64")
+    manifest = kept[MANIFEST_COLUMNS].sort_values(["source", "source_path"], kind="mergesort").reset_index(drop=True)
+    return manifest, excluded
+
+
+def check_accounting(inventory: pd.DataFrame, manifest: pd.DataFrame, excluded: pd.DataFrame) -> dict[str, object]:
+    """Inputs = kept + not kept, with no file in both tables or twice in one."""
+    key = ["source", "source_path"]
+    inputs = set(map(tuple, inventory[key].to_numpy()))
+    kept = list(map(tuple, manifest[key].to_numpy()))
+    excl = list(map(tuple, excluded[key].to_numpy()))
+    both = set(kept) & set(excl)
+    missing = inputs - set(kept) - set(excl)
+    return {"n_inputs": len(inventory), "n_kept": len(manifest), "n_excluded": len(excluded),
+            "balanced": len(inventory) == len(manifest) + len(excluded) and not both and not missing
+            and len(set(kept)) == len(kept) and len(set(excl)) == len(excl),
+            "in_both": sorted(both)[:5], "missing": sorted(missing)[:5]}

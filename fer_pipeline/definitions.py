@@ -17,9 +17,16 @@ data_pipeline_job = dg.define_asset_job(
     "data_pipeline", selection=dg.AssetSelection.groups("data"),
     description="Every data asset: sources → faces → de-duplicated → manifest → splits → plots.")
 
+main_job = dg.define_asset_job(
+    "main", selection=dg.AssetSelection.all(),
+    description="Everything: the data half, then models, evaluation and analysis.")
+
 defs = dg.Definitions(
     assets=[*DATA_ASSETS],
     asset_checks=[*DATA_CHECKS],
-    jobs=[data_pipeline_job],
+    jobs=[data_pipeline_job, main_job],
     resources={"fer": FerSettings()},
+    # One process for the whole run: stages parallelise internally (decoding pool, torch threads),
+    # and a process per step would pay Python/torch/GX start-up for every step and check.
+    executor=dg.in_process_executor,
 )

@@ -5,7 +5,6 @@ manifest with foreign labels or leaked duplicate groups would be meaningless); w
 reported but let the run continue. Each result carries GX's findings as check metadata.
 """
 
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd

@@ -1,0 +1,48 @@
+# fer-pipeline: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/dagster_home
+export GX_ANALYTICS_ENABLED := false
+export DAGSTER_DISABLE_TELEMETRY := 1
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
+
+.PHONY: setup demo data test test-fast ui ui-stop clean-data bench-data
+
+# Virtual environment + editable install; redone only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed dagster_home/dagster.yaml
+
+dagster_home/dagster.yaml:
+	mkdir -p dagster_home
+	test -f $@ || cp fer_pipeline/instance/dagster.yaml $@
+
+# Set up, then materialize every asset on the embedded (synthetic) default data.
+demo: setup
+	$(BIN)/dagster job execute -m fer_pipeline.definitions -j main
+	@$(BIN)/python -m fer_pipeline.cli outputs
+
+# Only the data half (what `dagster asset materialize --select '+splits'` gives, plus plots).
+data: setup
+	$(BIN)/dagster job execute -m fer_pipeline.definitions -j data_pipeline
+
+# Set up, then run the whole test suite (CI runs exactly this via .ci/run).
+test: setup
+	bash scripts/install_browser.sh
+	$(BIN)/python -m pytest -q
+
+ui: setup
+	bash scripts/ui.sh start
+
+ui-stop:
+	bash scripts/ui.sh stop
+
+clean-data:
+	cd data && git clean -fdX .

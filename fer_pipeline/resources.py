@@ -23,6 +23,8 @@ class FerSettings(dg.ConfigurableResource):
     min_std: float = Field(default=3.0, description="Reject near-constant faces (pixel std below this)")
     phash_max_distance: int = Field(default=4, description="Near-duplicate threshold (Hamming bits of 64)")
     match_mirrored: bool = Field(default=True, description="Also treat mirrored copies as near-duplicates")
+    min_correlation: float = Field(default=0.95, description="Confirm phash matches by pixel correlation "
+                                   "(0 = trust the perceptual hash alone)")
     train_share: float = 0.70
     validation_share: float = 0.15
     test_share: float = 0.15

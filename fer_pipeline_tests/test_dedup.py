@@ -42,7 +42,7 @@ def _variants() -> dict[str, bytes]:
     }
 
 
-def _table(files: dict[str, bytes], labels: dict[str, str]) -> pd.DataFrame:
+def _table(files: dict[str, bytes], labels: dict[str, str]) -> tuple[pd.DataFrame, np.ndarray]:
     import hashlib
 
     items = [(hashlib.sha256(d).hexdigest() + name, d) for name, d in files.items()]
@@ -53,12 +53,13 @@ def _table(files: dict[str, bytes], labels: dict[str, str]) -> pd.DataFrame:
     df["image_id"] = [f"id_{n}" for n in files]
     df["label"] = [labels.get(n, "Angry") for n in files]
     df["bytes"] = [len(d) for d in files.values()]
-    return df
+    return df, res.faces
 
 
 def test_groups_exact_near_and_mirrored_duplicates() -> None:
     files = _variants()
-    report = deduplicate(_table(files, {}), max_distance=4, match_mirrored=True)
+    table, pixels = _table(files, {})
+    report = deduplicate(table, max_distance=4, match_mirrored=True, pixels=pixels)
     df = report.table.set_index("source_path")
     group = df.loc["orig.png", "dup_group"]
     members = set(df.index[df["dup_group"] == group])
@@ -75,12 +76,26 @@ def test_groups_exact_near_and_mirrored_duplicates() -> None:
 
 def test_mirrored_copy_not_grouped_when_disabled() -> None:
     files = _variants()
-    df = deduplicate(_table(files, {}), max_distance=4, match_mirrored=False).table.set_index("source_path")
+    df = deduplicate(_table(files, {})[0], max_distance=4, match_mirrored=False).table.set_index("source_path")
     assert df.loc["mirrored.png", "dup_group"] != df.loc["orig.png", "dup_group"]
 
 
 def test_label_conflict_flags_whole_group() -> None:
     files = {"a.png": face_png(1), "b.png": face_png(1), "c.png": face_png(2)}
-    df = deduplicate(_table(files, {"b.png": "Tired"}), 4).table.set_index("source_path")
+    df = deduplicate(_table(files, {"b.png": "Tired"})[0], 4).table.set_index("source_path")
     assert df.loc["a.png", "conflict"] and df.loc["b.png", "conflict"]
     assert not df.loc["c.png", "conflict"]
+
+
+def test_pixel_check_rejects_phash_collisions() -> None:
+    files = {f"f{i}.png": face_png(100 + i) for i in range(30)}
+    files["f0_copy.jpg"] = _variants()["reencoded.jpg"]
+    files["f0_src.png"] = _variants()["orig.png"]
+    table, pixels = _table(files, {})
+    everything = deduplicate(table, max_distance=64)  # every pair is a phash candidate
+    assert everything.n_groups_with_duplicates == 1 and everything.table["dup_group"].nunique() == 1
+    checked = deduplicate(table, max_distance=64, pixels=pixels, min_correlation=0.95)
+    assert checked.n_near_candidates == len(files) * (len(files) - 1) // 2
+    df = checked.table.set_index("source_path")
+    assert df.loc["f0_copy.jpg", "dup_group"] == df.loc["f0_src.png", "dup_group"]
+    assert df["dup_group"].nunique() == len(files) - 1  # only the planted pair is grouped

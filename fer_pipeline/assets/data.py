@@ -12,7 +12,7 @@ from fer_pipeline import dedup as dedup_core
 from fer_pipeline import plots
 from fer_pipeline.assets.metadata import SYNTHETIC_NOTE, counts, md_image, md_table
 from fer_pipeline.atomic import write_parquet
-from fer_pipeline.face_store import FaceStore
+from fer_pipeline.face_store import FaceStore, load_faces
 from fer_pipeline.faces import process_faces
 from fer_pipeline.inventory import build_inventory
 from fer_pipeline.manifest import build_manifest, candidates_for_decoding, check_accounting, dedup_input
@@ -106,7 +106,10 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
     paths = fer.paths
     inv = pd.read_parquet(paths.raw_inventory)
     table = pd.read_parquet(paths.faces_table)
-    report = dedup_core.deduplicate(dedup_input(inv, table), fer.phash_max_distance, fer.match_mirrored)
+    accepted = dedup_input(inv, table)
+    pixels = load_faces(paths.root, accepted["face_ref"].tolist()) if len(accepted) else None
+    report = dedup_core.deduplicate(accepted, fer.phash_max_distance, fer.match_mirrored, pixels,
+                                    fer.min_correlation)
     write_parquet(paths.dedup_table, report.table)
     df = report.table
     examples = df[~df["is_representative"]][["source", "source_path", "duplicate_of", "dup_group"]]
@@ -118,12 +121,14 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         "duplicates_dropped": int((~df["is_representative"] & ~df["conflict"]).sum()),
         "exact_links": report.n_exact_links,
         "near_links": report.n_near_links,
+        "near_candidates_by_phash": report.n_near_candidates,
         "label_conflict_groups": report.n_conflict_groups,
         "label_conflict_images": int(df["conflict"].sum()),
         "duplicate_examples": md_table(examples, 10),
         "label_conflicts": md_table(conflicts, 20),
         "phash_max_distance": fer.phash_max_distance,
         "match_mirrored": fer.match_mirrored,
+        "min_correlation": fer.min_correlation,
         "seconds": round(report.seconds, 2),
     })
 

@@ -64,8 +64,9 @@ def to_grayscale(img: Image.Image) -> Image.Image:
 
 
 def preprocess_image(img: Image.Image, size: tuple[int, int] = (48, 48)) -> np.ndarray:
-    """EXIF orientation, grayscale, centre crop to the target aspect, resize; uint8 (H, W)."""
-    img = ImageOps.exif_transpose(img)
+    """EXIF orientation (applied to ``img`` in place), grayscale, centre crop to the target aspect,
+    resize; uint8 (H, W)."""
+    ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to rotate
     gray = to_grayscale(img)
     h, w = size
     fitted = ImageOps.fit(gray, (w, h), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))

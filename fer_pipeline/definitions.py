@@ -10,6 +10,7 @@ import dagster as dg
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 from fer_pipeline.assets.checks import DATA_CHECKS  # noqa: E402
+from fer_pipeline.automation import SCHEDULES, SENSORS  # noqa: E402
 from fer_pipeline.assets.data import DATA_ASSETS  # noqa: E402
 from fer_pipeline.resources import FerSettings  # noqa: E402
 
@@ -25,6 +26,8 @@ defs = dg.Definitions(
     assets=[*DATA_ASSETS],
     asset_checks=[*DATA_CHECKS],
     jobs=[data_pipeline_job, main_job],
+    sensors=SENSORS,
+    schedules=SCHEDULES,
     resources={"fer": FerSettings()},
     # One process for the whole run: stages parallelise internally (decoding pool, torch threads),
     # and a process per step would pay Python/torch/GX start-up for every step and check.

@@ -1,0 +1,85 @@
+"""Plain-Python steps the model assets are made of: fingerprint the data a model is trained on,
+train + save one architecture, evaluate checkpoints on the held-out test split.
+
+Kept apart from the Dagster wiring so scripts (benchmarks, cross-validation) reuse exactly the
+recipe the assets use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fer_pipeline.classes import CLASSES
+from fer_pipeline.ml.architectures import ArchConfig
+from fer_pipeline.ml.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
+from fer_pipeline.ml.data import SplitArrays
+from fer_pipeline.ml.metrics import ClassificationMetrics, evaluate_predictions, majority_baseline
+from fer_pipeline.ml.plots import plot_training_curves
+from fer_pipeline.ml.train import TrainConfig, TrainResult, train_model
+
+LogFn = Callable[[str], None]
+
+
+def data_version(manifest: pd.DataFrame, splits: pd.DataFrame) -> str:
+    """Fingerprint of what a model sees: every image id with its label and split."""
+    joined = manifest[["image_id", "label"]].merge(splits[["image_id", "split"]], on="image_id")
+    rows = joined.sort_values("image_id").astype(str).agg("|".join, axis=1)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainedModel:
+    name: str
+    checkpoint: Path
+    curves_png: Path
+    result: TrainResult
+    validation: ClassificationMetrics
+    baseline_validation: ClassificationMetrics
+
+
+def train_and_save(name: str, arch: ArchConfig, config: TrainConfig, arrays: dict[str, SplitArrays],
+                   models_dir: Path, version: str, log: LogFn | None = None) -> TrainedModel:
+    """Train on the train split, early-stop on validation, write checkpoint + curves."""
+    train, val = arrays["train"], arrays["validation"]
+    result = train_model(train.images, train.labels, val.images, val.labels, arch, config, log=log)
+    model = result.build()
+    from fer_pipeline.ml.inference import predict_proba
+
+    probs = predict_proba(model, val.images, result.normalization, tta_flip=config.tta_flip)
+    validation = evaluate_predictions(val.labels, probs.argmax(axis=1), probs)
+    baseline = majority_baseline(train.labels, val.labels)
+    ckpt = save_checkpoint(models_dir / f"{name}.safetensors", result, data_version=version,
+                           metrics={"validation": validation.to_dict()}, model_name=name)
+    curves = plot_training_curves(result.history, models_dir / f"{name}_curves.png", title=name,
+                                  best_epoch=result.best_epoch)
+    return TrainedModel(name, ckpt, curves, result, validation, baseline)
+
+
+@dataclass
+class Evaluation:
+    name: str
+    metrics: ClassificationMetrics
+    probabilities: np.ndarray
+    loaded: LoadedModel
+
+
+def evaluate_checkpoint(checkpoint: Path, test: SplitArrays) -> Evaluation:
+    """Metrics of a saved model on the test split (the only place test data is used)."""
+    loaded = load_checkpoint(checkpoint)
+    probs = loaded.predict_proba(test.images)
+    metrics = evaluate_predictions(test.labels, probs.argmax(axis=1), probs, classes=CLASSES)
+    return Evaluation(loaded.name, metrics, probs, loaded)
+
+
+def weights_are_finite(checkpoint: Path) -> tuple[bool, list[str]]:
+    """(all finite, names of tensors holding NaN/inf)."""
+    from safetensors.numpy import load_file
+
+    bad = [k for k, v in load_file(str(checkpoint)).items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    return not bad, bad

@@ -18,21 +18,28 @@ excluded, because nothing says which label is right.
 
 Hamming distances are computed blockwise with NumPy (XOR + popcount over uint64 arrays), never
 pair by pair in Python: 40,000 hashes are 800 million pairs, a few seconds in blocks.
+:func:`deduplicate_incremental` (what the asset uses) caches the candidate pairs by content hash
+and compares only faces not seen before against all, so adding 1% more images costs about 1%.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from fer_pipeline.atomic import atomic_path
 from fer_pipeline.phash import from_hex
 
-BLOCK = 2048
+BLOCK = 256  # rows per block: 256 x 40,000 XORs stay in cache-friendly temporaries (2048 was 1.5x slower)
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | None = None,
@@ -118,6 +125,13 @@ def deduplicate(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool
         if match_mirrored:
             corr = np.maximum(corr, pixel_correlation(pixels, ni, nj, mirrored=True))
         ni, nj = ni[corr >= min_correlation], nj[corr >= min_correlation]
+    return _group(df, ei, ej, ni, nj, n_candidates, start)
+
+
+def _group(df: pd.DataFrame, ei: np.ndarray, ej: np.ndarray, ni: np.ndarray, nj: np.ndarray,
+           n_candidates: int, start: float) -> DedupReport:
+    """Connected components of the exact and confirmed near links, representatives, conflicts."""
+    n = len(df)
     i = np.concatenate([ei, ni]).astype(np.int64)
     j = np.concatenate([ej, nj]).astype(np.int64)
     graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
@@ -138,3 +152,159 @@ def deduplicate(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool
     groups_with_dups = int((df.groupby("dup_group").size() > 1).sum())
     conflicts = int(df.loc[df["conflict"], "dup_group"].nunique())
     return DedupReport(df, groups_with_dups, len(ei), len(ni), n_candidates, conflicts, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental de-duplication: near-duplicate candidate pairs are a function of the two faces'
+# contents only, so they are cached by raw content hash (SHA-256 of the source file) and only
+# faces not seen before are compared, against everything. The cache holds exactly the result of
+# an all-pairs comparison over the faces it lists (faces that disappear are dropped from it), so
+# a run after a change gives the same groups as a run from scratch.
+
+LINK_CACHE_VERSION = 1
+
+
+def link_cache_name(settings_key: str, max_distance: int, match_mirrored: bool) -> str:
+    """File name of the candidate-pair cache for these settings: a change of preprocessing
+    settings, distance threshold or mirroring uses (and fills) another cache. The correlation
+    threshold is applied when reading, so changing it needs no recomputation."""
+    payload = f"v{LINK_CACHE_VERSION}|{settings_key}|{max_distance}|{int(bool(match_mirrored))}"
+    return f"near_links-{hashlib.sha1(payload.encode()).hexdigest()[:12]}.npz"
+
+
+@dataclass
+class NearLinkCache:
+    """Candidate pairs among the distinct faces ``shas`` (sorted): indices ``a < b`` into ``shas``
+    and their pixel correlation (NaN when it was not computed)."""
+
+    shas: np.ndarray  # (K,) str, sorted
+    a: np.ndarray  # (P,) int64
+    b: np.ndarray  # (P,) int64
+    corr: np.ndarray  # (P,) float32
+
+    @classmethod
+    def load(cls, path: Path) -> "NearLinkCache | None":
+        """The cache at ``path``, or None when absent or unreadable (then everything is compared)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z["version"]) != LINK_CACHE_VERSION:
+                    return None
+                shas = z["shas"].astype(str).astype(object)
+                a, b, corr = z["a"].astype(np.int64), z["b"].astype(np.int64), z["corr"].astype(np.float32)
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            return None
+        if not (len(a) == len(b) == len(corr)) or (len(a) and (max(a.max(), b.max()) >= len(shas) or
+                                                               min(a.min(), b.min()) < 0)):
+            return None
+        return cls(shas, a, b, corr)
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, version=np.int64(LINK_CACHE_VERSION), shas=np.asarray(self.shas, dtype="S64"),
+                         a=self.a.astype(np.int32 if len(self.shas) < 2**31 else np.int64),
+                         b=self.b.astype(np.int32 if len(self.shas) < 2**31 else np.int64),
+                         corr=self.corr.astype(np.float32))
+
+
+def _cross_pairs(new: np.ndarray, old: np.ndarray, hashes: np.ndarray, mirrored: np.ndarray | None,
+                 max_distance: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs between the ``new`` and ``old`` indices (sorted order = content order).
+
+    The same rule as :func:`near_pairs` over all faces in order: for ``i < j``, the hashes are
+    close, or ``hashes[i]`` is close to ``mirrored[j]``."""
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    h_old = hashes[old][None, :]
+    m_old = None if mirrored is None else mirrored[old][None, :]
+    for start in range(0, len(new), block):
+        idx = new[start:start + block]
+        h_new = hashes[idx][:, None]
+        close = np.bitwise_count(h_new ^ h_old) <= max_distance
+        if mirrored is not None:
+            new_first = idx[:, None] < old[None, :]
+            via_mirror = np.where(new_first, np.bitwise_count(h_new ^ m_old),
+                                  np.bitwise_count(mirrored[idx][:, None] ^ h_old))
+            close |= via_mirror <= max_distance
+        i, j = np.nonzero(close)
+        rows.append(idx[i])
+        cols.append(old[j])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    x, y = np.concatenate(rows), np.concatenate(cols)
+    return np.minimum(x, y), np.maximum(x, y)
+
+
+@dataclass
+class IncrementalStats:
+    faces_compared: int  # distinct faces compared against everything this time (not in the cache)
+    faces_cached: int  # distinct faces whose pairs came from the cache
+    pairs_correlated: int  # candidate pairs whose pixel correlation was computed this time
+
+
+def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool = True,
+                            load_pixels: Callable[[np.ndarray], np.ndarray] | None = None,
+                            min_correlation: float = 0.95, cache_path: Path | None = None,
+                            ignore_cache: bool = False) -> tuple[DedupReport, IncrementalStats]:
+    """:func:`deduplicate` that only compares faces not seen before (by ``sha256``) against all.
+
+    ``faces`` needs the columns of :func:`deduplicate` plus ``sha256`` (raw content hash).
+    ``load_pixels(rows)`` returns the processed faces (N, H, W) of those row positions of
+    ``faces``; it is called once, only for faces in new candidate pairs. Candidate pairs are
+    compared between distinct faces in content-hash order, so the result does not depend on
+    row order or on the order in which files arrived. ``cache_path`` keeps the pairs between runs
+    (written only when pixels were available, so cached correlations are real ones);
+    ``ignore_cache`` recomputes everything (and rewrites the cache).
+    """
+    start = time.perf_counter()
+    df = faces.reset_index(drop=True).copy()
+    n = len(df)
+    empty = np.zeros(0, np.int64)
+    if n == 0:
+        return _group(df, empty, empty, empty, empty, 0, start), IncrementalStats(0, 0, 0)
+    ei, ej = exact_pairs(df["pixel_sha"])
+    first = df.drop_duplicates("sha256")
+    order = np.argsort(first["sha256"].to_numpy(dtype=str), kind="stable")
+    face_rows = first.index.to_numpy()[order]  # one row per distinct face, in content-hash order
+    shas = first["sha256"].to_numpy(dtype=object)[order]
+    hashes = from_hex(first["phash"].to_numpy()[order])
+    mirrored = from_hex(first["phash_mirror"].to_numpy()[order]) if match_mirrored else None
+    u = len(shas)
+
+    cache = None if ignore_cache or cache_path is None else NearLinkCache.load(cache_path)
+    known = np.zeros(u, bool)
+    old_a = old_b = empty
+    old_corr = np.zeros(0, np.float32)
+    if cache is not None:
+        pos = pd.Index(shas).get_indexer(pd.Index(cache.shas))  # where each cached face is now (-1: gone)
+        known[pos[pos >= 0]] = True
+        keep = (pos[cache.a] >= 0) & (pos[cache.b] >= 0)
+        old_a, old_b, old_corr = pos[cache.a[keep]], pos[cache.b[keep]], cache.corr[keep]
+        swap = old_a > old_b  # cannot happen (both orders are content order); be safe anyway
+        old_a, old_b = np.where(swap, old_b, old_a), np.where(swap, old_a, old_b)
+    new = np.nonzero(~known)[0]
+    old = np.nonzero(known)[0]
+    new_a = new_b = empty
+    if len(new) and max_distance >= 0:
+        i, j = near_pairs(hashes[new], max_distance, None if mirrored is None else mirrored[new])
+        xa, xb = _cross_pairs(new, old, hashes, mirrored, max_distance) if len(old) else (empty, empty)
+        new_a = np.concatenate([new[i], xa]).astype(np.int64)
+        new_b = np.concatenate([new[j], xb]).astype(np.int64)
+    new_corr = np.full(len(new_a), np.nan, np.float32)
+    if load_pixels is not None and len(new_a):
+        involved = np.unique(np.concatenate([new_a, new_b]))
+        pixels = load_pixels(face_rows[involved])
+        ia, ib = np.searchsorted(involved, new_a), np.searchsorted(involved, new_b)
+        new_corr = pixel_correlation(pixels, ia, ib)
+        if match_mirrored:
+            new_corr = np.maximum(new_corr, pixel_correlation(pixels, ia, ib, mirrored=True))
+    a = np.concatenate([old_a, new_a]).astype(np.int64)
+    b = np.concatenate([old_b, new_b]).astype(np.int64)
+    corr = np.concatenate([old_corr, new_corr]).astype(np.float32)
+    confirmed = ~(corr < min_correlation) if min_correlation > 0 else np.ones(len(a), bool)  # NaN: trust phash
+    report = _group(df, ei, ej, face_rows[a[confirmed]], face_rows[b[confirmed]], len(a), start)
+    changed = cache is None or len(new) > 0 or len(cache.shas) != len(old)
+    if cache_path is not None and changed and load_pixels is not None:
+        NearLinkCache(shas, a, b, corr).save(cache_path)
+    report.seconds = time.perf_counter() - start
+    return report, IncrementalStats(int(len(new)), int(len(old)), int(len(new_a)))

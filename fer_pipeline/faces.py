@@ -87,10 +87,17 @@ class FacesReport:
 
 
 def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, settings: PreprocessSettings,
-                  workers: int | None = None, log: Callable[[str], None] | None = None) -> FacesReport:
-    """Bring the face store up to date for ``candidates`` (columns source, source_path, sha256)."""
+                  workers: int | None = None, log: Callable[[str], None] | None = None,
+                  ignore_cache: bool = False) -> FacesReport:
+    """Bring the face store up to date for ``candidates`` (columns source, source_path, sha256).
+
+    ``ignore_cache`` decodes every candidate again (a rebuild from scratch) and replaces the
+    store's index with exactly these candidates' results.
+    """
     start = time.perf_counter()
     index = store.load_index()
+    if ignore_cache:
+        index = index.iloc[0:0]
     known = set(index["sha256"])
     first = candidates.drop_duplicates("sha256")
     todo = [(s, src, p) for s, src, p in first[["sha256", "source", "source_path"]].itertuples(index=False, name=None)
@@ -139,6 +146,8 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
         for chunk in _chunks(todo, read):
             consume(process_chunk(chunk, settings))
     flush()
+    if ignore_cache and not new_index:
+        store.save_index(index)
     if new_index:
         index = pd.concat([index, *new_index], ignore_index=True) if len(index) else pd.concat(new_index, ignore_index=True)
         store.save_index(index)

@@ -2,7 +2,9 @@
 label, split hint, target class and demographics, or the reason it is not an image candidate.
 
 Members whose fingerprint (zip CRC+size, or file size+mtime) matches the previous inventory
-reuse its content hash, so an unchanged archive is listed without being decompressed again.
+reuse its content hash, so an unchanged archive is listed without being decompressed again; a
+source whose whole listing (archive size+mtime, or every file's name+size+mtime) and catalogue
+entry are unchanged reuses its previous rows without being listed at all.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing":
 
 # status of an inventory row: a candidate goes on to decoding, the others are excluded here
 CANDIDATE, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED = "candidate", "junk", "not_image", "no_label", "unmapped"
+
+INVENTORY_VERSION = 1  # bump when classification changes, so unchanged sources are listed again
+LISTINGS_ATTR = "fer_source_listings"  # per-source listing fingerprints, kept in the table's attrs
 
 INVENTORY_COLUMNS = ["source", "source_path", "bytes", "fingerprint", "sha256", "raw_label", "split_hint",
                      "label", "status", "reason", "gender", "age_group", "race"]
@@ -109,23 +114,54 @@ def inventory_source(spec: SourceSpec, reader: SourceReader, data_root: Path,
     return df, hashed, reused, notes
 
 
+def _spec_digest(spec: SourceSpec, data_root: Path) -> str:
+    """Everything besides the files that decides a source's inventory rows."""
+    return hashlib.sha1(f"{INVENTORY_VERSION}|{data_root}|{spec!r}".encode()).hexdigest()[:16]
+
+
 def build_inventory(catalog: Catalog, data_root: Path, previous: pd.DataFrame | None = None) -> InventoryReport:
-    """Inventory all sources of the catalogue."""
+    """Inventory all sources of the catalogue.
+
+    A source whose listing (stat data of its files, see :mod:`fer_pipeline.source_watch`) and
+    catalogue entry are unchanged since ``previous`` reuses its rows without being listed again;
+    the listings travel with the table as ``table.attrs[LISTINGS_ATTR]`` (kept in the Parquet file).
+    """
+    from fer_pipeline.source_watch import fingerprint_source
+
     start = time.perf_counter()
-    prev_map: dict[tuple[str, str], tuple[str, str]] = {}
+    prev_listings: dict[str, dict[str, object]] = {}
+    prev_map: dict[tuple[str, str], tuple[str, str]] | None = None
     if previous is not None and len(previous):
-        prev_map = {(s, p): (f, h) for s, p, f, h in previous[["source", "source_path", "fingerprint", "sha256"]]
-                    .itertuples(index=False, name=None)}
+        prev_listings = dict(previous.attrs.get(LISTINGS_ATTR) or {})
     frames: list[pd.DataFrame] = []
     hashed = reused = 0
     notes: dict[str, dict[str, int]] = {}
+    listings: dict[str, dict[str, object]] = {}
     for spec in catalog.sources:
+        listing = {"spec": _spec_digest(spec, data_root), "listing": fingerprint_source(spec, data_root).digest}
+        before = prev_listings.get(spec.name)
+        if previous is not None and isinstance(before, dict) and all(before.get(k) == v for k, v in listing.items()):
+            rows = previous[previous["source"] == spec.name]
+            if len(rows) == before.get("rows"):  # unchanged source: its rows as they were
+                frames.append(rows[INVENTORY_COLUMNS].reset_index(drop=True))
+                reused += int(rows["sha256"].notna().sum())
+                notes[spec.name] = dict(before.get("notes") or {})  # type: ignore[arg-type]
+                listings[spec.name] = before
+                continue
+        if prev_map is None:
+            prev_map = {}
+            if previous is not None and len(previous):
+                prev_map = {(s, p): (f, h) for s, p, f, h in
+                            previous[["source", "source_path", "fingerprint", "sha256"]].itertuples(index=False, name=None)}
         with open_reader(spec) as reader:
             df, h, r, n = inventory_source(spec, reader, data_root, prev_map)
         frames.append(df)
         hashed, reused = hashed + h, reused + r
         notes[spec.name] = n
+        listings[spec.name] = {**listing, "rows": len(df), "notes": {k: int(v) for k, v in n.items()}}
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INVENTORY_COLUMNS)
     table["bytes"] = table["bytes"].astype("int64")
     junk = Counter(table.loc[table["status"] == JUNK, "reason"])
-    return InventoryReport(table[INVENTORY_COLUMNS], time.perf_counter() - start, hashed, reused, junk, notes)
+    table = table[INVENTORY_COLUMNS]
+    table.attrs = {LISTINGS_ATTR: listings}
+    return InventoryReport(table, time.perf_counter() - start, hashed, reused, junk, notes)

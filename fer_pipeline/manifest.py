@@ -7,8 +7,12 @@ kept image, label conflict). ``check_accounting`` proves it.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pandas as pd
 
+from fer_pipeline.classes import CLASSES
 from fer_pipeline.inventory import CANDIDATE, UNMAPPED
 
 MANIFEST_COLUMNS = ["image_id", "source", "source_path", "original_label", "label", "split_hint",
@@ -93,3 +97,85 @@ def check_accounting(inventory: pd.DataFrame, manifest: pd.DataFrame, excluded: 
             "balanced": len(inventory) == len(manifest) + len(excluded) and not both and not missing
             and len(set(kept)) == len(kept) and len(set(excl)) == len(excl),
             "in_both": sorted(both)[:5], "missing": sorted(missing)[:5]}
+
+
+# --------------------------------------------------------------------------------------------
+# User relabels: <data root>/relabels.csv (image_id,label[,note]), applied on every manifest run
+# --------------------------------------------------------------------------------------------
+
+RELABELS_FILE = "relabels.csv"
+RELABEL_REPORT_COLUMNS = ["line", "image_id", "source", "source_path", "label_before", "label_after", "note",
+                          "applied"]
+
+
+class RelabelError(ValueError):
+    """A relabel CSV row that cannot be applied; the message names the file line(s)."""
+
+
+def read_relabels(path: str | os.PathLike[str]) -> pd.DataFrame | None:
+    """The relabel CSV as strings with a ``line`` column (file line number), or None when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if not path.read_text(encoding="utf-8-sig").strip():
+        return None  # an empty file: nothing to relabel
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in ("image_id", "label") if c not in df.columns]
+    if missing:
+        raise RelabelError(f"{path}: missing column(s) {', '.join(missing)}; expected a header image_id,label[,note]")
+    df = df.map(lambda v: v.strip() if isinstance(v, str) else v)
+    df.insert(0, "line", range(2, len(df) + 2))  # line 1 is the header
+    return df[(df["image_id"] != "") | (df["label"] != "")].reset_index(drop=True)
+
+
+def apply_relabels(manifest: pd.DataFrame, relabels: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Apply a user's corrections: (manifest with ``label`` changed and ``relabelled_from`` set,
+    report of every row). Nothing is applied unless every row is valid: an unknown image id, a
+    label outside the classes or contradictory rows raise :class:`RelabelError` naming the lines.
+    A row giving the label the image already has is reported with ``applied`` False.
+    """
+    out = manifest.copy()
+    out["relabelled_from"] = pd.Series([None] * len(out), index=out.index, dtype="object")
+    if relabels is None or relabels.empty:
+        out["relabelled_from"] = out["relabelled_from"].astype("string")
+        return out, pd.DataFrame(columns=RELABEL_REPORT_COLUMNS)
+    rel = relabels.copy()
+    if "line" not in rel.columns:
+        rel.insert(0, "line", range(2, len(rel) + 2))
+    if "note" not in rel.columns:
+        rel["note"] = ""
+    by_lower = {c.lower(): c for c in CLASSES}
+    index = {iid: i for i, iid in zip(out.index, out["image_id"])}
+    problems: list[str] = []
+    wanted: dict[str, tuple[str, int]] = {}
+    for line, image_id, label in zip(rel["line"], rel["image_id"].astype(str), rel["label"].astype(str)):
+        target = by_lower.get(label.strip().lower())
+        if image_id not in index:
+            problems.append(f"line {line}: image_id '{image_id}' is not in the manifest (unknown, excluded as a "
+                            "duplicate/conflict, or its file was removed)")
+        if target is None:
+            problems.append(f"line {line}: label '{label}' for image_id '{image_id}' is not one of the classes "
+                            f"{', '.join(CLASSES)}")
+        elif image_id in wanted and wanted[image_id][0] != target:
+            problems.append(f"line {line}: image_id '{image_id}' is relabelled to {target} here but to "
+                            f"{wanted[image_id][0]} on line {wanted[image_id][1]}")
+        elif target is not None:
+            wanted.setdefault(image_id, (target, int(line)))
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  … {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise RelabelError(f"{RELABELS_FILE}: {len(problems)} problem(s), nothing was relabelled:\n  {shown}")
+    rows = []
+    for line, image_id, note in zip(rel["line"], rel["image_id"].astype(str), rel["note"].astype(str)):
+        target, first_line = wanted[image_id]
+        i = index[image_id]
+        before = out.at[i, "label"] if pd.isna(out.at[i, "relabelled_from"]) else out.at[i, "relabelled_from"]
+        applied = int(line) == first_line and before != target
+        if applied:
+            out.at[i, "relabelled_from"] = before
+            out.at[i, "label"] = target
+        rows.append({"line": int(line), "image_id": image_id, "source": out.at[i, "source"],
+                     "source_path": out.at[i, "source_path"], "label_before": before, "label_after": target,
+                     "note": note, "applied": applied})
+    out["relabelled_from"] = out["relabelled_from"].astype("string")
+    return out, pd.DataFrame(rows, columns=RELABEL_REPORT_COLUMNS)

@@ -34,6 +34,8 @@ class FerSettings(dg.ConfigurableResource):
     min_images_per_class: int = Field(default=20, description="Blocking check: each class at least this many")
     max_imbalance_ratio: float = Field(default=3.0, description="Warning check: largest/smallest class")
     workers: int = Field(default=0, description="Decoding processes; 0 = one per CPU core")
+    rebuild: bool = Field(default=False, description="Reprocess everything from scratch: hash, decode and "
+                          "compare every file again instead of reusing caches (the nightly safety net)")
 
     @property
     def paths(self) -> DataPaths:

@@ -15,7 +15,8 @@ from fer_pipeline.atomic import write_parquet
 from fer_pipeline.face_store import FaceStore, load_faces
 from fer_pipeline.faces import process_faces
 from fer_pipeline.inventory import build_inventory
-from fer_pipeline.manifest import build_manifest, candidates_for_decoding, check_accounting, dedup_input
+from fer_pipeline.manifest import (RELABELS_FILE, apply_relabels, build_manifest, candidates_for_decoding,
+                                   check_accounting, dedup_input, read_relabels)
 from fer_pipeline.resources import FerSettings
 from fer_pipeline.source_readers import SourceBytes
 from fer_pipeline.splits import assign_splits, split_summary
@@ -41,7 +42,8 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
     paths = fer.paths
     synthetic = _prepare_synthetic(fer, context.log)
     catalog = fer.catalog()
-    previous = pd.read_parquet(paths.raw_inventory) if paths.raw_inventory.exists() else None
+    # rebuild (the scheduled safety net): hash every file again instead of reusing previous hashes
+    previous = pd.read_parquet(paths.raw_inventory) if paths.raw_inventory.exists() and not fer.rebuild else None
     report = build_inventory(catalog, paths.root, previous)
     inv = report.table
     write_parquet(paths.raw_inventory, inv)
@@ -79,7 +81,7 @@ def faces(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materialize
     specs = {s.name: s for s in fer.catalog().sources}
     with SourceBytes(specs) as read:
         report = process_faces(candidates, read, store, settings, workers=fer.workers or None,
-                               log=context.log.info)
+                               log=context.log.info, ignore_cache=fer.rebuild)
     table = report.table
     write_parquet(paths.faces_table, table)
     reasons = table.loc[table["reason"].notna(), "reason"].str.replace(r" \(.*", "", regex=True)
@@ -107,9 +109,15 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
     inv = pd.read_parquet(paths.raw_inventory)
     table = pd.read_parquet(paths.faces_table)
     accepted = dedup_input(inv, table)
-    pixels = load_faces(paths.root, accepted["face_ref"].tolist()) if len(accepted) else None
-    report = dedup_core.deduplicate(accepted, fer.phash_max_distance, fer.match_mirrored, pixels,
-                                    fer.min_correlation)
+    refs = accepted["face_ref"].to_numpy()
+    # incremental: only faces not seen before are compared (and their pixels loaded); the candidate
+    # pairs are cached by content hash, per preprocessing/threshold settings, next to the face store
+    cache = (FaceStore(paths.root, fer.preprocess.key).dir / "dedup"
+             / dedup_core.link_cache_name(fer.preprocess.key, fer.phash_max_distance, fer.match_mirrored))
+    report, stats = dedup_core.deduplicate_incremental(
+        accepted, fer.phash_max_distance, fer.match_mirrored,
+        lambda rows: load_faces(paths.root, refs[rows].tolist()), fer.min_correlation,
+        cache_path=cache, ignore_cache=fer.rebuild)
     write_parquet(paths.dedup_table, report.table)
     df = report.table
     examples = df[~df["is_representative"]][["source", "source_path", "duplicate_of", "dup_group"]]
@@ -129,6 +137,9 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         "phash_max_distance": fer.phash_max_distance,
         "match_mirrored": fer.match_mirrored,
         "min_correlation": fer.min_correlation,
+        "faces_compared_this_run": stats.faces_compared,
+        "faces_pairs_from_cache": stats.faces_cached,
+        "pairs_correlated_this_run": stats.pairs_correlated,
         "seconds": round(report.seconds, 2),
     })
 
@@ -142,6 +153,8 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
     faces_table = pd.read_parquet(paths.faces_table)
     dedup_table = pd.read_parquet(paths.dedup_table)
     kept, excluded = build_manifest(inv, faces_table, dedup_table, (fer.image_size, fer.image_size))
+    # user corrections (e.g. from the label_issues report); recorded in column relabelled_from
+    kept, relabels = apply_relabels(kept, read_relabels(paths.root / RELABELS_FILE))
     accounting = check_accounting(inv, kept, excluded)
     write_parquet(paths.manifest, kept)
     write_parquet(paths.excluded, excluded)
@@ -161,6 +174,8 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         "excluded_by_reason": counts(excl_reasons),
         "demographics_coverage": coverage,
         "preview": md_table(kept[["image_id", "source", "source_path", "label", "gender", "age_group"]], 10),
+        "relabels_applied": int(relabels["applied"].sum()),
+        "relabels": md_table(relabels, 50),
         "manifest_path": dg.MetadataValue.path(str(paths.manifest)),
         "excluded_path": dg.MetadataValue.path(str(paths.excluded)),
         "seconds": round(time.perf_counter() - start, 2),

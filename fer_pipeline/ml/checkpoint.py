@@ -1,0 +1,147 @@
+"""Checkpoints as one safetensors file: weights + a JSON document in the header metadata.
+
+safetensors holds tensors only, so loading a checkpoint can never execute code (unlike a
+pickle-based ``torch.save``). Everything needed to rebuild and use the model -- architecture,
+class order, input size, normalisation, the data version it was trained on, its metrics and
+training config -- travels in the same file, so weights and description cannot get separated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from fer_pipeline.atomic import write_bytes
+from fer_pipeline.classes import CLASSES
+from fer_pipeline.ml.architectures import ArchConfig, build_model
+from fer_pipeline.ml.data import Normalization
+from fer_pipeline.ml.inference import predict_proba
+from fer_pipeline.ml.train import TrainResult
+
+FORMAT = "fer-pipeline-checkpoint"
+FORMAT_VERSION = 1
+METADATA_KEY = "fer_pipeline"
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's network (eval mode, CPU unless asked otherwise) and its description."""
+
+    model: nn.Module
+    arch: ArchConfig
+    classes: tuple[str, ...]
+    input_size: tuple[int, int]  # (height, width)
+    normalization: Normalization
+    tta_flip: bool
+    metadata: dict[str, Any] = field(repr=False)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("model_name") or self.arch.name)
+
+    def predict_proba(self, faces: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Probabilities (N, len(classes)) for preprocessed uint8 faces (N, H, W)."""
+        faces = np.asarray(faces)
+        if faces.ndim != 3 or tuple(faces.shape[1:]) != self.input_size:
+            raise ValueError(f"expected faces of shape (N, {self.input_size[0]}, {self.input_size[1]}), got {faces.shape}")
+        return predict_proba(self.model, faces, self.normalization, tta_flip=self.tta_flip, batch_size=batch_size)
+
+
+def save_checkpoint(
+    path: str | Path,
+    result: TrainResult,
+    *,
+    data_version: str,
+    metrics: dict[str, Any] | None = None,
+    model_name: str | None = None,
+    classes: tuple[str, ...] = CLASSES,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``result``'s best weights and description atomically to ``path`` (.safetensors).
+
+    ``data_version`` identifies the manifest/splits the model was trained on (e.g. a hash);
+    ``metrics`` is any JSON-able dict (validation/test metrics); ``extra`` is stored as is.
+    """
+    if len(classes) != result.n_classes:
+        raise ValueError(f"{len(classes)} class names for a {result.n_classes}-class model")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name or result.arch.name,
+        "architecture": result.arch.to_dict(),
+        "classes": list(classes),
+        "input_size": list(result.input_size),
+        "in_channels": 1,
+        "normalization": result.normalization.to_dict(),
+        "tta_flip": result.config.tta_flip,
+        "data_version": data_version,
+        "train_config": result.config.to_dict(),
+        "best_epoch": result.best_epoch,
+        "validation": {"macro_f1": result.best_val_macro_f1, "accuracy": result.best_val_accuracy},
+        "metrics": metrics or {},
+        "history": [
+            {k: getattr(h, k) for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1")}
+            for h in result.history
+        ],
+        "torch_version": torch.__version__,
+        "extra": extra or {},
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in result.state_dict.items()}
+    blob = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta, default=_json_default)})
+    return write_bytes(path, blob)
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON description only (reads the header, not the weights)."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is not a fer-pipeline checkpoint (no '{METADATA_KEY}' metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the network from the stored architecture and load its weights (strictly)."""
+    path = Path(path)
+    meta = read_checkpoint_metadata(path)
+    arch = ArchConfig.from_dict(meta["architecture"])
+    classes = tuple(meta["classes"])
+    input_size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
+    model = build_model(arch, len(classes), in_channels=int(meta.get("in_channels", 1)), input_size=input_size)
+    state = st_load(path.read_bytes())
+    model.load_state_dict(state, strict=True)
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    norm = meta["normalization"]
+    return LoadedModel(
+        model=model,
+        arch=arch,
+        classes=classes,
+        input_size=input_size,
+        normalization=Normalization(mean=float(norm["mean"]), std=float(norm["std"])),
+        tta_flip=bool(meta.get("tta_flip", False)),
+        metadata=meta,
+        path=path,
+    )
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

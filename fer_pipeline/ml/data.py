@@ -1,0 +1,187 @@
+"""In-memory face tensors, normalisation and batched augmentation.
+
+The faces are tiny (48x48 uint8), so a whole split lives in one tensor and a batch is an
+index into it: no DataLoader, no per-sample Python in the training loop. Augmentation works
+on a whole batch at once (one ``affine_grid``/``grid_sample`` call), which is what makes
+CPU training fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from fer_pipeline.classes import CLASS_TO_INDEX
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Pixel mean/std on the [0, 1] scale, computed on the training split only."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def fit(cls, images: np.ndarray) -> "Normalization":
+        x = np.asarray(images, dtype=np.float64) / 255.0
+        return cls(mean=float(x.mean()), std=float(max(x.std(), 1e-3)))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std}
+
+
+def to_unit_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1]."""
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if x.ndim != 3:
+        raise ValueError(f"expected (N, H, W) grayscale faces, got shape {tuple(x.shape)}")
+    return x.to(torch.float32).div_(255.0).unsqueeze(1)
+
+
+def normalize(x: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """[0, 1] batch -> standardised, channels_last (the faster conv layout on CPU)."""
+    return ((x - norm.mean) / norm.std).contiguous(memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation switches; all ranges are symmetric around identity."""
+
+    hflip: bool = True
+    rotate_deg: float = 10.0
+    translate: float = 0.08  # fraction of the image size
+    scale: tuple[float, float] = (0.9, 1.1)
+    brightness: float = 0.2  # additive, on the [0, 1] scale
+    contrast: float = 0.2  # multiplicative around the per-image mean
+    erase_p: float = 0.0  # probability of one random-erasing rectangle per image
+
+    @property
+    def enabled(self) -> bool:
+        return bool(
+            self.hflip
+            or self.rotate_deg
+            or self.translate
+            or self.scale != (1.0, 1.0)
+            or self.brightness
+            or self.contrast
+            or self.erase_p
+        )
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Randomly flip, rotate, shift, scale and jitter a [0, 1] batch (N, 1, H, W).
+
+    Flip, rotation, scale and translation are folded into one affine matrix per image, so
+    the batch is resampled once; border pixels are replicated rather than zero-filled, so
+    no artificial black frame appears that the network could learn from.
+    """
+    if not cfg.enabled:
+        return x
+    n = x.shape[0]
+    angle = _uniform(n, -cfg.rotate_deg, cfg.rotate_deg, g) * (math.pi / 180.0)
+    scale = _uniform(n, cfg.scale[0], cfg.scale[1], g)
+    flip = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones(n)
+    tx = _uniform(n, -cfg.translate, cfg.translate, g) * 2.0  # grid coordinates span [-1, 1]
+    ty = _uniform(n, -cfg.translate, cfg.translate, g) * 2.0
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    if cfg.contrast:
+        c = _uniform(n, 1.0 - cfg.contrast, 1.0 + cfg.contrast, g).view(n, 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * c + mean
+    if cfg.brightness:
+        x = x + _uniform(n, -cfg.brightness, cfg.brightness, g).view(n, 1, 1, 1)
+    if cfg.erase_p > 0:
+        x = _random_erase(x, cfg.erase_p, g)
+    return x.clamp_(0.0, 1.0)
+
+
+def _random_erase(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Fill one rectangle (20-45% of each side) with the image mean, in a fraction ``p`` of images."""
+    n, _, h, w = x.shape
+    eh = (_uniform(n, 0.2, 0.45, g) * h).long()
+    ew = (_uniform(n, 0.2, 0.45, g) * w).long()
+    y0 = (torch.rand(n, generator=g) * (h - eh)).long()
+    x0 = (torch.rand(n, generator=g) * (w - ew)).long()
+    use = torch.rand(n, generator=g) < p
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    mask = (
+        (rows >= y0.view(n, 1, 1))
+        & (rows < (y0 + eh).view(n, 1, 1))
+        & (cols >= x0.view(n, 1, 1))
+        & (cols < (x0 + ew).view(n, 1, 1))
+        & use.view(n, 1, 1)
+    )
+    fill = x.mean(dim=(1, 2, 3)).view(n, 1, 1).expand(n, h, w)
+    return torch.where(mask.unsqueeze(1), fill.unsqueeze(1), x)
+
+
+@dataclass
+class SplitArrays:
+    """One split's faces, labels and ids, aligned row by row."""
+
+    images: np.ndarray  # uint8 (N, H, W)
+    labels: np.ndarray  # int64 (N,), indices into CLASSES
+    image_ids: list[str]
+    frame: pd.DataFrame  # the manifest rows, same order (for slicing by demographics later)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def data_version(*frames: pd.DataFrame) -> str:
+    """Short content hash of the tables a model is trained on (e.g. manifest and splits).
+
+    Stored in checkpoints, so a model can be matched to the exact data it saw. Row order does
+    not matter (rows are hashed individually and sorted); column names do.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for df in frames:
+        h.update("\x1f".join(map(str, df.columns)).encode())
+        rows = np.sort(pd.util.hash_pandas_object(df, index=False).to_numpy())
+        h.update(rows.tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_split_arrays(
+    data_root: str | Path,
+    manifest: pd.DataFrame,
+    splits: pd.DataFrame,
+    split_names: tuple[str, ...] = ("train", "validation", "test"),
+) -> dict[str, SplitArrays]:
+    """Join manifest and splits on ``image_id`` and load each split's processed faces.
+
+    Rows are sorted by ``image_id`` within a split, so the arrays (and hence training) do not
+    depend on the row order the tables happened to be written in.
+    """
+    from fer_pipeline.face_store import load_faces
+
+    joined = manifest.merge(splits[["image_id", "split", "fold"]], on="image_id", how="inner")
+    unknown = set(joined["label"]) - set(CLASS_TO_INDEX)
+    if unknown:
+        raise ValueError(f"manifest has labels outside CLASSES: {sorted(unknown)}")
+    out: dict[str, SplitArrays] = {}
+    for name in split_names:
+        part = joined[joined["split"] == name].sort_values("image_id").reset_index(drop=True)
+        images = load_faces(data_root, list(part["face_path"]))
+        labels = part["label"].map(CLASS_TO_INDEX).to_numpy(dtype=np.int64)
+        out[name] = SplitArrays(images, labels, list(part["image_id"]), part)
+    return out

@@ -1,0 +1,376 @@
+"""Seeded, CPU-friendly training loop with early stopping on validation macro-F1.
+
+Why the loop looks like this:
+
+* Faces sit in memory as one tensor; a batch is an index, augmentation is vectorised
+  (:func:`fer_pipeline.ml.data.augment_batch`), layout is channels_last.
+* Small validation sets make the per-epoch macro-F1 noisy, so by default we validate an
+  exponential moving average (EMA) of the weights, under a cosine learning-rate schedule with
+  a fixed budget: the EMA curve is smooth and rises to the end, so "best epoch" is not a
+  lucky spike. Early stopping (``patience``) still guards against over-long budgets.
+* All randomness comes from generators seeded from ``TrainConfig.seed``; with the same
+  inputs, seed, device and thread count, two runs give identical metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer_pipeline.classes import CLASSES
+from fer_pipeline.ml.architectures import ArchConfig, build_model
+from fer_pipeline.ml.data import AugmentConfig, Normalization, augment_batch, normalize, to_unit_tensor
+from fer_pipeline.ml.inference import predict_logits, resolve_device
+from fer_pipeline.ml.metrics import macro_f1
+
+LogFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (JSON-serialisable via ``to_dict``)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05  # AdamW's decoupled decay
+    warmup_epochs: int = 2
+    schedule: Literal["cosine", "constant"] = "cosine"
+    patience: int = 12  # epochs without val macro-F1 improvement before stopping; 0 = never stop
+    min_delta: float = 1e-4
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # 0 disables mixup
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    ema_decay: float = 0.998  # 0 disables the weight EMA (then raw weights are validated/kept)
+    tta_flip: bool = True  # average logits over the mirror image at validation/prediction
+    balance_classes: bool = False  # inverse-frequency class weights in the loss
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
+    deterministic: bool = True  # deterministic kernels on CUDA (CPU ones already are)
+    eval_batch_size: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["augment"]["scale"] = list(self.augment.scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        aug = dict(d.pop("augment", {}) or {})
+        if "scale" in aug:
+            aug["scale"] = tuple(aug["scale"])
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(augment=AugmentConfig(**aug), **{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    lr: float
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_macro_f1: float
+    seconds: float
+    images_per_second: float  # training throughput (forward + backward + step + augmentation)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_model` returns; ``state_dict`` holds the *best* epoch's weights."""
+
+    arch: ArchConfig
+    config: TrainConfig
+    state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_macro_f1: float
+    best_val_accuracy: float
+    history: list[EpochStats]
+    normalization: Normalization
+    input_size: tuple[int, int]
+    n_classes: int
+    stopped_early: bool
+    train_seconds: float
+
+    def history_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(h) for h in self.history])
+
+    def build(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The trained network (best weights) in eval mode."""
+        model = build_model(self.arch, self.n_classes, input_size=self.input_size)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+    @property
+    def mean_images_per_second(self) -> float:
+        return float(np.mean([h.images_per_second for h in self.history])) if self.history else 0.0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch global RNGs (the loop itself uses explicit generators)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_settings(num_threads: int | None, deterministic: bool, device: torch.device) -> Iterator[None]:
+    """Set thread count (and, on CUDA, deterministic kernels) for one run, then restore them.
+
+    The CPU kernels this loop uses are deterministic already, and
+    ``torch.use_deterministic_algorithms`` costs seconds on first call (it imports the
+    inductor compiler), so the switch is only flipped where it matters: on accelerators.
+    """
+    old_threads = torch.get_num_threads()
+    flip = deterministic and device.type != "cpu"
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_bench = torch.backends.cudnn.benchmark
+    try:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        if flip:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            # warn_only: an op without a deterministic kernel warns instead of failing.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        if flip:
+            torch.backends.cudnn.benchmark = old_bench
+            torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+class WeightEMA:
+    """Exponential moving average of all float parameters *and* BN buffers.
+
+    The decay ramps up as ``(1 + t) / (10 + t)`` so that short runs are not dominated by the
+    random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.steps = 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._src = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+        self._dst = [t for t in self.model.state_dict().values() if t.dtype.is_floating_point]
+        self._src_int = [t for t in model.state_dict().values() if not t.dtype.is_floating_point]
+        self._dst_int = [t for t in self.model.state_dict().values() if not t.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self._dst, self._src, 1.0 - d)
+        for dst, src in zip(self._dst_int, self._src_int):
+            dst.copy_(src)
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _sample_weights(
+    labels: np.ndarray, weights: np.ndarray | None, n_classes: int, balance: bool
+) -> torch.Tensor:
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(w) != len(labels):
+        raise ValueError("sample_weights must have one entry per training sample")
+    if balance:
+        counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+        class_w = np.divide(len(labels), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+        w = w * class_w[labels]
+    return torch.as_tensor(w / w.mean(), dtype=torch.float32)
+
+
+def train_model(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    arch: ArchConfig,
+    config: TrainConfig = TrainConfig(),
+    *,
+    sample_weights: np.ndarray | None = None,
+    n_classes: int = len(CLASSES),
+    log: LogFn | None = None,
+) -> TrainResult:
+    """Train ``arch`` on uint8 faces (N, H, W) with integer labels; keep the best epoch.
+
+    ``sample_weights`` (one per training sample, e.g. for bias mitigation) scale each
+    sample's loss. ``log`` receives one line per epoch (pass ``context.log.info``).
+    """
+    log = log or (lambda _msg: None)
+    train_labels = np.asarray(train_labels, dtype=np.int64)
+    val_labels = np.asarray(val_labels, dtype=np.int64)
+    if len(train_images) != len(train_labels) or len(val_images) != len(val_labels):
+        raise ValueError("images and labels differ in length")
+    if len(train_images) < 2 or len(val_images) < 1:
+        raise ValueError("need at least 2 training and 1 validation samples")
+    for labels in (train_labels, val_labels):
+        if labels.min() < 0 or labels.max() >= n_classes:
+            raise ValueError(f"labels must be class indices in [0, {n_classes})")
+    input_size = (int(train_images.shape[1]), int(train_images.shape[2]))
+    device = resolve_device(config.device)
+
+    with torch_settings(config.num_threads, config.deterministic, device):
+        seed_everything(config.seed)
+        g_shuffle = torch.Generator().manual_seed(config.seed)
+        g_aug = torch.Generator().manual_seed(config.seed + 1)
+        rng_mix = np.random.default_rng(config.seed + 2)
+
+        norm = Normalization.fit(train_images)
+        x_train = to_unit_tensor(train_images).to(device)
+        y_train = torch.as_tensor(train_labels, device=device)
+        w_train = _sample_weights(train_labels, sample_weights, n_classes, config.balance_classes).to(device)
+        x_val = to_unit_tensor(val_images)
+        y_val = torch.as_tensor(val_labels)
+
+        model = build_model(arch, n_classes, input_size=input_size).to(device)
+        model = model.to(memory_format=torch.channels_last)
+        ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+        n = len(train_labels)
+        bs = min(config.batch_size, n)
+        # Drop the ragged last batch: BatchNorm is noisy (or fails) on a handful of samples.
+        steps_per_epoch = max(1, n // bs)
+        total_steps = steps_per_epoch * config.epochs
+        warmup_steps = steps_per_epoch * config.warmup_epochs
+
+        history: list[EpochStats] = []
+        best: dict[str, Any] = {"f1": -1.0, "epoch": 0, "acc": 0.0, "state": None}
+        stale, step, stopped_early = 0, 0, False
+        t_start = time.perf_counter()
+
+        for epoch in range(1, config.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n, generator=g_shuffle).to(device)
+            loss_sum = torch.zeros((), device=device)
+            for b in range(steps_per_epoch):
+                idx = perm[b * bs : (b + 1) * bs]
+                lr = _lr_at(step, total_steps, warmup_steps, config.lr, config.schedule)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss = _train_step(model, opt, x_train[idx], y_train[idx], w_train[idx], config, g_aug, rng_mix, norm)
+                loss_sum += loss
+                step += 1
+                if ema is not None:
+                    ema.update()
+            train_seconds = time.perf_counter() - t0
+            train_loss = float(loss_sum) / steps_per_epoch
+
+            eval_model = ema.model if ema is not None else model
+            logits = predict_logits(
+                eval_model, x_val, norm, tta_flip=config.tta_flip, batch_size=config.eval_batch_size, device=device
+            )
+            val_loss = float(F.cross_entropy(logits, y_val))
+            pred = logits.argmax(1).numpy()
+            val_f1 = macro_f1(val_labels, pred, n_classes)
+            val_acc = float((pred == val_labels).mean())
+            stats = EpochStats(
+                epoch=epoch,
+                lr=lr,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_accuracy=val_acc,
+                val_macro_f1=val_f1,
+                seconds=time.perf_counter() - t0,
+                images_per_second=steps_per_epoch * bs / train_seconds,
+            )
+            history.append(stats)
+
+            improved = val_f1 > best["f1"] + config.min_delta
+            if improved:
+                state = eval_model.state_dict()
+                best = {
+                    "f1": val_f1,
+                    "epoch": epoch,
+                    "acc": val_acc,
+                    "state": {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()},
+                }
+                stale = 0
+            else:
+                stale += 1
+            log(
+                f"[{arch.name}] epoch {epoch}/{config.epochs} lr {lr:.2e} train_loss {train_loss:.4f} "
+                f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} val_macro_f1 {val_f1:.4f}"
+                f"{' *' if improved else ''} ({stats.seconds:.1f}s, {stats.images_per_second:.0f} img/s)"
+            )
+            if config.patience and stale >= config.patience:
+                stopped_early = True
+                log(f"[{arch.name}] early stop: no val macro-F1 gain for {config.patience} epochs")
+                break
+
+    return TrainResult(
+        arch=arch,
+        config=config,
+        state_dict=best["state"],
+        best_epoch=best["epoch"],
+        best_val_macro_f1=best["f1"],
+        best_val_accuracy=best["acc"],
+        history=history,
+        normalization=norm,
+        input_size=input_size,
+        n_classes=n_classes,
+        stopped_early=stopped_early,
+        train_seconds=time.perf_counter() - t_start,
+    )
+
+
+def _train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    wb: torch.Tensor,
+    config: TrainConfig,
+    g_aug: torch.Generator,
+    rng_mix: np.random.Generator,
+    norm: Normalization,
+) -> torch.Tensor:
+    """One optimisation step on a [0, 1] batch; returns the (detached) weighted loss."""
+    if config.augment.enabled:
+        # Augment on CPU with the seeded generator (cheap for 48x48), then move.
+        xb = augment_batch(xb.cpu(), config.augment, g_aug).to(yb.device)
+    xb = normalize(xb, norm)
+    if config.mixup_alpha > 0:
+        lam = float(rng_mix.beta(config.mixup_alpha, config.mixup_alpha))
+        j = torch.as_tensor(rng_mix.permutation(len(yb)), device=yb.device)
+        xb = lam * xb + (1.0 - lam) * xb[j]
+        logits = model(xb)
+        ce_a = F.cross_entropy(logits, yb, reduction="none", label_smoothing=config.label_smoothing)
+        ce_b = F.cross_entropy(logits, yb[j], reduction="none", label_smoothing=config.label_smoothing)
+        per_sample = lam * ce_a + (1.0 - lam) * ce_b
+    else:
+        logits = model(xb)
+        per_sample = F.cross_entropy(logits, yb, reduction="none", label_smoothing=config.label_smoothing)
+    loss = (per_sample * wb).sum() / wb.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()

@@ -1,0 +1,397 @@
+"""The sources sensor, the nightly rebuild schedule, their fingerprint core (source_watch), the
+rebuild switch, and incremental de-duplication (same groups as from scratch)."""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from fer_pipeline import automation, source_watch
+from fer_pipeline.catalog import CatalogError
+from fer_pipeline.dedup import deduplicate_incremental
+from fer_pipeline.resources import FerSettings
+from fer_pipeline_tests.conftest import face_png, write
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".zip")
+
+
+def catalogue(root: Path, sources: list[dict]) -> None:
+    (root / "sources.yaml").write_text(yaml.safe_dump({"sources": sources}, sort_keys=False))
+
+
+FOLDER = {"name": "faces", "kind": "image_folders", "path": "raw/faces", "label_map": {"angry": "Angry", "calm": "Neutral"}}
+
+
+@pytest.fixture
+def folder_root(data_root: Path) -> Path:
+    for i in range(4):
+        write(data_root / "raw" / "faces" / ("angry" if i % 2 else "calm") / f"{i}.png", face_png(i, size=40))
+    catalogue(data_root, [FOLDER])
+    return data_root
+
+
+def touch_later(path: Path, seconds: int = 5) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 1_000_000_000))
+
+
+class Ticker:
+    """Evaluates the sensor the way the daemon does: the cursor of one tick feeds the next."""
+
+    def __init__(self, root: Path, sensor: dg.SensorDefinition | None = None) -> None:
+        self.root = root
+        self.sensor = sensor or automation.source_files_sensor
+        self.instance = dg.DagsterInstance.ephemeral()
+        self.cursor: str | None = None
+
+    def tick(self) -> dg.SensorExecutionData:
+        ctx = dg.build_sensor_context(instance=self.instance, cursor=self.cursor,
+                                      resources={"fer": FerSettings(data_root=str(self.root))})
+        data = self.sensor.evaluate_tick(ctx)
+        if data.cursor is not None:
+            self.cursor = data.cursor
+        return data
+
+    def one_run(self) -> dg.RunRequest:
+        data = self.tick()
+        assert data.skip_message is None, data.skip_message
+        assert len(data.run_requests) == 1, data.run_requests
+        request = data.run_requests[0]
+        assert request.run_key and request.run_key.startswith("sources-")
+        return request
+
+    def nothing(self) -> str:
+        data = self.tick()
+        assert not data.run_requests, data.run_requests
+        assert data.skip_message
+        return data.skip_message
+
+
+# ---------------------------------------------------------------- source_watch (plain Python)
+
+def test_fingerprint_is_stable_and_sees_new_changed_and_removed_files(folder_root: Path) -> None:
+    fp = source_watch.fingerprint_sources(folder_root)
+    assert fp == source_watch.fingerprint_sources(folder_root)
+    assert fp.sources["faces"].files == 4 and fp.files == 4
+    new = write(folder_root / "raw" / "faces" / "angry" / "new.png", face_png(50, size=40))
+    fp_new = source_watch.fingerprint_sources(folder_root)
+    assert fp_new.digest != fp.digest and fp_new.sources["faces"].files == 5
+    touch_later(new)  # same name and size, content rewritten later
+    fp_touched = source_watch.fingerprint_sources(folder_root)
+    assert fp_touched.digest != fp_new.digest
+    new.unlink()
+    assert source_watch.fingerprint_sources(folder_root).digest == fp.digest  # back to the first state
+    catalogue(folder_root, [{**FOLDER, "label_map": {"angry": "Angry"}}])
+    fp_cat = source_watch.fingerprint_sources(folder_root)
+    assert fp_cat.digest != fp.digest and fp_cat.catalog_digest != fp.catalog_digest
+    assert fp_cat.sources["faces"] == fp.sources["faces"]
+
+
+def test_fingerprint_never_reads_images_or_archives(folder_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with zipfile.ZipFile(folder_root / "more.zip", "w") as zf:
+        zf.writestr("angry/a.png", face_png(1, size=40))
+    catalogue(folder_root, [FOLDER, {"name": "zipped", "kind": "image_folders", "path": "more.zip",
+                                     "label_map": {"angry": "Angry"}}])
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(file).lower().endswith(IMAGE_SUFFIXES):
+            raise AssertionError(f"the fingerprint opened {file}")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+    fp = source_watch.fingerprint_sources(folder_root)
+    assert fp.sources["zipped"].files == 1 and fp.sources["faces"].files == 4
+
+
+def test_zip_rewritten_as_a_whole_is_a_change(data_root: Path) -> None:
+    archive = data_root / "set.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("angry/a.png", face_png(1, size=40))
+    catalogue(data_root, [{"name": "z", "kind": "image_folders", "path": "set.zip", "label_map": {"angry": "Angry"}}])
+    before = source_watch.fingerprint_sources(data_root)
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("angry/b.png", face_png(2, size=40))
+    assert source_watch.fingerprint_sources(data_root).digest != before.digest
+
+
+def test_demographics_csv_outside_the_source_is_watched(folder_root: Path) -> None:
+    csv = write(folder_root / "meta" / "people.csv", b"file,gender\n0.png,female\n")
+    catalogue(folder_root, [{**FOLDER, "demographics": {"csv": "meta/people.csv", "key": "file",
+                                                        "columns": {"gender": "gender"}}}])
+    before = source_watch.fingerprint_sources(folder_root)
+    csv.write_bytes(b"file,gender\n0.png,male\n1.png,female\n")
+    assert source_watch.fingerprint_sources(folder_root).digest != before.digest
+
+
+def test_broken_catalogue_raises_catalog_error(folder_root: Path) -> None:
+    catalogue(folder_root, [{**FOLDER, "path": "raw/nowhere"}])
+    with pytest.raises(CatalogError, match="source 'faces', field 'path'"):
+        source_watch.fingerprint_sources(folder_root)
+
+
+def test_cursor_round_trip_and_change_descriptions(folder_root: Path) -> None:
+    fp = source_watch.fingerprint_sources(folder_root)
+    state = source_watch.parse_cursor(fp.to_cursor(7))
+    assert state is not None and state.digest == fp.digest and state.seq == 7
+    assert state.sources["faces"][1:] == (4, fp.sources["faces"].bytes)
+    assert len(fp.to_cursor(7)) < 400  # a small summary, not a file list
+    for junk in (None, "", "not json", '{"v": 99, "digest": "x"}', "[1, 2]"):
+        assert source_watch.parse_cursor(junk) is None
+    write(folder_root / "raw" / "faces" / "angry" / "n1.png", face_png(60, size=40))
+    write(folder_root / "raw" / "faces" / "angry" / "n2.png", face_png(61, size=40))
+    later = source_watch.fingerprint_sources(folder_root)
+    assert source_watch.describe_changes(state, later) == ["source 'faces': 4 -> 6 files (+2)"]
+    assert source_watch.describe_changes(None, later)[0].startswith("first evaluation")
+    assert source_watch.run_key(later, 8) != source_watch.run_key(later, 9)
+
+
+# ---------------------------------------------------------------- the sensor
+
+def test_sensor_one_run_per_change_and_none_without_change(folder_root: Path) -> None:
+    t = Ticker(folder_root)
+    first = t.one_run()  # no cursor yet: bring the data assets up to date once
+    assert first.job_name == "data_pipeline"
+    assert "no change" in t.nothing()
+    assert "no change" in t.nothing()
+
+    write(folder_root / "raw" / "faces" / "angry" / "new.png", face_png(70, size=40))
+    added = t.one_run()
+    assert added.run_key != first.run_key
+    assert added.tags["fer/changes"] == "source 'faces': 4 -> 5 files (+1)"
+    assert added.tags["fer/trigger"] == "source_change"
+    assert t.nothing()  # same state again: nothing
+
+    catalogue(folder_root, [{**FOLDER, "label_map": {"angry": "Angry", "calm": "Neutral", "sad": "Tired"}}])
+    changed_catalogue = t.one_run()
+    assert "sources.yaml changed" in changed_catalogue.tags["fer/changes"]
+    t.nothing()
+
+    (folder_root / "raw" / "faces" / "angry" / "new.png").unlink()
+    removed = t.one_run()
+    assert "5 -> 4 files (-1)" in removed.tags["fer/changes"]
+    t.nothing()
+    keys = [first.run_key, added.run_key, changed_catalogue.run_key, removed.run_key]
+    assert len(set(keys)) == 4
+
+
+def test_sensor_returning_to_an_earlier_state_is_still_a_new_run(folder_root: Path) -> None:
+    t = Ticker(folder_root)
+    a = t.one_run()
+    extra = write(folder_root / "raw" / "faces" / "calm" / "x.png", face_png(80, size=40))
+    b = t.one_run()
+    extra.unlink()
+    c = t.one_run()  # same fingerprint as the first tick, but a new change: Dagster must not drop it
+    assert len({a.run_key, b.run_key, c.run_key}) == 3
+    assert a.run_key.split("-")[1] == c.run_key.split("-")[1]  # derived from the same fingerprint
+
+
+def test_sensor_skips_with_the_catalogue_problem_and_keeps_its_cursor(folder_root: Path) -> None:
+    t = Ticker(folder_root)
+    t.one_run()
+    good_cursor = t.cursor
+    catalogue(folder_root, [{**FOLDER, "kind": "image_folder"}])
+    message = t.nothing()
+    assert "catalogue problem" in message and "source 'faces', field 'kind'" in message
+    assert t.cursor == good_cursor
+    (folder_root / "sources.yaml").write_text("sources: [unclosed")
+    assert "not valid YAML" in t.nothing()
+    (folder_root / "sources.yaml").unlink()
+    assert "sources.yaml not found" in t.nothing()
+    catalogue(folder_root, [FOLDER])  # fixed, back to the same content: nothing changed since the last run
+    assert "no change" in t.nothing()
+
+
+def test_sensor_zip_source(data_root: Path) -> None:
+    archive = data_root / "set.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("angry/a.png", face_png(1, size=40))
+    catalogue(data_root, [{"name": "z", "kind": "image_folders", "path": "set.zip", "label_map": {"angry": "Angry"}}])
+    t = Ticker(data_root)
+    t.one_run()
+    t.nothing()
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("angry/b.png", face_png(2, size=40))
+    assert "source 'z'" in t.one_run().tags["fer/changes"]
+    t.nothing()
+
+
+def test_sensor_data_root_from_environment(folder_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FER_DATA_DIR", str(folder_root))
+    ctx = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={"fer": FerSettings()})
+    data = automation.source_files_sensor.evaluate_tick(ctx)
+    assert len(data.run_requests) == 1
+
+
+def test_sensor_definition_defaults_and_switches(monkeypatch: pytest.MonkeyPatch, folder_root: Path) -> None:
+    sensor = automation.source_files_sensor
+    assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
+    assert sensor.minimum_interval_seconds == int(os.environ.get("FER_SENSOR_INTERVAL_SECONDS") or 30)
+    assert sensor.job_name == "data_pipeline"  # models are not retrained unless a user asks for it
+    monkeypatch.setenv("FER_SENSOR_INTERVAL_SECONDS", "2")
+    monkeypatch.setenv("FER_AUTO_RETRAIN", "1")
+    retrain = automation.build_source_sensor()
+    assert retrain.minimum_interval_seconds == 2 and retrain.job_name == "main"
+    assert Ticker(folder_root, retrain).one_run().job_name == "main"
+    monkeypatch.setenv("FER_AUTO_RETRAIN", "off")
+    assert automation.build_source_sensor().job_name == "data_pipeline"
+    monkeypatch.setenv("FER_SENSOR_INTERVAL_SECONDS", "soon")
+    with pytest.raises(ValueError, match="FER_SENSOR_INTERVAL_SECONDS"):
+        automation.build_source_sensor()
+
+
+def test_definitions_load_with_sensor_and_schedule() -> None:
+    from fer_pipeline.definitions import defs
+
+    repo = defs.get_repository_def()
+    sensor = repo.get_sensor_def("source_files_sensor")
+    schedule = repo.get_schedule_def("full_rebuild_schedule")
+    assert sensor.job_name == "data_pipeline" and schedule.job_name == "data_pipeline"
+    assert repo.has_job("data_pipeline") and repo.has_job("main")
+
+
+# ---------------------------------------------------------------- the schedule
+
+def test_rebuild_schedule_requests_a_from_scratch_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    schedule = automation.full_rebuild_schedule
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert schedule.cron_schedule == (os.environ.get("FER_REBUILD_CRON") or "0 3 * * *")
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime.datetime(2026, 1, 2, 3, 0))
+    data = schedule.evaluate_tick(ctx)
+    assert len(data.run_requests) == 1
+    request = data.run_requests[0]
+    assert request.run_config == {"resources": {"fer": {"config": {"rebuild": True}}}}
+    assert request.tags["fer/trigger"] == "scheduled_rebuild"
+    from fer_pipeline.definitions import defs
+
+    validated = dg.validate_run_config(defs.resolve_job_def("data_pipeline"), request.run_config)
+    assert validated["resources"]["fer"]["config"]["rebuild"] is True
+    monkeypatch.setenv("FER_REBUILD_CRON", "30 1 * * 0")
+    assert automation.build_rebuild_schedule().cron_schedule == "30 1 * * 0"
+    monkeypatch.setenv("FER_REBUILD_CRON", "every night")
+    with pytest.raises(ValueError, match="FER_REBUILD_CRON"):
+        automation.build_rebuild_schedule()
+
+
+def test_rebuild_run_reprocesses_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fer_pipeline.definitions import defs
+
+    root = tmp_path / "data"
+    root.mkdir()
+    catalogue(root, [{"name": "demo", "kind": "synthetic", "path": "raw/demo", "n_images": 120, "seed": 5}])
+    monkeypatch.setenv("FER_DATA_DIR", str(root))
+    job = defs.resolve_job_def("data_pipeline")
+    instance = dg.DagsterInstance.ephemeral()
+    small = {"min_images_per_class": 5}
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+    def run(**config: object) -> dict[str, dict[str, object]]:
+        result = job.execute_in_process(instance=instance, raise_on_error=False,
+                                        run_config={"resources": {"fer": {"config": {**small, **config}}}, **quiet})
+        assert result.success
+        return {e.asset_key.path[-1]: {k: v.value for k, v in e.materialization.metadata.items()}
+                for e in result.get_asset_materialization_events()}
+
+    first = run()
+    manifest_first = pd.read_parquet(root / "manifest" / "manifest.parquet")
+    again = run()
+    assert again["faces"]["decoded_this_run"] == 0 and again["raw_sources"]["hashed_this_run"] == 0
+    assert again["deduplicated_faces"]["faces_compared_this_run"] == 0
+    rebuilt = run(rebuild=True)
+    assert rebuilt["faces"]["decoded_this_run"] == first["faces"]["decoded_this_run"] > 100
+    assert rebuilt["faces"]["reused_from_cache"] == 0
+    assert rebuilt["raw_sources"]["hashed_this_run"] == first["raw_sources"]["hashed_this_run"]
+    assert rebuilt["raw_sources"]["hash_reused_from_previous"] == 0
+    assert rebuilt["deduplicated_faces"]["faces_pairs_from_cache"] == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(root / "manifest" / "manifest.parquet"), manifest_first)
+
+
+# ---------------------------------------------------------------- incremental de-duplication
+
+def _dedup_table(n: int = 600, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """Faces with planted exact, near, mirrored and phash-only (pixel-different) duplicates."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (n, 12, 12), dtype=np.uint8)
+    hashes = rng.integers(0, 2**63, n, dtype=np.uint64)
+    mirrors = rng.integers(0, 2**63, n, dtype=np.uint64)
+    bit = lambda: np.uint64(1) << np.uint64(rng.integers(0, 64))  # noqa: E731
+    for k in range(0, 120, 4):  # near duplicates: close hash, nearly the same pixels
+        hashes[k + 1] = hashes[k] ^ bit()
+        pixels[k + 1] = np.clip(pixels[k].astype(int) + rng.integers(-3, 4, (12, 12)), 0, 255)
+    for k in range(120, 200, 4):  # mirrored copies: hash close to the other's mirrored hash
+        hashes[k + 1] = mirrors[k] ^ bit()
+        mirrors[k + 1] = hashes[k]
+        pixels[k + 1] = pixels[k][:, ::-1]
+    for k in range(200, 260, 4):  # phash collisions between different faces: rejected by pixels
+        hashes[k + 1] = hashes[k] ^ bit()
+    shas = [f"{i:064x}" for i in rng.permutation(10**6)[:n]]
+    df = pd.DataFrame({
+        "sha256": shas, "source": "s", "source_path": [f"p{i:04d}.png" for i in range(n)],
+        "image_id": [s[:16] for s in shas], "label": rng.choice(["Angry", "Neutral"], n, p=[0.9, 0.1]),
+        "width": 48, "height": 48, "bytes": rng.integers(100, 200, n),
+        "pixel_sha": shas, "phash": [f"{int(h):016x}" for h in hashes],
+        "phash_mirror": [f"{int(h):016x}" for h in mirrors]})
+    # two files with the same content (exact duplicate under another name)
+    dup = df.iloc[[5]].assign(source_path="copy_of_p0005.png")
+    return pd.concat([df, dup], ignore_index=True), np.concatenate([pixels, pixels[[5]]])
+
+
+def _groups(report) -> set[frozenset[str]]:  # type: ignore[no-untyped-def]
+    t = report.table
+    return {frozenset(g["source_path"]) for _, g in t.groupby("dup_group")}
+
+
+def _run(df: pd.DataFrame, pixels: np.ndarray, cache: Path | None, calls: list[int] | None = None):  # type: ignore[no-untyped-def]
+    rows_pixels = pixels[df.index.to_numpy()]
+
+    def load(rows: np.ndarray) -> np.ndarray:
+        if calls is not None:
+            calls.append(len(rows))
+        return rows_pixels[rows]
+
+    return deduplicate_incremental(df.reset_index(drop=True), 4, True, load, 0.95, cache_path=cache)
+
+
+def test_incremental_dedup_matches_from_scratch(tmp_path: Path) -> None:
+    df, pixels = _dedup_table()
+    scratch, stats = _run(df, pixels, None)
+    assert stats.faces_compared == 600 and stats.faces_cached == 0
+    assert scratch.n_exact_links == 1 and scratch.n_near_links >= 30 + 20
+    assert scratch.n_near_candidates >= scratch.n_near_links + 15  # pixel check rejected the collisions
+    cache = tmp_path / "links.npz"
+    rng = np.random.default_rng(1)
+    first_part = df.iloc[np.sort(rng.permutation(len(df))[:450])]
+    _run(first_part, pixels, cache)
+    calls: list[int] = []
+    grown, stats = _run(df, pixels, cache, calls)  # 151 rows arrive
+    assert stats.faces_cached + stats.faces_compared == 600 and stats.faces_compared <= 151
+    assert sum(calls) < 151  # only faces in new candidate pairs had their pixels loaded
+    assert _groups(grown) == _groups(scratch)
+    assert (grown.n_near_links, grown.n_near_candidates) == (scratch.n_near_links, scratch.n_near_candidates)
+    cols = ["source_path", "is_representative", "conflict", "dup_group_size", "duplicate_of"]
+    key = lambda r: r.table[cols].sort_values("source_path").reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(key(grown), key(scratch))
+    # nothing new: nothing compared, no pixels loaded
+    calls.clear()
+    same, stats = _run(df, pixels, cache, calls)
+    assert stats.faces_compared == 0 and not calls and _groups(same) == _groups(scratch)
+    # files removed: their pairs drop out, as if computed from scratch on what is left
+    left = df.iloc[40:]
+    shrunk, stats = _run(left, pixels, cache)
+    assert stats.faces_compared == 0
+    assert _groups(shrunk) == _groups(_run(left, pixels, None)[0])
+    # a corrupt cache is ignored (everything compared again)
+    cache.write_bytes(b"not a cache")
+    _, stats = _run(df, pixels, cache)
+    assert stats.faces_compared == 600

@@ -26,8 +26,8 @@ dagster_home/dagster.yaml:
 
 # Set up, then materialize every asset on the embedded (synthetic) default data.
 demo: setup
-	$(BIN)/dagster job execute -m fer_pipeline.definitions -j main
-	@$(BIN)/python -m fer_pipeline.cli outputs
+	$(BIN)/dagster job execute -m fer_pipeline.definitions -j main -c configs/demo.yaml
+	@$(BIN)/python -m fer_pipeline.outputs
 
 # Only the data half (what `dagster asset materialize --select '+splits'` gives, plus plots).
 data: setup

@@ -23,6 +23,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

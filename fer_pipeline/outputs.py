@@ -1,0 +1,45 @@
+"""Print where the pipeline's outputs are (run by `make demo` after the main job)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+
+from fer_pipeline.paths import DataPaths
+
+
+def summary(paths: DataPaths) -> str:
+    lines = [f"Outputs under the data root {paths.root}:"]
+    if paths.manifest.exists():
+        kept = pd.read_parquet(paths.manifest, columns=["label"])
+        excluded = pd.read_parquet(paths.excluded, columns=["stage"])
+        lines.append(f"  manifest      {paths.manifest}  ({len(kept)} kept images: "
+                     + ", ".join(f"{k} {v}" for k, v in kept['label'].value_counts().sort_index().items()) + ")")
+        lines.append(f"  excluded      {paths.excluded}  ({len(excluded)} files not kept, with reasons)")
+        lines.append(f"  splits        {paths.splits}")
+    else:
+        lines.append("  (no manifest yet: run `make demo` or materialize the data assets)")
+    for name, path in (("faces", paths.faces_dir), ("models", paths.models_dir), ("reports", paths.reports_dir)):
+        if path.exists():
+            n = sum(1 for p in path.rglob("*") if p.is_file())
+            lines.append(f"  {name:<13} {path}/  ({n} files)")
+    metrics = paths.reports_dir / "metrics.json"
+    if metrics.exists():
+        data = json.loads(metrics.read_text())
+        best = data.get("best_model")
+        f1 = data.get("models", {}).get(best, {}).get("f1", {}).get("macro")
+        lines.append(f"  best model    {best} (test macro-F1 {f1:.3f}); classify images with "
+                     f"`.venv/bin/fer-pipeline predict PATH...`" if f1 is not None else f"  best model    {best}")
+    lines.append("Open the UI with `make ui` (http://127.0.0.1:3000) to see lineage, metadata, plots and checks.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(summary(DataPaths.from_env()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

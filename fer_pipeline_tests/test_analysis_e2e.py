@@ -15,10 +15,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from fer_pipeline.assets.evaluation import EVALUATION_ASSETS
+from fer_pipeline.assets.evaluation import EVALUATION_ASSETS, AnalysisSettings, cross_source_generalisation
+from fer_pipeline.assets.models import TrainSettings
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.definitions import defs
 from fer_pipeline.ml.architectures import MAIN_MODEL
+from fer_pipeline.resources import FerSettings
 from fer_pipeline.synthetic_faces import generate_demo_source
 
 pytestmark = pytest.mark.slow
@@ -170,3 +172,22 @@ def test_rerun_reuses_cached_folds(materialized) -> None:
     assert again.success
     meta = _meta(again, "cross_validation")
     assert meta["folds_trained_this_run"].value == [] and meta["folds_from_cache"].value == [0, 1]
+
+
+def test_one_source_loso_is_not_applicable_without_training(tmp_path: Path) -> None:
+    """With a single source the asset trains nothing (and needs no faces or model)."""
+    ids = [f"{i:016x}" for i in range(40)]
+    manifest = pd.DataFrame({"image_id": ids, "source": "demo", "label": [CLASSES[i % 4] for i in range(40)],
+                             "face_path": "missing.npy#0"})
+    splits = pd.DataFrame({"image_id": ids, "split": ["train", "train", "validation", "test"] * 10,
+                           "fold": [0, 1, 2, -1] * 10})
+    (tmp_path / "manifest").mkdir()
+    manifest.to_parquet(tmp_path / "manifest" / "manifest.parquet")
+    splits.to_parquet(tmp_path / "manifest" / "splits.parquet")
+    result = dg.materialize([cross_source_generalisation], resources={
+        "fer": FerSettings(data_root=str(tmp_path)), "training": TrainSettings(), "analysis": AnalysisSettings()})
+    assert result.success
+    meta = _meta(result, "cross_source_generalisation")
+    assert meta["status"].value == "not applicable: only one source (demo)"
+    table = pd.read_csv(tmp_path / "reports" / "cross_source_generalisation.csv")
+    assert table.loc[0, "status"] == "not applicable: only one source"

@@ -33,12 +33,12 @@ from fer_pipeline.assets.data import manifest, splits
 from fer_pipeline.assets.metadata import md_image, md_table
 from fer_pipeline.assets.models import TrainSettings
 from fer_pipeline.atomic import write_csv, write_json, write_parquet
-from fer_pipeline.classes import CLASSES
+from fer_pipeline.classes import CLASS_TO_INDEX, CLASSES
 from fer_pipeline.face_store import load_faces
 from fer_pipeline.manifest import RELABELS_FILE
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
 from fer_pipeline.ml.checkpoint import save_checkpoint
-from fer_pipeline.ml.data import load_split_arrays
+from fer_pipeline.ml.data import SplitArrays, load_split_arrays
 from fer_pipeline.ml.inference import predict_proba
 from fer_pipeline.ml.metrics import evaluate_predictions
 from fer_pipeline.ml.plots import plot_training_curves
@@ -101,7 +101,9 @@ class AnalysisSettings(dg.ConfigurableResource):
 
 
 def _round(df: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
-    return df.round(digits)
+    """Rounded, with missing values shown blank (for markdown tables)."""
+    out = df.round(digits).astype(object)
+    return out.where(df.notna(), "")
 
 
 def _write_table(base, df: pd.DataFrame) -> dict[str, str]:
@@ -117,6 +119,21 @@ def _load(fer: FerSettings, split_names=("train", "validation", "test")):
     split_table = pd.read_parquet(paths.splits)
     return kept, split_table, load_split_arrays(paths.root, kept, split_table, split_names), \
         data_version(kept, split_table)
+
+
+def _load_labels_only(fer: FerSettings):
+    """Like :func:`_load` but with empty (N, 0, 0) images: for assets that need no pixels."""
+    paths = fer.paths
+    kept = pd.read_parquet(paths.manifest)
+    split_table = pd.read_parquet(paths.splits)
+    joined = kept.merge(split_table[["image_id", "split", "fold"]], on="image_id")
+    arrays = {}
+    for name in ("train", "validation", "test"):
+        part = joined[joined["split"] == name].sort_values("image_id").reset_index(drop=True)
+        arrays[name] = SplitArrays(np.zeros((len(part), 0, 0), np.uint8),
+                                   part["label"].map(CLASS_TO_INDEX).to_numpy(dtype=np.int64),
+                                   list(part["image_id"]), part)
+    return kept, split_table, arrays, data_version(kept, split_table)
 
 
 def _main_test_predictions(context: dg.AssetExecutionContext, fer: FerSettings, arrays, version: str):
@@ -425,9 +442,10 @@ def source_confound(context: dg.AssetExecutionContext, fer: FerSettings,
 def cross_source_generalisation(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
                                 analysis: AnalysisSettings) -> dg.MaterializeResult:
     paths = fer.paths
-    kept, _, arrays, version = _load(fer)
     out = paths.reports_dir
-    n_sources = int(kept["source"].nunique())
+    n_sources = int(pd.read_parquet(paths.manifest, columns=["source"])["source"].nunique())
+    # with one source nothing is trained: only the labels are needed, not the faces
+    kept, _, arrays, version = _load(fer) if n_sources > 1 else _load_labels_only(fer)
     in_domain = None
     if n_sources > 1:
         in_domain = _main_test_predictions(context, fer, arrays, version).probabilities.argmax(1)

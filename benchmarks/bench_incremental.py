@@ -3,6 +3,7 @@ against an incremental one after 400 new images arrive, both through Dagster.
 
     .venv/bin/python benchmarks/bench_incremental.py [--zip ../shared/datasets/fer2013-folders.zip]
         [--extra ../shared/datasets/affectnet-4class.zip] [--n-new 400] [--classes all|angry-neutral]
+        [--rounds 3] [--wait-idle 600]
 
 Steps, each one real run of the ``data_pipeline`` job (every data asset and its checks) in this
 process against a temporary data root and a temporary SQLite Dagster instance:
@@ -15,7 +16,9 @@ process against a temporary data root and a temporary SQLite Dagster instance:
    medians are reported, since one run's time varies by a few tenths of a second.
 
 Prints the three wall-clock times, incremental/full, and (incremental - no change)/full;
-target (issue #5): incremental <= 5% of full + the fixed overhead. Also prints per-step times.
+target (issue #5): incremental <= 5% of full + the fixed overhead. Also prints per-step times and
+how many CPU cores other processes used during the runs: on a shared machine the figures are only
+comparable when that is ~0 (``--wait-idle S`` waits for a quiet machine before each run).
 
 With ``--classes all`` (default) all seven FER2013 folders are mapped onto the four project
 classes so that every one of the ~40,000 images is decoded, hashed and de-duplicated; the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -83,6 +87,35 @@ def pick_new_images(extra: Path, n: int, dest: Path, offset: int, seen: set[byte
     return written
 
 
+WAIT_IDLE = 0.0  # --wait-idle: seconds to wait before each run for other processes to go quiet
+BACKGROUND: dict[str, list[float]] = {}  # label -> CPU cores used by OTHER processes during each run
+
+
+def _cpu_snapshot() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its children)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # all but idle and iowait
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return busy, own
+
+
+def wait_until_idle(max_wait: float, threshold: float = 0.15) -> None:
+    """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` cores for 3 s."""
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        a = _cpu_snapshot()
+        time.sleep(3)
+        b = _cpu_snapshot()
+        if a is None or b is None or ((b[0] - a[0]) - (b[1] - a[1])) / 3 < threshold:
+            return
+    print(f"(machine still busy after waiting {max_wait:.0f} s; timing anyway)", flush=True)
+
+
 def run_job(instance, label: str) -> tuple[float, dict[str, float], dict[str, dict[str, object]]]:
     """Run the data job once; return (seconds, per-step seconds, asset metadata by asset name)."""
     from dagster import DagsterEventType
@@ -90,9 +123,15 @@ def run_job(instance, label: str) -> tuple[float, dict[str, float], dict[str, di
     from fer_pipeline.definitions import defs
 
     job = defs.resolve_job_def("data_pipeline")
+    if WAIT_IDLE:
+        wait_until_idle(WAIT_IDLE)
+    before = _cpu_snapshot()
     start = time.perf_counter()
     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
     seconds = time.perf_counter() - start
+    after = _cpu_snapshot()
+    if before and after:  # how busy the machine was with other work: timings are only comparable when ~0
+        BACKGROUND.setdefault(label, []).append(max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / seconds)
     if not result.success:
         sys.exit(f"{label} run failed: see the Dagster event log under {instance.root_directory}")
     steps: dict[str, float] = {}
@@ -120,8 +159,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, choices=(1, 2, 3),
                     help="no-change + incremental pairs after the full run (medians are reported)")
     ap.add_argument("--classes", choices=("all", "angry-neutral"), default="all")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="before each run, wait up to S seconds until other processes leave the CPU alone")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the data root and instance here")
     args = ap.parse_args()
+    global WAIT_IDLE
+    WAIT_IDLE = args.wait_idle
     for path in (args.zip, args.extra):
         if not path.exists():
             sys.exit(f"{path} not found: this benchmark needs the real datasets in ../shared/datasets")
@@ -165,7 +208,9 @@ def main() -> None:
             inc_runs.append((t, steps, meta, n))
             print(f"round {rnd + 1}: no change {same_runs[-1][0]:.2f} s, +{n} images {t:.2f} s "
                   f"(decoded {meta['faces']['decoded_this_run']}, compared in dedup "
-                  f"{meta['deduplicated_faces']['faces_compared_this_run']})", flush=True)
+                  f"{meta['deduplicated_faces']['faces_compared_this_run']}); other processes' CPU load: "
+                  f"{BACKGROUND.get('no-change', [0])[-1]:.2f} / {BACKGROUND.get('incremental', [0])[-1]:.2f} cores",
+                  flush=True)
     finally:
         instance.dispose()
         if args.workdir is None:
@@ -187,6 +232,9 @@ def main() -> None:
     print(f"faces decoded: full {full_meta['faces']['decoded_this_run']}, incremental "
           f"{[m['faces']['decoded_this_run'] for _, _, m, _ in inc_runs]} of "
           f"{[n for *_, n in inc_runs]} new files")
+    if BACKGROUND:
+        print("CPU load of other processes during the runs (cores, of " f"{os.cpu_count()}): " + ", ".join(
+            f"{k} {statistics.median(v):.2f}" for k, v in BACKGROUND.items()) + "  (comparable only when ~0)")
     print(f"full run:          {full:8.2f} s")
     print(f"no-change re-run:  {same:8.2f} s   (fixed overhead)")
     print(f"incremental run:   {inc:8.2f} s")

@@ -10,6 +10,17 @@ and macro-F1 reported as mean +- std over seeds.
     .venv/bin/python benchmarks/train_affectnet.py            # full run (~20 min on 2 cores)
     .venv/bin/python benchmarks/train_affectnet.py --models cnn4 --seeds 0 --epochs 5
 
+Measured on the 2-core dev VM (shared with other jobs; 31.5 min wall, ~18 min estimated idle),
+recipe = TrainConfig() defaults (30 epochs cosine, AdamW, label smoothing 0.1, weight EMA,
+flip TTA), mean +- sample std over seeds 0/1/2:
+
+    model    test_accuracy   test_macro_f1
+    cnn4     0.716 +- 0.017  0.686 +- 0.023   (main)
+    cnn3     0.664 +- 0.010  0.604 +- 0.021   (one block fewer)
+    cnn4_k5  0.703 +- 0.020  0.677 +- 0.018   (5x5 kernels)
+
+The issue's reference (plain 3-block 32-64-128 CNN, early stopping) was 0.58 +- 0.04 macro-F1.
+
 Loading is one function (:func:`load_affectnet_zip`), so it can later be swapped for the
 pipeline's manifest without touching the rest.
 """

@@ -24,7 +24,12 @@ from __future__ import annotations
 import os
 
 import dagster as dg
-from dagster._utils.schedules import is_valid_cron_string
+
+try:  # Dagster's own cron check (internal module): a clear message for a bad FER_REBUILD_CRON
+    from dagster._utils.schedules import is_valid_cron_string
+except ImportError:  # pragma: no cover - then ScheduleDefinition's own validation applies
+    def is_valid_cron_string(cron_string: str) -> bool:
+        return True
 
 from fer_pipeline import source_watch
 from fer_pipeline.catalog import CatalogError

@@ -30,7 +30,11 @@ class NoModelError(RuntimeError):
 
 
 def default_model_path(data_root: Path | None = None) -> Path:
-    """The best model recorded in ``<data root>/reports/metrics.json`` (key ``best_model``)."""
+    """The best model recorded in ``<data root>/reports/metrics.json``.
+
+    Key ``best_model`` names it; its checkpoint is ``checkpoints[best_model]`` when the report
+    lists one (relative paths are under the data root), else ``models/<best_model>.safetensors``.
+    """
     from fer_pipeline.paths import DataPaths, default_data_root
 
     paths = DataPaths(Path(data_root) if data_root else default_data_root())
@@ -39,10 +43,12 @@ def default_model_path(data_root: Path | None = None) -> Path:
     if not metrics_json.is_file():
         raise NoModelError(f"no trained model found: {metrics_json} does not exist; {hint}")
     try:
-        best = json.loads(metrics_json.read_text())["best_model"]
+        report = json.loads(metrics_json.read_text())
+        best = str(report["best_model"])
     except (KeyError, TypeError, ValueError) as exc:
         raise NoModelError(f"{metrics_json} records no 'best_model' ({exc}); {hint}") from None
-    ckpt = paths.models_dir / f"{best}.safetensors"
+    recorded = (report.get("checkpoints") or {}).get(best) if isinstance(report.get("checkpoints"), dict) else None
+    ckpt = paths.resolve(recorded) if recorded else paths.models_dir / f"{best}.safetensors"
     if not ckpt.is_file():
         raise NoModelError(f"best model {best!r} has no checkpoint at {ckpt}; {hint}")
     return ckpt
@@ -67,7 +73,8 @@ def format_predictions(preds: Sequence[Prediction], fmt: str, classes: Sequence[
             rows.append([p.input, p.label or "", *[f"{p.probabilities[c]:.3f}" for c in classes]])
         else:
             rows.append([p.input, f"ERROR: {p.error}"])
-    widths = [max(len(r[i]) for r in [header, *rows] if i < len(r)) for i in range(2)]
+    # Error rows (input + message only) do not widen the prediction column.
+    widths = [max(len(r[0]) for r in [header, *rows]), max(len(r[1]) for r in [header, *rows] if len(r) > 2)]
     lines = []
     for r in [header, *rows]:
         cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1]) if len(r) > 2 else r[1]]

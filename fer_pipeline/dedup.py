@@ -208,7 +208,7 @@ class NearLinkCache:
 
 
 def _cross_pairs(new: np.ndarray, old: np.ndarray, hashes: np.ndarray, mirrored: np.ndarray | None,
-                 max_distance: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                 max_distance: int, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs between the ``new`` and ``old`` indices (sorted order = content order).
 
     The same rule as :func:`near_pairs` over all faces in order: for ``i < j``, the hashes are

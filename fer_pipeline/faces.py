@@ -98,10 +98,11 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
     index = store.load_index()
     if ignore_cache:
         index = index.iloc[0:0]
-    known = set(index["sha256"])
     first = candidates.drop_duplicates("sha256")
-    todo = [(s, src, p) for s, src, p in first[["sha256", "source", "source_path"]].itertuples(index=False, name=None)
-            if s not in known]
+    known = pd.Index(index["sha256"].to_numpy(dtype=object))  # hash lookups (Series.isin on Arrow strings is slow)
+    is_new = known.get_indexer(first["sha256"].to_numpy(dtype=object)) < 0 if len(known) else np.ones(len(first), bool)
+    new = first.loc[is_new, ["sha256", "source", "source_path"]]
+    todo = list(zip(new["sha256"].tolist(), new["source"].tolist(), new["source_path"].tolist()))
     workers = max(1, workers or os.cpu_count() or 1)
     use_pool = workers > 1 and len(todo) >= PARALLEL_MIN
     new_index: list[pd.DataFrame] = []

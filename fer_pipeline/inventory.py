@@ -130,35 +130,40 @@ def build_inventory(catalog: Catalog, data_root: Path, previous: pd.DataFrame | 
 
     start = time.perf_counter()
     prev_listings: dict[str, dict[str, object]] = {}
-    prev_map: dict[tuple[str, str], tuple[str, str]] | None = None
     if previous is not None and len(previous):
         prev_listings = dict(previous.attrs.get(LISTINGS_ATTR) or {})
+    listings = {spec.name: {"spec": _spec_digest(spec, data_root),
+                            "listing": fingerprint_source(spec, data_root).digest} for spec in catalog.sources}
+    reusable: dict[str, pd.DataFrame] = {}
+    for spec in catalog.sources:
+        before = prev_listings.get(spec.name)
+        if previous is not None and isinstance(before, dict) and \
+                all(before.get(k) == v for k, v in listings[spec.name].items()):
+            rows = previous[previous["source"] == spec.name]
+            if len(rows) == before.get("rows"):  # unchanged source: its rows as they were
+                reusable[spec.name] = rows
+    prev_map: dict[tuple[str, str], tuple[str, str]] = {}
+    if previous is not None and len(previous):  # per-member hash reuse, for the sources listed again
+        rows = previous.loc[~previous["source"].isin(list(reusable)), ["source", "source_path", "fingerprint", "sha256"]]
+        prev_map = {(s, p): (f, h) for s, p, f, h in rows.itertuples(index=False, name=None)}
     frames: list[pd.DataFrame] = []
     hashed = reused = 0
     notes: dict[str, dict[str, int]] = {}
-    listings: dict[str, dict[str, object]] = {}
     for spec in catalog.sources:
-        listing = {"spec": _spec_digest(spec, data_root), "listing": fingerprint_source(spec, data_root).digest}
-        before = prev_listings.get(spec.name)
-        if previous is not None and isinstance(before, dict) and all(before.get(k) == v for k, v in listing.items()):
-            rows = previous[previous["source"] == spec.name]
-            if len(rows) == before.get("rows"):  # unchanged source: its rows as they were
-                frames.append(rows[INVENTORY_COLUMNS].reset_index(drop=True))
-                reused += int(rows["sha256"].notna().sum())
-                notes[spec.name] = dict(before.get("notes") or {})  # type: ignore[arg-type]
-                listings[spec.name] = before
-                continue
-        if prev_map is None:
-            prev_map = {}
-            if previous is not None and len(previous):
-                prev_map = {(s, p): (f, h) for s, p, f, h in
-                            previous[["source", "source_path", "fingerprint", "sha256"]].itertuples(index=False, name=None)}
+        if spec.name in reusable:
+            rows = reusable[spec.name]
+            before = prev_listings[spec.name]
+            frames.append(rows[INVENTORY_COLUMNS].reset_index(drop=True))
+            reused += int(rows["sha256"].notna().sum())
+            notes[spec.name] = dict(before.get("notes") or {})  # type: ignore[call-overload]
+            listings[spec.name] = before
+            continue
         with open_reader(spec) as reader:
             df, h, r, n = inventory_source(spec, reader, data_root, prev_map)
         frames.append(df)
         hashed, reused = hashed + h, reused + r
         notes[spec.name] = n
-        listings[spec.name] = {**listing, "rows": len(df), "notes": {k: int(v) for k, v in n.items()}}
+        listings[spec.name] = {**listings[spec.name], "rows": len(df), "notes": {k: int(v) for k, v in n.items()}}
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INVENTORY_COLUMNS)
     table["bytes"] = table["bytes"].astype("int64")
     junk = Counter(table.loc[table["status"] == JUNK, "reason"])

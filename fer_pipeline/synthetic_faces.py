@@ -133,7 +133,7 @@ def _sample_cues(label: str, age_group: str, rng: np.random.Generator) -> dict[s
     expressiveness = EXPRESSIVENESS.get(age_group, 1.0)
     cues: dict[str, float] = {}
     for name, spec in CUES.items():
-        centre = float(np.mean(spec.means))
+        centre = sum(spec.means) / len(spec.means)
         mean = centre + (spec.means[k] - centre) * expressiveness
         cues[name] = float(np.clip(rng.normal(mean, spec.sd), spec.lo, spec.hi))
     # magnitudes get a random sign: the cue is "how much", not "which side"
@@ -835,6 +835,8 @@ def generate_demo_source(
     """
     if n_images < 40:
         raise ValueError(f"n_images must be at least 40 to hold every class and defect, got {n_images}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     out_dir = Path(out_dir)

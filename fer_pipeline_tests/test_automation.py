@@ -18,7 +18,9 @@ import yaml
 
 from fer_pipeline import automation, source_watch
 from fer_pipeline.catalog import CatalogError
+from fer_pipeline.catalog import load_catalog
 from fer_pipeline.dedup import deduplicate_incremental
+from fer_pipeline.inventory import LISTINGS_ATTR, build_inventory
 from fer_pipeline.resources import FerSettings
 from fer_pipeline_tests.conftest import face_png, write
 
@@ -162,7 +164,7 @@ def test_cursor_round_trip_and_change_descriptions(folder_root: Path) -> None:
 def test_sensor_one_run_per_change_and_none_without_change(folder_root: Path) -> None:
     t = Ticker(folder_root)
     first = t.one_run()  # no cursor yet: bring the data assets up to date once
-    assert first.job_name == "data_pipeline"
+    assert first.job_name == automation.source_files_sensor.job_name  # data_pipeline unless FER_AUTO_RETRAIN
     assert "no change" in t.nothing()
     assert "no change" in t.nothing()
 
@@ -238,7 +240,8 @@ def test_sensor_definition_defaults_and_switches(monkeypatch: pytest.MonkeyPatch
     sensor = automation.source_files_sensor
     assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
     assert sensor.minimum_interval_seconds == int(os.environ.get("FER_SENSOR_INTERVAL_SECONDS") or 30)
-    assert sensor.job_name == "data_pipeline"  # models are not retrained unless a user asks for it
+    # models are not retrained unless a user asks for it (FER_AUTO_RETRAIN, read when the code loads)
+    assert sensor.job_name == ("main" if automation.auto_retrain_enabled() else "data_pipeline")
     monkeypatch.setenv("FER_SENSOR_INTERVAL_SECONDS", "2")
     monkeypatch.setenv("FER_AUTO_RETRAIN", "1")
     retrain = automation.build_source_sensor()
@@ -257,7 +260,8 @@ def test_definitions_load_with_sensor_and_schedule() -> None:
     repo = defs.get_repository_def()
     sensor = repo.get_sensor_def("source_files_sensor")
     schedule = repo.get_schedule_def("full_rebuild_schedule")
-    assert sensor.job_name == "data_pipeline" and schedule.job_name == "data_pipeline"
+    assert sensor.job_name == ("main" if automation.auto_retrain_enabled() else "data_pipeline")
+    assert schedule.job_name == "data_pipeline"
     assert repo.has_job("data_pipeline") and repo.has_job("main")
 
 
@@ -395,3 +399,50 @@ def test_incremental_dedup_matches_from_scratch(tmp_path: Path) -> None:
     cache.write_bytes(b"not a cache")
     _, stats = _run(df, pixels, cache)
     assert stats.faces_compared == 600
+
+
+# ---------------------------------------------------------------- incremental inventory
+
+def _inventory_round_trip(root: Path, previous: pd.DataFrame | None):  # type: ignore[no-untyped-def]
+    report = build_inventory(load_catalog(root / "sources.yaml", root), root, previous)
+    report.table.to_parquet(root / "inv.parquet", index=False)
+    return report, pd.read_parquet(root / "inv.parquet")
+
+
+def test_inventory_reuses_unchanged_sources_without_listing_them(folder_root: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with zipfile.ZipFile(folder_root / "more.zip", "w") as zf:
+        zf.writestr("angry/a.png", face_png(1, size=40))
+        zf.writestr("calm/b.png", face_png(2, size=40))
+    zipped = {"name": "zipped", "kind": "image_folders", "path": "more.zip", "label_map": {"angry": "Angry"}}
+    catalogue(folder_root, [FOLDER, zipped])
+    first, stored = _inventory_round_trip(folder_root, None)
+    assert first.hashed == 6 and set(stored.attrs[LISTINGS_ATTR]) == {"faces", "zipped"}
+
+    import fer_pipeline.inventory as inventory
+
+    listed: list[str] = []
+    real = inventory.inventory_source
+    monkeypatch.setattr(inventory, "inventory_source",
+                        lambda spec, *a, **k: (listed.append(spec.name), real(spec, *a, **k))[1])
+    again, stored2 = _inventory_round_trip(folder_root, stored)
+    assert listed == [] and again.hashed == 0 and again.reused == 6
+    pd.testing.assert_frame_equal(stored2, stored)
+    assert again.demographics_notes == first.demographics_notes
+
+    write(folder_root / "raw" / "faces" / "angry" / "new.png", face_png(90, size=40))
+    grown, stored3 = _inventory_round_trip(folder_root, stored2)
+    assert listed == ["faces"] and grown.hashed == 1 and grown.reused == 6  # only the new file is read
+    assert len(stored3) == len(stored) + 1
+
+    listed.clear()
+    catalogue(folder_root, [FOLDER, {**zipped, "label_map": {"angry": "Angry", "calm": "Neutral"}}])
+    relabelled, stored4 = _inventory_round_trip(folder_root, stored3)
+    assert listed == ["zipped"] and relabelled.hashed == 0  # re-classified, hashes reused per member
+    assert stored4.loc[stored4["source_path"] == "calm/b.png", "label"].item() == "Neutral"
+
+    listed.clear()
+    truncated = stored4.iloc[:-1]
+    assert truncated.attrs[LISTINGS_ATTR]
+    _inventory_round_trip(folder_root, truncated)
+    assert listed  # a previous table that does not match its listings is not trusted

@@ -1,4 +1,4 @@
-"""Manifest + splits -> in-memory arrays, and the data-version hash stored in checkpoints."""
+"""Manifest + splits -> in-memory arrays, in a deterministic order."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 from PIL import Image
 
 from fer_pipeline.classes import CLASS_TO_INDEX
-from fer_pipeline.ml.data import data_version, load_split_arrays
+from fer_pipeline.ml.data import load_split_arrays
 
 
 def _tables(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -37,13 +37,3 @@ def test_load_split_arrays(tmp_path: Path) -> None:
         assert label == CLASS_TO_INDEX[row["label"]]
         assert img[0, 0] == int(row["face_path"][8:10]) * 10
     assert list(train.frame["image_id"]) == train.image_ids
-
-
-def test_data_version_ignores_row_order_only(tmp_path: Path) -> None:
-    manifest, splits = _tables(tmp_path)
-    v = data_version(manifest, splits)
-    assert v == data_version(manifest.iloc[::-1], splits.sample(frac=1.0, random_state=0))
-    changed = splits.copy()
-    changed.loc[0, "split"] = "validation"
-    assert data_version(manifest, changed) != v
-    assert len(v) == 16

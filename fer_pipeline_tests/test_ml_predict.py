@@ -7,7 +7,6 @@ import io
 import json
 import struct
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

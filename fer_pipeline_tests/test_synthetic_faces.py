@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -157,9 +158,14 @@ def test_exact_duplicates_are_found_by_hashing_alone(demo: SyntheticReport) -> N
     assert any(len({rel.split("/")[0] for rel in g}) > 1 for g in dupes)  # a label conflict
 
 
-def _cue_means(label: str, cue: str, n: int = 400) -> float:
+@functools.cache
+def _cue_samples(label: str, n: int = 300) -> list[dict[str, float]]:
     rng = np.random.default_rng(0)
-    return float(np.mean([sample_face_params(label, "male", "young", rng).cues[cue] for _ in range(n)]))
+    return [sample_face_params(label, "male", "young", rng).cues for _ in range(n)]
+
+
+def _cue_means(label: str, cue: str) -> float:
+    return float(np.mean([cues[cue] for cues in _cue_samples(label)]))
 
 
 def test_class_cues_differ_on_average() -> None:

@@ -207,6 +207,16 @@ def test_ui_materialize_inspect_and_sensor(server: Server, page) -> None:  # typ
             pass
         raise
     # stopping is clean: no process of this test's server survives
+    _stop_and_check(server)
+    # a restart finds the runs, the check results and the sensor's state where they were (SQLite)
+    restarted = server.ui_sh("start")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    server.leader = int((server.home / "ui.pid").read_text().strip())
+    _after_restart(server, page)
+    _stop_and_check(server)
+
+
+def _stop_and_check(server: Server) -> None:
     stopped = server.ui_sh("stop", timeout=120)
     assert stopped.returncode == 0, stopped.stderr
     deadline = time.monotonic() + 10
@@ -215,6 +225,20 @@ def test_ui_materialize_inspect_and_sensor(server: Server, page) -> None:  # typ
     assert not _session_pids(server.leader), "processes survived scripts/ui.sh stop"
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{server.url}/server_info", timeout=3)
+
+
+def _after_restart(server: Server, page) -> None:  # type: ignore[no-untyped-def]
+    from playwright.sync_api import expect
+
+    url = server.url
+    page.goto(f"{url}/runs")
+    expect(page.locator(RUN_ROW).nth(1)).to_be_visible(timeout=60_000)
+    assert page.locator(RUN_ROW).count() == 2
+    page.goto(f"{url}/assets/manifest?view=checks")
+    expect(page.get_by_text("Passed", exact=True).first).to_be_visible(timeout=60_000)
+    page.goto(f"{url}/locations/{LOCATION}/sensors/{SENSOR}")
+    expect(page.locator("input[type=checkbox]").first).to_be_checked(timeout=60_000)
+    shot(page, "10_sensor_still_on_after_restart")
 
 
 def _user_session(server: Server, page) -> None:  # type: ignore[no-untyped-def]

@@ -36,15 +36,19 @@ if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
     cp "$REPO/fer_pipeline/instance/dagster.yaml" "$DAGSTER_HOME/dagster.yaml"
 fi
 
-# PIDs of every process in session $1 (from /proc: no procps needed).
+# PIDs of the live processes in session $1 (from /proc: no procps needed); with a second
+# argument, only those outside process group $2.
 session_pids() {
-    local sid="$1" d stat rest
+    local sid="$1" not_group="${2:-}" d stat rest state pgrp session
     for d in /proc/[0-9]*; do
         stat="$(cat "$d/stat" 2>/dev/null)" || continue
         rest="${stat##*) }"  # fields after "pid (comm) ": state ppid pgrp session ...
-        read -r _state _ppid _pgrp session _ <<<"$rest"
-        if [ "$session" = "$sid" ]; then echo "${d#/proc/}"; fi
+        read -r state _ pgrp session _ <<<"$rest"
+        [ "$session" = "$sid" ] && [ "$state" != "Z" ] || continue
+        [ -n "$not_group" ] && [ "$pgrp" = "$not_group" ] && continue
+        echo "${d#/proc/}"
     done
+    return 0
 }
 
 is_ours() {  # $1 pid: alive and a dagster process (not a recycled PID)
@@ -128,9 +132,9 @@ stop() {
     local sid
     sid="$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $4}')" || sid=""
     if [ "$sid" = "$pid" ]; then
-        kill -TERM -- "-$pid" 2>/dev/null || true
-        # children in the session that left the process group get it too
-        for left in $(session_pids "$pid"); do kill -TERM "$left" 2>/dev/null || true; done
+        kill -TERM -- "-$pid" 2>/dev/null || true  # once: a second signal would cut dagster dev's own shutdown short
+        # processes of the session that left the process group get it too
+        for left in $(session_pids "$pid" "$pid"); do kill -TERM "$left" 2>/dev/null || true; done
     else
         kill -TERM "$pid" 2>/dev/null || true
     fi

@@ -6,9 +6,11 @@ Typical use (what the Dagster assets do)::
     result = train_model(splits["train"].images, splits["train"].labels,
                          splits["validation"].images, splits["validation"].labels,
                          ARCHITECTURES[MAIN_MODEL], TrainConfig(), log=context.log.info)
-    save_checkpoint(models_dir / "cnn4.safetensors", result, data_version=manifest_hash)
-    loaded = load_checkpoint(models_dir / "cnn4.safetensors")
-    metrics = evaluate_model(loaded, splits["test"].images, splits["test"].labels)
+    save_checkpoint(models_dir / "cnn4.safetensors", result, data_version=version)
+    loaded = load_checkpoint(models_dir / "cnn4.safetensors")          # ml.checkpoint
+    ev = evaluate_model(loaded, splits["test"].images, splits["test"].labels)  # ml.evaluate
+
+(``version`` from :func:`fer_pipeline.ml.workflow.data_version`.)
 """
 
 from fer_pipeline.ml.architectures import (
@@ -19,7 +21,7 @@ from fer_pipeline.ml.architectures import (
     count_parameters,
     get_architecture,
 )
-from fer_pipeline.ml.data import AugmentConfig, Normalization, SplitArrays, data_version, load_split_arrays
+from fer_pipeline.ml.data import AugmentConfig, Normalization, SplitArrays, load_split_arrays
 from fer_pipeline.ml.metrics import (
     ClassificationMetrics,
     best_model_name,
@@ -47,7 +49,6 @@ __all__ = [
     "compare_models",
     "confusion_matrix",
     "count_parameters",
-    "data_version",
     "evaluate_predictions",
     "get_architecture",
     "load_split_arrays",

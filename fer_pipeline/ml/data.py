@@ -145,22 +145,6 @@ class SplitArrays:
         return len(self.labels)
 
 
-def data_version(*frames: pd.DataFrame) -> str:
-    """Short content hash of the tables a model is trained on (e.g. manifest and splits).
-
-    Stored in checkpoints, so a model can be matched to the exact data it saw. Row order does
-    not matter (rows are hashed individually and sorted); column names do.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    for df in frames:
-        h.update("\x1f".join(map(str, df.columns)).encode())
-        rows = np.sort(pd.util.hash_pandas_object(df, index=False).to_numpy())
-        h.update(rows.tobytes())
-    return h.hexdigest()[:16]
-
-
 def load_split_arrays(
     data_root: str | Path,
     manifest: pd.DataFrame,

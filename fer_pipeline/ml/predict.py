@@ -11,15 +11,14 @@ import functools
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fer_pipeline.ml.checkpoint import LoadedModel, load_checkpoint
+from fer_pipeline.source_readers import is_image_name, junk_reason
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
-JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 ZIP_SEPARATOR = "::"  # "photos.zip::folder/face.jpg" names a zip member
 
 
@@ -52,14 +51,12 @@ class _Source:
 
 
 def is_junk(name: str) -> bool:
-    """macOS / Windows archive debris: ``__MACOSX/``, ``._*`` resource forks, .DS_Store, Thumbs.db."""
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    base = parts[-1] if parts else ""
-    return "__MACOSX" in parts or base.startswith("._") or base.lower() in JUNK_NAMES
+    """Archive/OS debris, by the same rules the pipeline's inventory uses."""
+    return junk_reason(name.replace("\\", "/")) is not None
 
 
 def _is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS and not is_junk(name)
+    return is_image_name(name) and not is_junk(name)
 
 
 def _zip_sources(path: Path) -> Iterator[_Source]:

@@ -39,13 +39,13 @@ __all__ = [
 CLASS_COLORS: dict[str, str] = dict(zip(CLASSES, ("#4c72b0", "#55a868", "#8172b2", "#c44e52")))
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _no_data(ax: Axes, text: str = "no data") -> None:
+def no_data_panel(ax: Axes, text: str = "no data") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -73,7 +73,7 @@ def plot_class_distribution(manifest: pd.DataFrame, out: Path) -> Path:
     extra = [c for c in table.index if c not in CLASSES]
     table = table.reindex(list(CLASSES) + extra, fill_value=0)
 
-    fig = _figure(max(6.0, 1.3 * len(table.index) + 3), 4.5)
+    fig = new_figure(max(6.0, 1.3 * len(table.index) + 3), 4.5)
     ax = fig.add_subplot()
     x = np.arange(len(table.index))
     bottom = np.zeros(len(table.index))
@@ -92,7 +92,7 @@ def plot_class_distribution(manifest: pd.DataFrame, out: Path) -> Path:
     if len(table.columns):
         ax.legend(title="source", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
-        _no_data(ax, "no images")
+        no_data_panel(ax, "no images")
         ax.set_xticks(x, [str(c) for c in table.index])
     return save_figure(out, fig)
 
@@ -163,14 +163,14 @@ def plot_sample_grid(
     """
     side = max(1, math.ceil(math.sqrt(per_class)))
     labels = _label_series(manifest)
-    fig = _figure(3.2 * len(CLASSES), 3.6)
+    fig = new_figure(3.2 * len(CLASSES), 3.6)
     axes = fig.subplots(1, len(CLASSES), squeeze=False)[0]
     for ax, label in zip(axes, CLASSES):
         n_total = int((labels == label).sum())
         faces = _load_sample(data_root, _sample_paths(manifest, label, per_class, seed))
         ax.set_title(f"{label} (n={n_total})", color=CLASS_COLORS[label], fontweight="bold")
         if len(faces) == 0:
-            _no_data(ax, "no images")
+            no_data_panel(ax, "no images")
             continue
         ax.imshow(_mosaic(faces, side), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_axis_off()
@@ -191,7 +191,7 @@ def plot_intensity_histograms(
     of the expression, so they are worth seeing. Up to ``max_per_class`` faces are sampled per
     class to stay fast on large datasets.
     """
-    fig = _figure(11.0, 4.0)
+    fig = new_figure(11.0, 4.0)
     ax_pix, ax_mean = fig.subplots(1, 2)
     bins = np.arange(0, 257, 4)
     centers = (bins[:-1] + bins[1:]) / 2
@@ -217,7 +217,7 @@ def plot_intensity_histograms(
         if plotted:
             ax.legend(fontsize=8)
         else:
-            _no_data(ax, "no images")
+            no_data_panel(ax, "no images")
     return save_figure(out, fig)
 
 
@@ -272,12 +272,12 @@ def _exclusion_counts(excluded: pd.DataFrame) -> pd.DataFrame:
 def plot_exclusions(excluded: pd.DataFrame, out: Path) -> Path:
     """Horizontal bars of excluded files per stage and reason category (largest on top)."""
     counts = _exclusion_counts(excluded)
-    fig = _figure(8.0, max(2.5, 0.35 * len(counts) + 1.5))
+    fig = new_figure(8.0, max(2.5, 0.35 * len(counts) + 1.5))
     ax = fig.add_subplot()
     total = int(counts["count"].sum()) if len(counts) else 0
     ax.set_title(f"Excluded files by stage and reason (n={total})")
     if counts.empty:
-        _no_data(ax, "nothing excluded")
+        no_data_panel(ax, "nothing excluded")
         return save_figure(out, fig)
     palette = matplotlib.colormaps["tab10"]
     stages = sorted(counts["stage"].unique())

@@ -12,35 +12,20 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from fer_pipeline.atomic import save_figure
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.plots import new_figure, no_data_panel  # one figure factory for every report
 
 CV_METRICS = ("accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall")
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _no_data(ax: Axes, text: str = "no data") -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def plot_cv_folds(table: pd.DataFrame, out: Path, title: str = "Cross-validation") -> Path:
     """Per-fold scores (one dot per fold and metric) with the mean ± std as a bar and error bar."""
-    fig = _figure(8.0, 4.2)
+    fig = new_figure(8.0, 4.2)
     ax = fig.add_subplot()
     folds = table[~table["fold"].isin(["mean", "std"])] if len(table) else table
     if folds.empty:
-        _no_data(ax, "no folds run")
+        no_data_panel(ax, "no folds run")
         return save_figure(out, fig)
     metrics = [m for m in CV_METRICS if m in folds.columns]
     x = np.arange(len(metrics))
@@ -70,10 +55,10 @@ def plot_bias(tables: dict[str, pd.DataFrame], overall_macro_f1: float, out: Pat
     """One panel per attribute: macro-F1 per group (bars, n in the label), the overall score as a
     line and the warning threshold as a dashed line; small/unknown groups hatched and grey."""
     attrs = list(tables)
-    fig = _figure(4.2 * max(1, len(attrs)), 3.8)
+    fig = new_figure(4.2 * max(1, len(attrs)), 3.8)
     axes = fig.subplots(1, max(1, len(attrs)), squeeze=False)[0]
     if not attrs:
-        _no_data(axes[0], "no demographic attribute in the data")
+        no_data_panel(axes[0], "no demographic attribute in the data")
         return save_figure(out, fig)
     colors = {"ok": "#55a868", "below overall": "#c44e52", "too small to judge": "#bbbbbb",
               "unknown: not judged": "#dddddd"}
@@ -102,10 +87,10 @@ def plot_bias(tables: dict[str, pd.DataFrame], overall_macro_f1: float, out: Pat
 
 def plot_mitigation(comparison: pd.DataFrame, out: Path, title: str = "Before / after mitigation") -> Path:
     """Grouped bars: macro-F1 before (main model) and after (mitigated model), overall and per group."""
-    fig = _figure(max(6.0, 0.8 * len(comparison) + 2), 4.2)
+    fig = new_figure(max(6.0, 0.8 * len(comparison) + 2), 4.2)
     ax = fig.add_subplot()
     if comparison.empty:
-        _no_data(ax)
+        no_data_panel(ax)
         return save_figure(out, fig)
     labels = [g if s == "overall" else f"{s}\n{g}\n(n={n})" for s, g, n in
               zip(comparison["scope"], comparison["group"], comparison["n"])]
@@ -127,10 +112,10 @@ def plot_mitigation(comparison: pd.DataFrame, out: Path, title: str = "Before / 
 def plot_source_shares(shares: pd.DataFrame, out: Path, max_share: float = 0.9,
                        title: str = "Share of each class by source") -> Path:
     """100% stacked bars per class (rows of ``shares``: classes; columns: sources)."""
-    fig = _figure(max(6.0, 1.3 * len(shares) + 3), 4.2)
+    fig = new_figure(max(6.0, 1.3 * len(shares) + 3), 4.2)
     ax = fig.add_subplot()
     if shares.empty:
-        _no_data(ax)
+        no_data_panel(ax)
         return save_figure(out, fig)
     palette = matplotlib.colormaps["tab20"]
     x = np.arange(len(shares))
@@ -150,11 +135,11 @@ def plot_source_shares(shares: pd.DataFrame, out: Path, max_share: float = 0.9,
 
 def plot_loso(table: pd.DataFrame, out: Path, title: str = "Leave-one-source-out vs in-domain") -> Path:
     """Macro-F1 on each held-out (unseen) source beside the main model's in-domain score on it."""
-    fig = _figure(max(6.0, 1.2 * len(table) + 3), 4.0)
+    fig = new_figure(max(6.0, 1.2 * len(table) + 3), 4.0)
     ax = fig.add_subplot()
     done = table[table["status"] == "evaluated"] if len(table) else table
     if done.empty:
-        _no_data(ax, str(table["status"].iloc[0]) if len(table) else "no data")
+        no_data_panel(ax, str(table["status"].iloc[0]) if len(table) else "no data")
         return save_figure(out, fig)
     x = np.arange(len(done))
     ax.bar(x - 0.2, done["in_domain_macro_f1"].astype(float).fillna(0), width=0.4, label="in-domain (main model, "
@@ -175,10 +160,10 @@ def plot_label_issue_grid(faces: np.ndarray, rows: pd.DataFrame, out: Path, colu
     n = min(len(faces), len(rows))
     cols = max(1, min(columns, n))
     nrows = max(1, math.ceil(n / cols))
-    fig = _figure(1.9 * cols, 2.25 * nrows + 0.4)
+    fig = new_figure(1.9 * cols, 2.25 * nrows + 0.4)
     axes = fig.subplots(nrows, cols, squeeze=False)
     if n == 0:
-        _no_data(axes[0][0], "no images ranked")
+        no_data_panel(axes[0][0], "no images ranked")
         return save_figure(out, fig)
     colors = dict(zip(CLASSES, ("#4c72b0", "#55a868", "#8172b2", "#c44e52")))
     for i in range(nrows * cols):

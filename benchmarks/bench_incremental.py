@@ -208,7 +208,7 @@ def main() -> None:
             inc_runs.append((t, steps, meta, n))
             print(f"round {rnd + 1}: no change {same_runs[-1][0]:.2f} s, +{n} images {t:.2f} s "
                   f"(decoded {meta['faces']['decoded_this_run']}, compared in dedup "
-                  f"{meta['deduplicated_faces']['faces_compared_this_run']}); other processes' CPU load: "
+                  f"{meta['deduplicated_faces'].get('faces_compared_this_run', 'all')}); other processes' CPU load: "
                   f"{BACKGROUND.get('no-change', [0])[-1]:.2f} / {BACKGROUND.get('incremental', [0])[-1]:.2f} cores",
                   flush=True)
     finally:

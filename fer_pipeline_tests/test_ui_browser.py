@@ -88,6 +88,7 @@ class Server:
     data_root: Path
     env: dict[str, str]
     leader: int
+    started: float = 0.0
 
     def ui_sh(self, command: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["bash", str(REPO / "scripts" / "ui.sh"), command], env=self.env, text=True,
@@ -121,7 +122,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     env.update(DAGSTER_HOME=str(home), FER_DATA_DIR=str(data_root), FER_SENSOR_INTERVAL_SECONDS=str(SENSOR_INTERVAL),
                UI_HOST="127.0.0.1", UI_PORT=str(port), UI_START_TIMEOUT="240", VENV_BIN=str(Path(sys.executable).parent),
                GX_ANALYTICS_ENABLED="false", DAGSTER_DISABLE_TELEMETRY="1")
-    srv = Server(f"http://127.0.0.1:{port}", home, data_root, env, leader=0)
+    srv = Server(f"http://127.0.0.1:{port}", home, data_root, env, leader=0, started=time.monotonic())
     started = srv.ui_sh("start")
     pid_file = home / "ui.pid"
     srv.leader = int(pid_file.read_text().strip()) if pid_file.exists() else 0
@@ -155,8 +156,18 @@ def page(tmp_path: Path) -> Iterator[object]:
             context.close()
 
 
+_T0 = [time.monotonic()]
+
+
+def mark(what: str) -> None:
+    """Append to test-output/ui/timeline.txt: where the test's time goes."""
+    with open(SHOTS / "timeline.txt", "a") as fh:
+        fh.write(f"{time.monotonic() - _T0[0]:7.1f} s  {what}\n")
+
+
 def shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    mark(name)
 
 
 def wait_for_run_row(page, url: str, run_prefix: str, timeout: float = 240) -> str:  # type: ignore[no-untyped-def]
@@ -198,6 +209,8 @@ def metadata_value(page, key: str) -> str:  # type: ignore[no-untyped-def]
 def test_ui_materialize_inspect_and_sensor(server: Server, page) -> None:  # type: ignore[no-untyped-def]
     shutil.rmtree(SHOTS, ignore_errors=True)
     SHOTS.mkdir(parents=True)
+    _T0[0] = server.started
+    mark("server up")
     try:
         _user_session(server, page)
     except BaseException:
@@ -208,12 +221,15 @@ def test_ui_materialize_inspect_and_sensor(server: Server, page) -> None:  # typ
         raise
     # stopping is clean: no process of this test's server survives
     _stop_and_check(server)
+    mark("stopped cleanly")
     # a restart finds the runs, the check results and the sensor's state where they were (SQLite)
     restarted = server.ui_sh("start")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     server.leader = int((server.home / "ui.pid").read_text().strip())
+    mark("restarted")
     _after_restart(server, page)
     _stop_and_check(server)
+    mark("stopped cleanly again")
 
 
 def _stop_and_check(server: Server) -> None:

@@ -139,11 +139,16 @@ stop() {
         kill -TERM "$pid" 2>/dev/null || true
     fi
     printf 'Stopping the Dagster UI (pid %s) ' "$pid"
+    local orphaned=0
     while :; do
         if [ "$sid" = "$pid" ]; then left="$(session_pids "$pid")"; else left="$(is_ours "$pid" && echo "$pid" || true)"; fi
         [ -z "$left" ] && break
-        if [ "$waited" -ge 30 ]; then
-            echo " forcing"
+        # dagster dev waits for its webserver and daemon; a code server still loading code may only
+        # notice its parent is gone at its heartbeat timeout (30 s): 5 s after dagster dev has
+        # exited, or 30 s in all, what is left is killed
+        if [ -d "/proc/$pid" ] && is_ours "$pid"; then orphaned=0; else orphaned=$((orphaned + 1)); fi
+        if [ "$waited" -ge 30 ] || [ "$orphaned" -ge 5 ]; then
+            printf ' forcing'
             for p in $left; do kill -KILL "$p" 2>/dev/null || true; done
             sleep 1
             break

@@ -176,6 +176,11 @@ def wait_for_run_row(page, url: str, run_prefix: str, timeout: float = 240) -> s
     page.goto(f"{url}/runs")
     status = ""
     while time.monotonic() < deadline:
+        try:  # the list renders after load: count rows only once the table is there
+            page.locator(RUN_ROW).first.wait_for(state="visible", timeout=10_000)
+            page.locator(RUN_ROW, has_text=run_prefix).first.wait_for(state="visible", timeout=5_000)
+        except Exception:  # noqa: BLE001 - not listed yet: reload and look again
+            pass
         row = page.locator(RUN_ROW, has_text=run_prefix)
         if row.count():
             text = row.first.inner_text()

@@ -33,17 +33,16 @@ from fer_pipeline.assets.data import manifest, splits
 from fer_pipeline.assets.metadata import md_image, md_table
 from fer_pipeline.assets.models import TrainSettings
 from fer_pipeline.atomic import write_csv, write_json, write_parquet
-from fer_pipeline.classes import CLASS_TO_INDEX, CLASSES
+from fer_pipeline.classes import CLASSES
 from fer_pipeline.face_store import load_faces
 from fer_pipeline.manifest import RELABELS_FILE
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
 from fer_pipeline.ml.checkpoint import save_checkpoint
-from fer_pipeline.ml.data import SplitArrays, load_split_arrays
 from fer_pipeline.ml.inference import predict_proba
 from fer_pipeline.ml.metrics import evaluate_predictions
 from fer_pipeline.ml.plots import plot_training_curves
 from fer_pipeline.ml.train import TrainConfig, train_model
-from fer_pipeline.ml.workflow import data_version, evaluate_checkpoint
+from fer_pipeline.ml.workflow import data_version, evaluate_checkpoint, load_pipeline_data
 from fer_pipeline.resources import FerSettings
 
 GROUP = "evaluation"
@@ -114,26 +113,12 @@ def _write_table(base, df: pd.DataFrame) -> dict[str, str]:
 
 
 def _load(fer: FerSettings, split_names=("train", "validation", "test")):
-    paths = fer.paths
-    kept = pd.read_parquet(paths.manifest)
-    split_table = pd.read_parquet(paths.splits)
-    return kept, split_table, load_split_arrays(paths.root, kept, split_table, split_names), \
-        data_version(kept, split_table)
+    return load_pipeline_data(fer.paths, split_names)
 
 
 def _load_labels_only(fer: FerSettings):
     """Like :func:`_load` but with empty (N, 0, 0) images: for assets that need no pixels."""
-    paths = fer.paths
-    kept = pd.read_parquet(paths.manifest)
-    split_table = pd.read_parquet(paths.splits)
-    joined = kept.merge(split_table[["image_id", "split", "fold"]], on="image_id")
-    arrays = {}
-    for name in ("train", "validation", "test"):
-        part = joined[joined["split"] == name].sort_values("image_id").reset_index(drop=True)
-        arrays[name] = SplitArrays(np.zeros((len(part), 0, 0), np.uint8),
-                                   part["label"].map(CLASS_TO_INDEX).to_numpy(dtype=np.int64),
-                                   list(part["image_id"]), part)
-    return kept, split_table, arrays, data_version(kept, split_table)
+    return load_pipeline_data(fer.paths, with_images=False)
 
 
 def _main_test_predictions(context: dg.AssetExecutionContext, fer: FerSettings, arrays, version: str):

@@ -13,11 +13,10 @@ from fer_pipeline.assets.metadata import md_image, md_table
 from fer_pipeline.atomic import write_csv, write_json
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL, ArchConfig
-from fer_pipeline.ml.data import load_split_arrays
 from fer_pipeline.ml.metrics import best_model_name, compare_models, majority_baseline
 from fer_pipeline.ml.plots import plot_confusion_matrix
 from fer_pipeline.ml.train import TrainConfig
-from fer_pipeline.ml.workflow import data_version, evaluate_checkpoint, train_and_save, weights_are_finite
+from fer_pipeline.ml.workflow import evaluate_checkpoint, load_pipeline_data, train_and_save, weights_are_finite
 from fer_pipeline.resources import FerSettings
 
 GROUP = "models"
@@ -41,10 +40,8 @@ class TrainSettings(dg.ConfigurableResource):
 
 
 def _load_arrays(fer: FerSettings):
-    paths = fer.paths
-    kept = pd.read_parquet(paths.manifest)
-    split_table = pd.read_parquet(paths.splits)
-    return load_split_arrays(paths.root, kept, split_table), data_version(kept, split_table)
+    _, _, arrays, version = load_pipeline_data(fer.paths)
+    return arrays, version
 
 
 def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:

@@ -150,11 +150,13 @@ def load_split_arrays(
     manifest: pd.DataFrame,
     splits: pd.DataFrame,
     split_names: tuple[str, ...] = ("train", "validation", "test"),
+    with_images: bool = True,
 ) -> dict[str, SplitArrays]:
     """Join manifest and splits on ``image_id`` and load each split's processed faces.
 
     Rows are sorted by ``image_id`` within a split, so the arrays (and hence training) do not
-    depend on the row order the tables happened to be written in.
+    depend on the row order the tables happened to be written in. ``with_images=False`` gives
+    empty (N, 0, 0) images, for callers that only need labels and rows.
     """
     from fer_pipeline.face_store import load_faces
 
@@ -165,7 +167,8 @@ def load_split_arrays(
     out: dict[str, SplitArrays] = {}
     for name in split_names:
         part = joined[joined["split"] == name].sort_values("image_id").reset_index(drop=True)
-        images = load_faces(data_root, list(part["face_path"]))
+        images = (load_faces(data_root, list(part["face_path"])) if with_images and len(part)
+                  else np.zeros((len(part), 0, 0), np.uint8))
         labels = part["label"].map(CLASS_TO_INDEX).to_numpy(dtype=np.int64)
         out[name] = SplitArrays(images, labels, list(part["image_id"]), part)
     return out

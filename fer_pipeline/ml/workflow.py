@@ -18,7 +18,8 @@ import pandas as pd
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ArchConfig
 from fer_pipeline.ml.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from fer_pipeline.ml.data import SplitArrays
+from fer_pipeline.ml.data import SplitArrays, load_split_arrays
+from fer_pipeline.paths import DataPaths
 from fer_pipeline.ml.metrics import ClassificationMetrics, evaluate_predictions, majority_baseline
 from fer_pipeline.ml.plots import plot_training_curves
 from fer_pipeline.ml.train import TrainConfig, TrainResult, train_model
@@ -31,6 +32,16 @@ def data_version(manifest: pd.DataFrame, splits: pd.DataFrame) -> str:
     joined = manifest[["image_id", "label"]].merge(splits[["image_id", "split"]], on="image_id")
     rows = joined.sort_values("image_id").astype(str).agg("|".join, axis=1)
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def load_pipeline_data(paths: DataPaths, split_names: tuple[str, ...] = ("train", "validation", "test"),
+                       with_images: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, SplitArrays], str]:
+    """(manifest, splits, per-split arrays, data version) from the data root: what every model
+    and evaluation asset starts from."""
+    kept = pd.read_parquet(paths.manifest)
+    split_table = pd.read_parquet(paths.splits)
+    arrays = load_split_arrays(paths.root, kept, split_table, split_names, with_images=with_images)
+    return kept, split_table, arrays, data_version(kept, split_table)
 
 
 @dataclass

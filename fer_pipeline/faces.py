@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fer_pipeline.face_batch import ChunkResult, init_worker, process_chunk
 from fer_pipeline.face_store import INDEX_COLUMNS, FaceStore
-from fer_pipeline.phash import hash_input, phash_batch, to_hex
-from fer_pipeline.preprocess import PreprocessSettings, decode_face
+from fer_pipeline.preprocess import PreprocessSettings
 
 CHUNK = 128  # images per task sent to a worker
 SHARD_ROWS = 20_000  # faces per shard file: bounds the parent's memory on huge sources
@@ -30,40 +30,16 @@ PARALLEL_MIN = 512  # below this many new images, worker start-up costs more tha
 ReadFn = Callable[[str, str], bytes]  # (source, source_path) -> raw bytes
 
 
-@dataclass
-class ChunkResult:
-    """What a worker returns for one chunk (faces only for accepted images)."""
-
-    index: pd.DataFrame  # INDEX_COLUMNS minus face_ref
-    faces: np.ndarray  # (n_ok, H, W) uint8, in the order of accepted rows of ``index``
-
-
-def process_chunk(items: list[tuple[str, bytes]], settings: PreprocessSettings) -> ChunkResult:
-    """Decode + validate + hash a chunk of (sha256, bytes). Runs in a worker process."""
-    rows: list[dict[str, object]] = []
-    faces: list[np.ndarray] = []
-    for sha, data in items:
-        decoded = decode_face(data, settings)
-        row: dict[str, object] = {"sha256": sha, "reason": decoded.reason, "width": decoded.width,
-                                  "height": decoded.height}
-        if decoded.ok:
-            face = decoded.face
-            assert face is not None
-            row["pixel_sha"] = hashlib.sha256(face.tobytes()).hexdigest()
-            faces.append(face)
-        rows.append(row)
-    h, w = settings.image_size
-    stack = np.stack(faces) if faces else np.zeros((0, h, w), np.uint8)
-    ph, mph = phash_batch(np.stack([hash_input(f) for f in faces])) if faces else (np.zeros(0), np.zeros(0))
-    df = pd.DataFrame(rows, columns=["sha256", "reason", "width", "height", "pixel_sha"])
+def chunk_frame(result: ChunkResult) -> pd.DataFrame:
+    """A worker's chunk result as rows of the face index (INDEX_COLUMNS minus face_ref)."""
+    df = pd.DataFrame({"sha256": result.sha256, "reason": result.reason, "width": result.width,
+                       "height": result.height})
     ok = df["reason"].isna().to_numpy()
-    for col, values in (("phash", to_hex(ph)), ("phash_mirror", to_hex(mph)),
-                        ("mean_intensity", stack.reshape(len(stack), -1).mean(axis=1)),
-                        ("std_intensity", stack.reshape(len(stack), -1).std(axis=1))):
-        df[col] = None
-        if len(values):
-            df.loc[ok, col] = list(values)
-    return ChunkResult(df, stack)
+    for col in ("pixel_sha", "phash", "phash_mirror", "mean_intensity", "std_intensity"):
+        values = np.full(len(df), None, dtype=object)
+        values[ok] = list(getattr(result, col))
+        df[col] = values
+    return df
 
 
 def _chunks(todo: list[tuple[str, str, str]], read: ReadFn) -> Iterator[list[tuple[str, bytes]]]:
@@ -125,9 +101,9 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
 
     def consume(result: ChunkResult) -> None:
         nonlocal done
-        pending_rows.append(result.index)
+        pending_rows.append(chunk_frame(result))
         pending_faces.append(result.faces)
-        done += len(result.index)
+        done += len(result.sha256)
         if sum(len(f) for f in pending_faces) >= SHARD_ROWS:
             flush()
         if log and done % (CHUNK * 40) < CHUNK:
@@ -135,7 +111,7 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
 
     if use_pool:
         ctx = mp.get_context("spawn")  # fork is unsafe inside a threaded Dagster run process
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker) as pool:
             in_flight = []
             for chunk in _chunks(todo, read):
                 in_flight.append(pool.submit(process_chunk, chunk, settings))

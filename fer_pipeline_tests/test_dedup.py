@@ -2,24 +2,63 @@ import io
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image, ImageEnhance
 
-from fer_pipeline.dedup import deduplicate, near_pairs
-from fer_pipeline.faces import process_chunk
+from fer_pipeline import dedup
+from fer_pipeline.dedup import _cross_pairs, deduplicate, near_pairs
+from fer_pipeline.face_batch import process_chunk
+from fer_pipeline.faces import chunk_frame
 from fer_pipeline.preprocess import PreprocessSettings
 from fer_pipeline_tests.conftest import face_png
 
 
-def test_near_pairs_equals_brute_force() -> None:
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 2**63, 300, dtype=np.uint64)
-    flips = np.uint64(1) << rng.integers(0, 64, 300).astype(np.uint64)
-    hashes = np.concatenate([base, base[:100] ^ flips[:100]])  # 100 planted near pairs
-    i, j = near_pairs(hashes, 3, block=64)
-    got = set(zip(i.tolist(), j.tolist()))
-    brute = {(a, b) for a in range(len(hashes)) for b in range(a + 1, len(hashes))
-             if bin(int(hashes[a]) ^ int(hashes[b])).count("1") <= 3}
-    assert got == brute and len(got) >= 100
+def _hash_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random hashes with planted near pairs (1..5 bits apart), clusters sharing most bits (big
+    band buckets) and 'mirrored' hashes that are near other rows' hashes."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 2**63, n, dtype=np.uint64)
+    flips = [np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, k, replace=False).astype(np.uint64))
+             for k in rng.integers(1, 6, n // 3)]
+    cluster = (base[: n // 6] & np.uint64(0xFFFF_FFFF_0000_0000)) | np.uint64(0x1234)
+    hashes = np.concatenate([base, base[: n // 3] ^ np.array(flips, np.uint64), cluster])
+    mirrored = np.roll(hashes, 7) ^ (np.uint64(1) << rng.integers(0, 64, len(hashes)).astype(np.uint64))
+    return hashes, mirrored
+
+
+def _brute(hashes: np.ndarray, d: int, mirrored: np.ndarray | None) -> set[tuple[int, int]]:
+    def dist(a: np.uint64, b: np.uint64) -> int:
+        return bin(int(a) ^ int(b)).count("1")
+
+    return {(a, b) for a in range(len(hashes)) for b in range(a + 1, len(hashes))
+            if dist(hashes[a], hashes[b]) <= d or (mirrored is not None and dist(hashes[a], mirrored[b]) <= d)}
+
+
+@pytest.mark.parametrize("max_distance", [0, 3, 4, 8, 12])
+@pytest.mark.parametrize("use_mirror", [False, True])
+def test_near_pairs_equals_brute_force(max_distance: int, use_mirror: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Band join (<= 8 bits) and blockwise fallback (> 8) find exactly the brute-force pairs,
+    also when the join has to work in many small steps."""
+    monkeypatch.setattr(dedup, "MAX_PAIRS_PER_STEP", 500)
+    hashes, mirrored = _hash_set(240, max_distance)
+    mir = mirrored if use_mirror else None
+    i, j = near_pairs(hashes, max_distance, mir)
+    got = list(zip(i.tolist(), j.tolist()))
+    assert len(got) == len(set(got)) and set(got) == _brute(hashes, max_distance, mir)
+    if max_distance >= 3:
+        assert len(got) >= 30  # planted pairs are there: the test is not vacuous
+
+
+@pytest.mark.parametrize("max_distance", [4, 12])
+def test_cross_pairs_are_the_cross_part_of_all_pairs(max_distance: int) -> None:
+    hashes, mirrored = _hash_set(240, 1)
+    rng = np.random.default_rng(2)
+    is_new = rng.random(len(hashes)) < 0.3
+    new, old = np.nonzero(is_new)[0], np.nonzero(~is_new)[0]
+    x, y = _cross_pairs(new, old, hashes, mirrored, max_distance)
+    expected = {(a, b) for a, b in _brute(hashes, max_distance, mirrored) if is_new[a] != is_new[b]}
+    got = list(zip(x.tolist(), y.tolist()))
+    assert len(got) == len(set(got)) and set(got) == expected and len(expected) > 10
 
 
 def _variants() -> dict[str, bytes]:
@@ -47,7 +86,7 @@ def _table(files: dict[str, bytes], labels: dict[str, str]) -> tuple[pd.DataFram
 
     items = [(hashlib.sha256(d).hexdigest() + name, d) for name, d in files.items()]
     res = process_chunk(items, PreprocessSettings())
-    df = res.index.copy()
+    df = chunk_frame(res)
     df["source"] = "s"
     df["source_path"] = list(files)
     df["image_id"] = [f"id_{n}" for n in files]

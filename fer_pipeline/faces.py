@@ -25,20 +25,30 @@ from fer_pipeline.preprocess import PreprocessSettings
 
 CHUNK = 128  # images per task sent to a worker
 SHARD_ROWS = 20_000  # faces per shard file: bounds the parent's memory on huge sources
-PARALLEL_MIN = 512  # below this many new images, worker start-up costs more than it saves
+PARALLEL_MIN = 10_000  # below this many new images, worker start-up (~1 s: spawn + imports) costs more than it saves
+IN_FLIGHT_PER_WORKER = 8  # chunks queued per worker: the parent reads ahead while workers start
 
 ReadFn = Callable[[str, str], bytes]  # (source, source_path) -> raw bytes
 
 
-def chunk_frame(result: ChunkResult) -> pd.DataFrame:
-    """A worker's chunk result as rows of the face index (INDEX_COLUMNS minus face_ref)."""
-    df = pd.DataFrame({"sha256": result.sha256, "reason": result.reason, "width": result.width,
-                       "height": result.height})
+def chunk_frame(results: list[ChunkResult]) -> pd.DataFrame:
+    """Workers' chunk results as rows of the face index (INDEX_COLUMNS minus face_ref).
+
+    Built once per shard, not per chunk: a DataFrame per 128 images cost the parent process
+    more CPU than reading the files."""
+    def per_file(col: str) -> list[object]:
+        return [v for r in results for v in getattr(r, col)]
+
+    df = pd.DataFrame({col: per_file(col) for col in ("sha256", "reason", "width", "height")})
     ok = df["reason"].isna().to_numpy()
-    for col in ("pixel_sha", "phash", "phash_mirror", "mean_intensity", "std_intensity"):
-        values = np.full(len(df), None, dtype=object)
-        values[ok] = list(getattr(result, col))
-        df[col] = values
+    for col in ("pixel_sha", "phash", "phash_mirror"):
+        text = np.full(len(df), None, dtype=object)
+        text[ok] = per_file(col)
+        df[col] = text
+    for col in ("mean_intensity", "std_intensity"):
+        numbers = np.full(len(df), np.nan)
+        numbers[ok] = per_file(col)
+        df[col] = numbers
     return df
 
 
@@ -64,11 +74,12 @@ class FacesReport:
 
 def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, settings: PreprocessSettings,
                   workers: int | None = None, log: Callable[[str], None] | None = None,
-                  ignore_cache: bool = False) -> FacesReport:
+                  ignore_cache: bool = False, parallel_min: int = PARALLEL_MIN) -> FacesReport:
     """Bring the face store up to date for ``candidates`` (columns source, source_path, sha256).
 
     ``ignore_cache`` decodes every candidate again (a rebuild from scratch) and replaces the
-    store's index with exactly these candidates' results.
+    store's index with exactly these candidates' results. Worker processes are used from
+    ``parallel_min`` new images on; results are identical either way.
     """
     start = time.perf_counter()
     index = store.load_index()
@@ -80,31 +91,28 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
     new = first.loc[is_new, ["sha256", "source", "source_path"]]
     todo = list(zip(new["sha256"].tolist(), new["source"].tolist(), new["source_path"].tolist()))
     workers = max(1, workers or os.cpu_count() or 1)
-    use_pool = workers > 1 and len(todo) >= PARALLEL_MIN
+    use_pool = workers > 1 and len(todo) >= parallel_min
     new_index: list[pd.DataFrame] = []
-    pending_faces: list[np.ndarray] = []
-    pending_rows: list[pd.DataFrame] = []
+    pending: list[ChunkResult] = []
     done = 0
 
     def flush() -> None:
-        if not pending_rows:
+        if not pending:
             return
-        faces = np.concatenate(pending_faces) if pending_faces else np.zeros((0, *settings.image_size), np.uint8)
-        part = pd.concat(pending_rows, ignore_index=True)
+        faces = np.concatenate([r.faces for r in pending])
+        part = chunk_frame(pending)
         part["face_ref"] = None
         if len(faces):
             shard_id = hashlib.sha1("".join(part["sha256"]).encode()).hexdigest()[:16]
             part.loc[part["reason"].isna(), "face_ref"] = store.write_shard(shard_id, faces)
         new_index.append(part)
-        pending_faces.clear()
-        pending_rows.clear()
+        pending.clear()
 
     def consume(result: ChunkResult) -> None:
         nonlocal done
-        pending_rows.append(chunk_frame(result))
-        pending_faces.append(result.faces)
+        pending.append(result)
         done += len(result.sha256)
-        if sum(len(f) for f in pending_faces) >= SHARD_ROWS:
+        if sum(len(r.faces) for r in pending) >= SHARD_ROWS:
             flush()
         if log and done % (CHUNK * 40) < CHUNK:
             log(f"faces: {done}/{len(todo)} new images decoded")
@@ -115,7 +123,7 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
             in_flight = []
             for chunk in _chunks(todo, read):
                 in_flight.append(pool.submit(process_chunk, chunk, settings))
-                while len(in_flight) > workers * 3:  # bounded queue: stream, don't buffer a dataset
+                while len(in_flight) > workers * IN_FLIGHT_PER_WORKER:  # bounded: stream, don't buffer a dataset
                     consume(in_flight.pop(0).result())
             for fut in in_flight:
                 consume(fut.result())

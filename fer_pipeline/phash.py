@@ -130,7 +130,7 @@ def phash_batch(thumbs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hashes of a batch of 32×32 thumbnails: (phash, phash of the mirrored image) as uint64."""
     if len(thumbs) == 0:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    low = np.einsum("ki,nij,lj->nkl", _D, thumbs, _D, optimize=True)  # DCT on both axes, low block
+    low = _D @ np.ascontiguousarray(thumbs) @ _D.T  # DCT on both axes, low-frequency block
     mirrored = low * _MIRROR_SIGN  # horizontal flip: coefficient k along the row axis * (-1)**k
     bits = low > np.median(low.reshape(len(low), -1), axis=1)[:, None, None]
     mbits = mirrored > np.median(mirrored.reshape(len(low), -1), axis=1)[:, None, None]

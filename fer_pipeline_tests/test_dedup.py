@@ -86,7 +86,7 @@ def _table(files: dict[str, bytes], labels: dict[str, str]) -> tuple[pd.DataFram
 
     items = [(hashlib.sha256(d).hexdigest() + name, d) for name, d in files.items()]
     res = process_chunk(items, PreprocessSettings())
-    df = chunk_frame(res)
+    df = chunk_frame([res])
     df["source"] = "s"
     df["source_path"] = list(files)
     df["image_id"] = [f"id_{n}" for n in files]

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fer_pipeline.catalog import parse_catalog  # noqa: E402
-from fer_pipeline.dedup import deduplicate  # noqa: E402
+from fer_pipeline.dedup import deduplicate_incremental, link_cache_name  # noqa: E402
 from fer_pipeline.face_store import FaceStore, load_faces  # noqa: E402
 from fer_pipeline.faces import process_faces  # noqa: E402
 from fer_pipeline.inventory import build_inventory  # noqa: E402
@@ -74,9 +74,12 @@ def main() -> None:
         with SourceBytes({s.name: s for s in catalog.sources}) as read:
             report = process_faces(cands, read, FaceStore(root, settings.key), settings, workers=args.workers or None)
         t2 = time.perf_counter()
+        # what the deduplicated_faces asset runs, from an empty candidate-pair cache
         accepted = dedup_input(inv, report.table)
-        pixels = load_faces(root, accepted["face_ref"].tolist())
-        dd = deduplicate(accepted, 4, True, pixels, 0.95)
+        refs = accepted["face_ref"].to_numpy()
+        cache = root / "dedup" / link_cache_name(settings.key, 4, True)
+        dd, _ = deduplicate_incremental(accepted, 4, True, lambda rows: load_faces(root, refs[rows].tolist()),
+                                        0.95, cache_path=cache)
         t3 = time.perf_counter()
         n = len(cands)
         names = cands["source_path"].tolist()

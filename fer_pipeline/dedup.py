@@ -2,7 +2,7 @@
 
 * exact duplicates: identical processed pixels (same ``pixel_sha``);
 * near-duplicates: perceptual hashes within ``max_distance`` bits (Hamming), optionally also
-  against the mirrored image's hash (flipped copies);
+  against the mirrored image's hash, in both directions (flipped copies);
 * a perceptual-hash match is only a *candidate*: it is confirmed when the two processed faces
   also correlate (Pearson, over pixels; brightness/contrast invariant) at ``min_correlation``
   or more. Small grayscale faces share a lot of low-frequency structure, so phash alone links
@@ -103,6 +103,7 @@ def _all_pairs_blockwise(hashes: np.ndarray, max_distance: int, mirrored: np.nda
         close = np.bitwise_count(a ^ hashes[None, start:]) <= max_distance  # only j >= start
         if mirrored is not None:
             close |= np.bitwise_count(a ^ mirrored[None, start:]) <= max_distance
+            close |= np.bitwise_count(mirrored[start:start + block, None] ^ hashes[None, start:]) <= max_distance
         i, j = np.nonzero(close)
         keep = j > i
         rows.append(i[keep] + start)
@@ -124,7 +125,8 @@ def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | Non
                block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """All index pairs (i < j) whose hashes differ in at most ``max_distance`` bits.
 
-    With ``mirrored``, a pair also matches when ``hashes[i]`` is close to ``mirrored[j]``.
+    With ``mirrored``, a pair also matches when either face's hash is close to the other's
+    mirrored hash (both directions: the rule must not depend on which face comes first).
     Uses the band join (multi-index hashing) up to ``MIH_MAX_DISTANCE`` bits, brute force above.
     """
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
@@ -134,10 +136,10 @@ def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | Non
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if max_distance > MIH_MAX_DISTANCE:
         return _all_pairs_blockwise(hashes, max_distance, mir, block)
-    i_first = lambda i, j: i < j  # noqa: E731
-    parts = [_band_join(hashes, hashes, max_distance, i_first)]
-    if mir is not None:
-        parts.append(_band_join(hashes, mir, max_distance, i_first))
+    parts = [_band_join(hashes, hashes, max_distance, lambda i, j: i < j)]
+    if mir is not None:  # hashes[i] ~ mirrored[j] for any i != j covers both directions
+        i, j = _band_join(hashes, mir, max_distance, lambda i, j: i != j)
+        parts.append((np.minimum(i, j), np.maximum(i, j)))
     return _merge_pairs(parts, n)
 
 
@@ -233,7 +235,7 @@ def _group(df: pd.DataFrame, ei: np.ndarray, ej: np.ndarray, ni: np.ndarray, nj:
 # an all-pairs comparison over the faces it lists (faces that disappear are dropped from it), so
 # a run after a change gives the same groups as a run from scratch.
 
-LINK_CACHE_VERSION = 1
+LINK_CACHE_VERSION = 2  # 2: the mirror rule is symmetric
 
 
 def link_cache_name(settings_key: str, max_distance: int, match_mirrored: bool) -> str:
@@ -283,17 +285,16 @@ def _cross_pairs(new: np.ndarray, old: np.ndarray, hashes: np.ndarray, mirrored:
                  max_distance: int) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs between the ``new`` and ``old`` indices (sorted order = content order).
 
-    The same rule as :func:`near_pairs` over all faces in order: for ``i < j``, the hashes are
-    close, or ``hashes[i]`` is close to ``mirrored[j]``."""
+    The same rule as :func:`near_pairs`: the hashes are close, or one face's hash is close to
+    the other's mirrored hash."""
     if max_distance > MIH_MAX_DISTANCE:
         return _cross_pairs_blockwise(new, old, hashes, mirrored, max_distance)
     a, b = _band_join(hashes[new], hashes[old], max_distance)
     parts = [(np.minimum(new[a], old[b]), np.maximum(new[a], old[b]))]
-    if mirrored is not None:  # the mirror rule is ordered: hashes of the first, mirror of the second
-        a, b = _band_join(hashes[new], mirrored[old], max_distance, lambda a, b: new[a] < old[b])
-        parts.append((new[a], old[b]))
-        a, b = _band_join(mirrored[new], hashes[old], max_distance, lambda a, b: old[b] < new[a])
-        parts.append((old[b], new[a]))
+    if mirrored is not None:
+        for left, right in ((hashes, mirrored), (mirrored, hashes)):
+            a, b = _band_join(left[new], right[old], max_distance)
+            parts.append((np.minimum(new[a], old[b]), np.maximum(new[a], old[b])))
     return _merge_pairs(parts, len(hashes))
 
 
@@ -309,10 +310,8 @@ def _cross_pairs_blockwise(new: np.ndarray, old: np.ndarray, hashes: np.ndarray,
         h_new = hashes[idx][:, None]
         close = np.bitwise_count(h_new ^ h_old) <= max_distance
         if mirrored is not None and m_old is not None:
-            new_first = idx[:, None] < old[None, :]
-            via_mirror = np.where(new_first, np.bitwise_count(h_new ^ m_old),
-                                  np.bitwise_count(mirrored[idx][:, None] ^ h_old))
-            close |= via_mirror <= max_distance
+            close |= np.bitwise_count(h_new ^ m_old) <= max_distance
+            close |= np.bitwise_count(mirrored[idx][:, None] ^ h_old) <= max_distance
         i, j = np.nonzero(close)
         rows.append(idx[i])
         cols.append(old[j])

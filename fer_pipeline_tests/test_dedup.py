@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -6,7 +7,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from fer_pipeline import dedup
-from fer_pipeline.dedup import _cross_pairs, deduplicate, near_pairs
+from fer_pipeline.dedup import _cross_pairs, deduplicate, deduplicate_incremental, near_pairs
 from fer_pipeline.face_batch import process_chunk
 from fer_pipeline.faces import chunk_frame
 from fer_pipeline.preprocess import PreprocessSettings
@@ -31,7 +32,8 @@ def _brute(hashes: np.ndarray, d: int, mirrored: np.ndarray | None) -> set[tuple
         return bin(int(a) ^ int(b)).count("1")
 
     return {(a, b) for a in range(len(hashes)) for b in range(a + 1, len(hashes))
-            if dist(hashes[a], hashes[b]) <= d or (mirrored is not None and dist(hashes[a], mirrored[b]) <= d)}
+            if dist(hashes[a], hashes[b]) <= d
+            or (mirrored is not None and min(dist(hashes[a], mirrored[b]), dist(mirrored[a], hashes[b])) <= d)}
 
 
 @pytest.mark.parametrize("max_distance", [0, 3, 4, 8, 12])
@@ -47,6 +49,17 @@ def test_near_pairs_equals_brute_force(max_distance: int, use_mirror: bool, monk
     assert len(got) == len(set(got)) and set(got) == _brute(hashes, max_distance, mir)
     if max_distance >= 3:
         assert len(got) >= 30  # planted pairs are there: the test is not vacuous
+
+
+@pytest.mark.parametrize("max_distance", [4, 12])
+def test_near_pairs_do_not_depend_on_order(max_distance: int) -> None:
+    """Reordering the faces maps the pairs onto the same pairs (the mirror rule is symmetric)."""
+    hashes, mirrored = _hash_set(240, 3)
+    perm = np.random.default_rng(4).permutation(len(hashes))
+    i, j = near_pairs(hashes, max_distance, mirrored)
+    pi, pj = near_pairs(hashes[perm], max_distance, mirrored[perm])
+    mapped = {tuple(sorted((int(perm[a]), int(perm[b])))) for a, b in zip(pi, pj)}
+    assert mapped == set(zip(i.tolist(), j.tolist())) and len(mapped) > 30
 
 
 @pytest.mark.parametrize("max_distance", [4, 12])
@@ -138,3 +151,34 @@ def test_pixel_check_rejects_phash_collisions() -> None:
     df = checked.table.set_index("source_path")
     assert df.loc["f0_copy.jpg", "dup_group"] == df.loc["f0_src.png", "dup_group"]
     assert df["dup_group"].nunique() == len(files) - 1  # only the planted pair is grouped
+
+
+def test_groups_do_not_depend_on_row_order_or_on_incremental_runs(tmp_path: Path) -> None:
+    """The mirror rule is symmetric, so shuffled rows, the all-at-once function and the
+    incremental one (half the faces cached first) give the same groups."""
+    files = {**_variants(), **{f"r{i}.png": face_png(200 + i) for i in range(20)}}
+    files["mirror_of_r3.png"] = _mirror(files["r3.png"])
+    table, pixels = _table(files, {})
+    table["sha256"] = [f"{i:064x}" for i in range(len(table))]
+
+    def partition(df: pd.DataFrame) -> set[frozenset[str]]:
+        return {frozenset(g["source_path"]) for _, g in df.groupby("dup_group")}
+
+    reference = partition(deduplicate(table, 4, True, pixels).table)
+    assert frozenset({"r3.png", "mirror_of_r3.png"}) in reference
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        order = rng.permutation(len(table))
+        shuffled = deduplicate(table.iloc[order], 4, True, pixels[order]).table
+        assert partition(shuffled) == reference
+    first_half = table.iloc[order[: len(order) // 2]]
+    cache = tmp_path / "links.npz"
+    deduplicate_incremental(first_half, 4, True, lambda rows: pixels[order[: len(order) // 2]][rows], cache_path=cache)
+    report, stats = deduplicate_incremental(table, 4, True, lambda rows: pixels[rows], cache_path=cache)
+    assert stats.faces_cached == len(order) // 2 and partition(report.table) == reference
+
+
+def _mirror(data: bytes) -> bytes:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(data)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(out, format="PNG")
+    return out.getvalue()

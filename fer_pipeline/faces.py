@@ -2,8 +2,9 @@
 
 Work is keyed by raw content hash in the :class:`~fer_pipeline.face_store.FaceStore`: files seen
 before under the same settings are not read, decoded or hashed again, so re-running after a
-source grows only processes the new files. Decoding runs in worker processes (both cores);
-the parent only streams bytes out of the sources, so memory stays bounded.
+source grows only processes the new files. Large batches are decoded in worker processes
+(both cores; :mod:`fer_pipeline.face_batch` is what a worker runs) while the parent streams
+bytes out of the sources through a bounded queue, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ IN_FLIGHT_PER_WORKER = 8  # chunks queued per worker: the parent reads ahead whi
 ReadFn = Callable[[str, str], bytes]  # (source, source_path) -> raw bytes
 
 
-def chunk_frame(results: list[ChunkResult]) -> pd.DataFrame:
+def index_frame(results: list[ChunkResult]) -> pd.DataFrame:
     """Workers' chunk results as rows of the face index (INDEX_COLUMNS minus face_ref).
 
     Built once per shard, not per chunk: a DataFrame per 128 images cost the parent process
@@ -100,7 +101,7 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
         if not pending:
             return
         faces = np.concatenate([r.faces for r in pending])
-        part = chunk_frame(pending)
+        part = index_frame(pending)
         part["face_ref"] = None
         if len(faces):
             shard_id = hashlib.sha1("".join(part["sha256"]).encode()).hexdigest()[:16]

@@ -9,7 +9,7 @@ from PIL import Image, ImageEnhance
 from fer_pipeline import dedup
 from fer_pipeline.dedup import _cross_pairs, deduplicate, deduplicate_incremental, near_pairs
 from fer_pipeline.face_batch import process_chunk
-from fer_pipeline.faces import chunk_frame
+from fer_pipeline.faces import index_frame
 from fer_pipeline.preprocess import PreprocessSettings
 from fer_pipeline_tests.conftest import face_png
 
@@ -99,7 +99,7 @@ def _table(files: dict[str, bytes], labels: dict[str, str]) -> tuple[pd.DataFram
 
     items = [(hashlib.sha256(d).hexdigest() + name, d) for name, d in files.items()]
     res = process_chunk(items, PreprocessSettings())
-    df = chunk_frame([res])
+    df = index_frame([res])
     df["source"] = "s"
     df["source_path"] = list(files)
     df["image_id"] = [f"id_{n}" for n in files]

@@ -55,6 +55,15 @@ def _bands(max_distance: int) -> list[tuple[np.uint64, np.uint64]]:
     return [(np.uint64(sh), np.uint64((1 << w) - 1)) for sh, w in zip(shifts, widths)]
 
 
+def _merge_pairs(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Union of pair lists (``0 <= j < n``), each pair once, sorted."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    n = max(n, 1)
+    key = np.unique(np.concatenate([i.astype(np.int64) * n + j for i, j in parts]))
+    return key // n, key % n
+
+
 def _band_join(left: np.ndarray, right: np.ndarray, max_distance: int,
                keep: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All (i, j) with ``popcount(left[i] ^ right[j]) <= max_distance`` (and ``keep(i, j)``), each once.
@@ -85,11 +94,7 @@ def _band_join(left: np.ndarray, right: np.ndarray, max_distance: int,
             found_i.append(i[ok])
             found_j.append(j[ok])
             start = stop
-    if not found_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    i, j = np.concatenate(found_i), np.concatenate(found_j)
-    key = np.unique(i.astype(np.int64) * max(len(right), 1) + j)  # a pair can share several bands
-    return key // max(len(right), 1), key % max(len(right), 1)
+    return _merge_pairs(list(zip(found_i, found_j)), len(right))  # a pair can share several bands
 
 
 def _all_pairs_blockwise(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | None,
@@ -111,14 +116,6 @@ def _all_pairs_blockwise(hashes: np.ndarray, max_distance: int, mirrored: np.nda
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(rows), np.concatenate(cols)
-
-
-def _merge_pairs(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Union of pair lists (i < j), each pair once, sorted."""
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    key = np.unique(np.concatenate([i.astype(np.int64) * n + j for i, j in parts]))
-    return key // max(n, 1), key % max(n, 1)
 
 
 def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | None = None,
@@ -289,12 +286,11 @@ def _cross_pairs(new: np.ndarray, old: np.ndarray, hashes: np.ndarray, mirrored:
     the other's mirrored hash."""
     if max_distance > MIH_MAX_DISTANCE:
         return _cross_pairs_blockwise(new, old, hashes, mirrored, max_distance)
-    a, b = _band_join(hashes[new], hashes[old], max_distance)
-    parts = [(np.minimum(new[a], old[b]), np.maximum(new[a], old[b]))]
-    if mirrored is not None:
-        for left, right in ((hashes, mirrored), (mirrored, hashes)):
-            a, b = _band_join(left[new], right[old], max_distance)
-            parts.append((np.minimum(new[a], old[b]), np.maximum(new[a], old[b])))
+    sides = [(hashes, hashes)] + ([(hashes, mirrored), (mirrored, hashes)] if mirrored is not None else [])
+    parts = []
+    for left, right in sides:
+        a, b = _band_join(left[new], right[old], max_distance)
+        parts.append((np.minimum(new[a], old[b]), np.maximum(new[a], old[b])))
     return _merge_pairs(parts, len(hashes))
 
 

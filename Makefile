@@ -9,7 +9,7 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
-.PHONY: setup demo data test test-fast ui ui-stop clean-data bench-data
+.PHONY: setup demo data test test-fast ui ui-stop clean-data
 
 # Virtual environment + editable install; redone only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +37,10 @@ data: setup
 test: setup
 	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest -q
+
+# For development: everything but the browser test and the slow (training / full-graph) tests.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not browser and not slow"
 
 ui: setup
 	bash scripts/ui.sh start

@@ -45,9 +45,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from fer_pipeline.classes import CLASS_TO_INDEX, CLASSES  # noqa: E402
-from fer_pipeline.ml import ARCHITECTURES, MAIN_MODEL, TrainConfig, evaluate_predictions, train_model  # noqa: E402
+from fer_pipeline.dataset.preprocess import PreprocessSettings, decode_face  # noqa: E402
+from fer_pipeline.ml import (  # noqa: E402
+    ARCHITECTURES,
+    MAIN_MODEL,
+    TrainConfig,
+    evaluate_predictions,
+    train_model,
+)
 from fer_pipeline.ml.inference import predict_proba  # noqa: E402
-from fer_pipeline.preprocess import PreprocessSettings, decode_face  # noqa: E402
 
 DEFAULT_ZIP = REPO_ROOT.parent / "shared" / "datasets" / "affectnet-4class.zip"
 FOLDER_TO_CLASS = {"Anger": "Angry", "Bored_Tired": "Tired", "Focused_Engaged": "Focused", "Neutral": "Neutral"}

@@ -64,3 +64,10 @@ def save_figure(target: str | os.PathLike[str], fig: Any, dpi: int = 110) -> Pat
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return Path(target)
+
+
+def write_table(base: str | os.PathLike[str], df: pd.DataFrame) -> dict[str, str]:
+    """A report table as ``base``.parquet (for tools) and ``base``.csv (for people); both paths."""
+    base = Path(base)
+    return {"parquet": str(write_parquet(base.with_suffix(".parquet"), df)),
+            "csv": str(write_csv(base.with_suffix(".csv"), df))}

@@ -30,27 +30,24 @@ class NoModelError(RuntimeError):
 
 
 def default_model_path(data_root: Path | None = None) -> Path:
-    """The best model recorded in ``<data root>/reports/metrics.json``.
-
-    Key ``best_model`` names it; its checkpoint is ``checkpoints[best_model]`` when the report
-    lists one (relative paths are under the data root), else ``models/<best_model>.safetensors``.
-    """
+    """The best model recorded in ``<data root>/reports/metrics.json``
+    (:class:`fer_pipeline.schema.MetricsReport`): its recorded checkpoint (relative paths are
+    under the data root), else ``models/<best_model>.safetensors``."""
     from fer_pipeline.paths import DataPaths, default_data_root
+    from fer_pipeline.schema import MetricsReport
 
     paths = DataPaths(Path(data_root) if data_root else default_data_root())
-    metrics_json = paths.reports_dir / "metrics.json"
     hint = "train a model first (materialise the pipeline's model assets) or pass --model CKPT"
-    if not metrics_json.is_file():
-        raise NoModelError(f"no trained model found: {metrics_json} does not exist; {hint}")
+    if not paths.metrics_json.is_file():
+        raise NoModelError(f"no trained model found: {paths.metrics_json} does not exist; {hint}")
     try:
-        report = json.loads(metrics_json.read_text())
-        best = str(report["best_model"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise NoModelError(f"{metrics_json} records no 'best_model' ({exc}); {hint}") from None
-    recorded = (report.get("checkpoints") or {}).get(best) if isinstance(report.get("checkpoints"), dict) else None
-    ckpt = paths.resolve(recorded) if recorded else paths.models_dir / f"{best}.safetensors"
+        report = MetricsReport.read(paths.metrics_json)
+    except ValueError as exc:
+        raise NoModelError(f"{exc}; {hint}") from None
+    recorded = report.checkpoints.get(report.best_model)
+    ckpt = paths.resolve(recorded) if recorded else paths.checkpoint(report.best_model)
     if not ckpt.is_file():
-        raise NoModelError(f"best model {best!r} has no checkpoint at {ckpt}; {hint}")
+        raise NoModelError(f"best model {report.best_model!r} has no checkpoint at {ckpt}; {hint}")
     return ckpt
 
 

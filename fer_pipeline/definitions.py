@@ -1,37 +1,6 @@
-"""The Dagster code location: ``dagster dev`` (via workspace.yaml) and
-``dagster asset materialize -m fer_pipeline.definitions`` load ``defs`` from here."""
+"""The code location's entry point: ``dagster … -m fer_pipeline.definitions``, ``workspace.yaml``
+and ``[tool.dagster]`` load ``defs`` from here. The wiring itself lives in :mod:`fer_pipeline.defs`."""
 
-from __future__ import annotations
+from fer_pipeline.defs.definitions import defs
 
-import os
-
-import dagster as dg
-
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-
-from fer_pipeline.assets.checks import DATA_CHECKS  # noqa: E402
-from fer_pipeline.automation import SCHEDULES, SENSORS  # noqa: E402
-from fer_pipeline.assets.data import DATA_ASSETS  # noqa: E402
-from fer_pipeline.assets.evaluation import EVALUATION_ASSETS, AnalysisSettings  # noqa: E402
-from fer_pipeline.assets.models import MODEL_ASSETS, TrainSettings, model_evaluation  # noqa: E402
-from fer_pipeline.resources import FerSettings  # noqa: E402
-
-data_pipeline_job = dg.define_asset_job(
-    "data_pipeline", selection=dg.AssetSelection.groups("data"),
-    description="Every data asset: sources → faces → de-duplicated → manifest → splits → plots.")
-
-main_job = dg.define_asset_job(
-    "main", selection=dg.AssetSelection.all(),
-    description="Everything: the data half, then models, evaluation and analysis.")
-
-defs = dg.Definitions(
-    assets=[*DATA_ASSETS, *MODEL_ASSETS, model_evaluation, *EVALUATION_ASSETS],
-    asset_checks=[*DATA_CHECKS],
-    jobs=[data_pipeline_job, main_job],
-    sensors=SENSORS,
-    schedules=SCHEDULES,
-    resources={"fer": FerSettings(), "training": TrainSettings(), "analysis": AnalysisSettings()},
-    # One process for the whole run: stages parallelise internally (decoding pool, torch threads),
-    # and a process per step would pay Python/torch/GX start-up for every step and check.
-    executor=dg.in_process_executor,
-)
+__all__ = ["defs"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pandas as pd
 
 from fer_pipeline.paths import DataPaths
+from fer_pipeline.schema import MetricsReport
 
 
 def summary(paths: DataPaths) -> str:
@@ -25,11 +25,9 @@ def summary(paths: DataPaths) -> str:
         if path.exists():
             n = sum(1 for p in path.rglob("*") if p.is_file())
             lines.append(f"  {name:<13} {path}/  ({n} files)")
-    metrics = paths.reports_dir / "metrics.json"
-    if metrics.exists():
-        data = json.loads(metrics.read_text())
-        best = data.get("best_model")
-        f1 = data.get("models", {}).get(best, {}).get("f1", {}).get("macro")
+    if paths.metrics_json.exists():
+        report = MetricsReport.read(paths.metrics_json)
+        best, f1 = report.best_model, report.best_macro_f1()
         lines.append(f"  best model    {best} (test macro-F1 {f1:.3f}); classify images with "
                      f"`.venv/bin/fer-pipeline predict PATH...`" if f1 is not None else f"  best model    {best}")
     lines.append("Open the UI with `make ui` (http://127.0.0.1:3000) to see lineage, metadata, plots and checks.")

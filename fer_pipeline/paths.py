@@ -1,4 +1,6 @@
-"""Where everything lives under the data root (``data/`` or ``$FER_DATA_DIR``)."""
+"""Where everything lives under the data root (``data/`` or ``$FER_DATA_DIR``): the one home of
+every published file name. Writers (assets), readers (CLI, summary printer, later assets) and
+the README all take names from here, never from string literals of their own."""
 
 from __future__ import annotations
 
@@ -9,11 +11,67 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR_ENV = "FER_DATA_DIR"
 
+FACES_DIR = "faces"
+"""Content-addressed face store, relative to the data root (face refs start with it)."""
+RELABELS_FILE = "relabels.csv"
+"""User label corrections (``image_id,label[,note]``) at the data root."""
+CHECKPOINT_SUFFIX = ".safetensors"
+
+REPORT_FILES: dict[str, str] = {
+    # data_plots
+    "class_distribution": "class_distribution.png",
+    "sample_faces": "sample_faces.png",
+    "intensity_histograms": "intensity_histograms.png",
+    "exclusions": "exclusions.png",
+    # model_evaluation
+    "metrics_json": "metrics.json",
+    "metrics_csv": "metrics.csv",
+    # cross_validation
+    "cv_folds": "cv_folds",  # .parquet + .csv
+    "cv_folds_png": "cv_folds.png",
+    "cv_oof": "cv_oof.parquet",
+    "cv_summary": "cv_summary.json",
+    "cv_cache": "cv",  # folder of finished folds
+    # bias_report
+    "bias_report": "bias_report",  # .parquet + .csv
+    "bias_coverage": "bias_coverage.csv",
+    "bias_macro_f1": "bias_macro_f1.png",
+    # mitigated_model, mitigation_comparison
+    "mitigation_plan": "mitigation_plan.csv",
+    "mitigation_comparison": "mitigation_comparison",  # .parquet + .csv
+    "mitigation_comparison_png": "mitigation_comparison.png",
+    # source_confound
+    "source_confound": "source_confound",  # .parquet + .csv
+    "source_metrics": "source_metrics.csv",
+    "source_shares": "source_shares.png",
+    # cross_source_generalisation
+    "loso": "cross_source_generalisation",  # .parquet + .csv
+    "loso_png": "cross_source_generalisation.png",
+    "loso_cache": "loso",  # folder of finished held-out sources
+    # label_issues
+    "label_issues": "label_issues",  # .parquet + .csv
+    "label_issues_top": "label_issues_top.png",
+    "relabels_suggested": "relabels_suggested.csv",
+}
+"""Every file (or file stem, for tables written as .parquet and .csv) under ``reports/``."""
+
 
 def default_data_root() -> Path:
     """``$FER_DATA_DIR`` if set, else ``data/`` at the repository root."""
     env = os.environ.get(DATA_DIR_ENV)
     return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
+
+
+class _Under:
+    """A fixed location under the data root, read as an attribute of :class:`DataPaths`."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, paths: "DataPaths | None", owner: type | None = None) -> Path:
+        if paths is None:  # looked up on the class (documentation tools)
+            return Path(*self.parts)
+        return paths.root.joinpath(*self.parts)
 
 
 @dataclass(frozen=True)
@@ -22,57 +80,40 @@ class DataPaths:
 
     root: Path
 
+    catalog = _Under("sources.yaml")
+    settings = _Under("pipeline.yaml")
+    relabels = _Under(RELABELS_FILE)
+    faces_dir = _Under(FACES_DIR)
+    manifest_dir = _Under("manifest")
+    raw_inventory = _Under("manifest", "raw_inventory.parquet")
+    faces_table = _Under("manifest", "faces.parquet")
+    dedup_table = _Under("manifest", "dedup.parquet")
+    manifest = _Under("manifest", "manifest.parquet")
+    excluded = _Under("manifest", "excluded.parquet")
+    splits = _Under("manifest", "splits.parquet")
+    reports_dir = _Under("reports")
+    models_dir = _Under("models")
+    metrics_json = _Under("reports", REPORT_FILES["metrics_json"])
+
     @classmethod
     def from_env(cls) -> "DataPaths":
         return cls(default_data_root())
 
-    @property
-    def catalog(self) -> Path:
-        return self.root / "sources.yaml"
+    def report(self, key: str) -> Path:
+        """A file (or stem) under ``reports/`` by its key in :data:`REPORT_FILES`."""
+        return self.reports_dir / REPORT_FILES[key]
 
-    @property
-    def settings(self) -> Path:
-        return self.root / "pipeline.yaml"
+    def checkpoint(self, model_name: str) -> Path:
+        return self.models_dir / f"{model_name}{CHECKPOINT_SUFFIX}"
 
-    @property
-    def faces_dir(self) -> Path:
-        return self.root / "faces"
+    def curves(self, model_name: str) -> Path:
+        return self.models_dir / f"{model_name}_curves.png"
 
-    @property
-    def manifest_dir(self) -> Path:
-        return self.root / "manifest"
+    def confusion(self, model_name: str) -> Path:
+        return self.reports_dir / f"confusion_{model_name}.png"
 
-    @property
-    def raw_inventory(self) -> Path:
-        return self.manifest_dir / "raw_inventory.parquet"
-
-    @property
-    def faces_table(self) -> Path:
-        return self.manifest_dir / "faces.parquet"
-
-    @property
-    def dedup_table(self) -> Path:
-        return self.manifest_dir / "dedup.parquet"
-
-    @property
-    def manifest(self) -> Path:
-        return self.manifest_dir / "manifest.parquet"
-
-    @property
-    def excluded(self) -> Path:
-        return self.manifest_dir / "excluded.parquet"
-
-    @property
-    def splits(self) -> Path:
-        return self.manifest_dir / "splits.parquet"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.root / "models"
+    def bias_table(self, attribute: str) -> Path:
+        return self.reports_dir / f"bias_{attribute}.csv"
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """Resolve a catalogue path: absolute as given, relative to the data root otherwise."""

@@ -7,8 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fer_pipeline.analysis.bias import STATUS_GAP, STATUS_OK, STATUS_SMALL, STATUS_UNKNOWN, bias_report, group_metrics
-from fer_pipeline.analysis.mitigation import choose_attribute, comparison_table, plan_mitigation, target_shares
+from fer_pipeline.analysis.bias import (
+    STATUS_GAP,
+    STATUS_OK,
+    STATUS_SMALL,
+    STATUS_UNKNOWN,
+    bias_report,
+    group_metrics,
+)
+from fer_pipeline.analysis.mitigation import (
+    choose_attribute,
+    comparison_table,
+    plan_mitigation,
+    target_shares,
+)
 
 
 def planted(n: int = 400, seed: int = 0):

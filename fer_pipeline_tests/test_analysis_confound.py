@@ -6,8 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fer_pipeline.analysis.confound import confound_findings, per_source_metrics, source_share_matrix
-from fer_pipeline.analysis.generalisation import NOT_APPLICABLE_ONE_SOURCE, eligibility, run_leave_one_source_out
+from fer_pipeline.analysis.confound import (
+    confound_findings,
+    per_source_metrics,
+    source_share_matrix,
+)
+from fer_pipeline.analysis.generalisation import (
+    NOT_APPLICABLE_ONE_SOURCE,
+    eligibility,
+    run_leave_one_source_out,
+)
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml import ArchConfig, TrainConfig
 from fer_pipeline.ml.data import SplitArrays

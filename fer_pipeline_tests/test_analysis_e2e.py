@@ -15,13 +15,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from fer_pipeline.assets.evaluation import EVALUATION_ASSETS, AnalysisSettings, cross_source_generalisation
-from fer_pipeline.assets.models import TrainSettings
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.dataset.synthetic_faces import generate_demo_source
 from fer_pipeline.definitions import defs
+from fer_pipeline.defs.assets.evaluation import (
+    EVALUATION_ASSETS,
+    cross_source_generalisation,
+)
+from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import MAIN_MODEL
-from fer_pipeline.resources import FerSettings
-from fer_pipeline.synthetic_faces import generate_demo_source
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fer_pipeline.manifest import RelabelError, apply_relabels, read_relabels
+from fer_pipeline.dataset.manifest import RelabelError, apply_relabels, read_relabels
 
 
 def small_manifest() -> pd.DataFrame:

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from fer_pipeline import automation, source_watch
-from fer_pipeline.catalog import CatalogError
-from fer_pipeline.catalog import load_catalog
-from fer_pipeline.dedup import deduplicate_incremental
-from fer_pipeline.inventory import LISTINGS_ATTR, build_inventory
-from fer_pipeline.resources import FerSettings
+from fer_pipeline.dataset import source_watch
+from fer_pipeline.dataset.catalog import CatalogError, load_catalog
+from fer_pipeline.dataset.dedup import deduplicate_incremental
+from fer_pipeline.dataset.inventory import LISTINGS_ATTR, build_inventory
+from fer_pipeline.defs import automation
+from fer_pipeline.defs.resources import FerSettings
 from fer_pipeline_tests.conftest import face_png, write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".zip")
@@ -419,7 +419,7 @@ def test_inventory_reuses_unchanged_sources_without_listing_them(folder_root: Pa
     first, stored = _inventory_round_trip(folder_root, None)
     assert first.hashed == 6 and set(stored.attrs[LISTINGS_ATTR]) == {"faces", "zipped"}
 
-    import fer_pipeline.inventory as inventory
+    import fer_pipeline.dataset.inventory as inventory
 
     listed: list[str] = []
     real = inventory.inventory_source

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fer_pipeline.catalog import CatalogError, load_catalog, parse_catalog
+from fer_pipeline.dataset.catalog import CatalogError, load_catalog, parse_catalog
 
 
 def _parse(entries: list[dict], root: Path):

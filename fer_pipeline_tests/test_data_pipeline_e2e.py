@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.dataset.synthetic_faces import generate_demo_source
 from fer_pipeline.definitions import defs
-from fer_pipeline.synthetic_faces import generate_demo_source
 
 DATA_ASSETS = ["raw_sources", "faces", "deduplicated_faces", "manifest", "splits", "data_plots"]
 

@@ -6,11 +6,16 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
-from fer_pipeline import dedup
-from fer_pipeline.dedup import _cross_pairs, deduplicate, deduplicate_incremental, near_pairs
-from fer_pipeline.face_batch import process_chunk
-from fer_pipeline.faces import index_frame
-from fer_pipeline.preprocess import PreprocessSettings
+from fer_pipeline.dataset import dedup
+from fer_pipeline.dataset.dedup import (
+    _cross_pairs,
+    deduplicate,
+    deduplicate_incremental,
+    near_pairs,
+)
+from fer_pipeline.dataset.face_batch import process_chunk
+from fer_pipeline.dataset.faces import index_frame
+from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline_tests.conftest import face_png
 
 

@@ -1,8 +1,8 @@
 import zipfile
 from pathlib import Path
 
-from fer_pipeline.catalog import parse_catalog
-from fer_pipeline.inventory import build_inventory
+from fer_pipeline.dataset.catalog import parse_catalog
+from fer_pipeline.dataset.inventory import build_inventory
 from fer_pipeline_tests.conftest import face_png, write
 
 

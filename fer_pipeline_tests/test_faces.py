@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fer_pipeline.face_store import FaceStore, load_faces
-from fer_pipeline.faces import CHUNK, process_faces
-from fer_pipeline.preprocess import PreprocessSettings
+from fer_pipeline.dataset.face_store import FaceStore, load_faces
+from fer_pipeline.dataset.faces import CHUNK, process_faces
+from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline_tests.conftest import face_png
 
 

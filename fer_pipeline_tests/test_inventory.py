@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fer_pipeline.catalog import parse_catalog
-from fer_pipeline.inventory import build_inventory
+from fer_pipeline.dataset.catalog import parse_catalog
+from fer_pipeline.dataset.inventory import build_inventory
 from fer_pipeline_tests.conftest import face_png, write
 
 

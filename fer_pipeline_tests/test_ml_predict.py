@@ -18,7 +18,11 @@ from safetensors.torch import load_file
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.cli import main
 from fer_pipeline.ml import ArchConfig, TrainConfig, train_model
-from fer_pipeline.ml.checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from fer_pipeline.ml.checkpoint import (
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
 from fer_pipeline.ml.inference import predict_proba
 from fer_pipeline.ml.predict import is_junk, predict_images
 
@@ -192,3 +196,38 @@ def test_evaluate_model_matches_metrics(ckpt: Path, trained) -> None:
     frame = ev.predictions_frame([f"id{i}" for i in range(len(y))])
     assert list(frame.columns[:4]) == ["image_id", "true", "predicted", "correct"]
     assert frame["correct"].mean() == pytest.approx(ev.metrics.accuracy)
+
+
+def test_prediction_applies_the_checkpoints_preprocessing(trained, tmp_path: Path) -> None:
+    """Every preprocessing setting travels in the checkpoint and prediction applies exactly it:
+    a 12×12 image is accepted by a model trained with min_side 8 and rejected by one trained
+    with min_side 64, although the defaults (min_side 32) would reject / accept the opposite."""
+    from fer_pipeline.dataset.preprocess import PreprocessSettings
+
+    result, _ = trained
+    small, mid = tmp_path / "small.png", tmp_path / "mid.png"
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(small)
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(mid)
+    lenient = PreprocessSettings(image_size=(SIZE, SIZE), min_side=8, min_std=0.5)
+    strict = PreprocessSettings(image_size=(SIZE, SIZE), min_side=64)
+    for name, settings in (("lenient", lenient), ("strict", strict)):
+        save_checkpoint(tmp_path / f"{name}.safetensors", result, data_version="v", preprocess=settings)
+    loaded = load_checkpoint(tmp_path / "lenient.safetensors")
+    assert loaded.preprocess == lenient and loaded.preprocess.key == lenient.key
+    assert read_checkpoint_metadata(tmp_path / "strict.safetensors")["preprocess"]["min_side"] == 64
+
+    ok, too_big = predict_images([small, mid], loaded)
+    assert ok.ok and too_big.ok
+    rejected_small, rejected_mid = predict_images([small, mid], tmp_path / "strict.safetensors")
+    assert rejected_small.error == "too small (12x12 < 64px)"
+    assert rejected_mid.error == "too small (40x40 < 64px)"
+    with pytest.raises(ValueError, match="the model takes"):
+        save_checkpoint(tmp_path / "bad.safetensors", result, data_version="v",
+                        preprocess=PreprocessSettings(image_size=(48, 48)))
+
+
+def test_checkpoint_saved_without_settings_records_the_defaults(ckpt: Path) -> None:
+    from fer_pipeline.dataset.preprocess import PreprocessSettings
+
+    assert load_checkpoint(ckpt).preprocess == PreprocessSettings(image_size=(SIZE, SIZE))

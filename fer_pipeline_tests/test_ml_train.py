@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.ml import ARCHITECTURES, MAIN_MODEL, ArchConfig, TrainConfig, build_model, train_model
+from fer_pipeline.ml import (
+    ARCHITECTURES,
+    MAIN_MODEL,
+    ArchConfig,
+    TrainConfig,
+    build_model,
+    train_model,
+)
 from fer_pipeline.ml.data import AugmentConfig, Normalization, augment_batch
 from fer_pipeline.ml.inference import predict_proba
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.definitions import defs
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 MODEL_KEYS = ["model_cnn4", "model_cnn3", "model_cnn4_k5", "model_evaluation"]
 DATA_KEYS = ["raw_sources", "faces", "deduplicated_faces", "manifest", "splits"]
+MIN_SIDE = 40
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
         result = job.execute_in_process(
             instance=dg.DagsterInstance.ephemeral(),
             asset_selection=[dg.AssetKey(k) for k in DATA_KEYS + MODEL_KEYS],
-            run_config={"resources": {"training": {"config": {"epochs": 2, "patience": 2}}}},
+            # min_side 40 (default 32): a non-default preprocessing setting the checkpoints must carry
+            run_config={"resources": {"training": {"config": {"epochs": 2, "patience": 2}},
+                                      "fer": {"config": {"min_side": MIN_SIDE}}}},
             raise_on_error=False)
     finally:
         mp.undo()
@@ -65,6 +69,18 @@ def test_checkpoint_loads_and_predicts(trained) -> None:
     faces = np.random.default_rng(0).integers(0, 255, (5, 48, 48), dtype=np.uint8)
     probs = loaded.predict_proba(faces)
     assert probs.shape == (5, 4) and np.allclose(probs.sum(axis=1), 1.0)
+
+
+def test_prediction_prepares_inputs_with_the_training_settings(trained, tmp_path: Path) -> None:
+    """The run trained with min_side 40: the checkpoint records it and predict applies it (the
+    default, 32, would accept a 36×36 image)."""
+    root, _ = trained
+    loaded = load_checkpoint(root / "models" / "cnn4.safetensors")
+    assert loaded.preprocess.min_side == MIN_SIDE and loaded.preprocess.image_size == (48, 48)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (36, 36), dtype=np.uint8)).save(small)
+    (pred,) = predict_images([small], loaded)
+    assert pred.error == f"too small (36x36 < {MIN_SIDE}px)"
 
 
 def test_metrics_in_range_and_consistent_with_confusion(trained) -> None:

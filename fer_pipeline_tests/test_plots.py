@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fer_pipeline.plots import (
+from fer_pipeline.dataset.plots import (
     plot_class_distribution,
     plot_exclusions,
     plot_intensity_histograms,

@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_pipeline.phash import _resize_pillow, phashes, thumbnails, to_hex
-from fer_pipeline.preprocess import PreprocessSettings, decode_face, decode_faces, preprocess_image
+from fer_pipeline.dataset.phash import _resize_pillow, phashes, thumbnails, to_hex
+from fer_pipeline.dataset.preprocess import (
+    PreprocessSettings,
+    decode_face,
+    decode_faces,
+    preprocess_image,
+)
 from fer_pipeline_tests.conftest import face_png
 
 S = PreprocessSettings()

@@ -3,8 +3,6 @@ sources.yaml, as in the README example. Skipped when the datasets are absent."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dagster as dg
 import pandas as pd
 import pytest

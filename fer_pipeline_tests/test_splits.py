@@ -1,8 +1,7 @@
-import numpy as np
 import pandas as pd
 import pytest
 
-from fer_pipeline.splits import assign_splits
+from fer_pipeline.dataset.splits import assign_splits
 
 
 def _manifest(n_per_class: dict[str, int], group_size: int = 1) -> pd.DataFrame:

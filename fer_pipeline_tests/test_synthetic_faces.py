@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.synthetic_faces import (
+from fer_pipeline.dataset.synthetic_faces import (
     FaceParams,
     SyntheticReport,
     generate_demo_source,

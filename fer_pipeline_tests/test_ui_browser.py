@@ -263,11 +263,11 @@ def _after_restart(server: Server, page) -> None:  # type: ignore[no-untyped-def
 
 
 def _user_session(server: Server, page) -> None:  # type: ignore[no-untyped-def]
+    import dagster as dg
     from playwright.sync_api import expect
 
-    import dagster as dg
-    from fer_pipeline.preprocess import PreprocessSettings, decode_face
-    from fer_pipeline.synthetic_faces import generate_demo_source
+    from fer_pipeline.dataset.preprocess import PreprocessSettings, decode_face
+    from fer_pipeline.dataset.synthetic_faces import generate_demo_source
 
     url = server.url
     # the "join the community" dialog a first-time user dismisses once (stored in the instance)

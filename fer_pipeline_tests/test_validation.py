@@ -4,15 +4,17 @@ planted problem. Tables are tiny so the whole module runs in a few seconds (afte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.validation import (
-    MANIFEST_COLUMNS,
+from fer_pipeline.dataset.validation import (
     ValidationOutcome,
+    examples,
+    label,
     validate_accounting,
     validate_class_balance,
     validate_class_counts,
@@ -22,6 +24,7 @@ from fer_pipeline.validation import (
     validate_no_group_leakage,
     validate_split_proportions,
 )
+from fer_pipeline.schema import MANIFEST_COLUMNS
 
 SIZE = (48, 48)
 TARGETS = {"train": 0.6, "validation": 0.2, "test": 0.2}
@@ -29,16 +32,16 @@ TARGETS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 
 def make_manifest(per_class: int = 10) -> pd.DataFrame:
     rows = []
-    for c, label in enumerate(CLASSES):
+    for c, name in enumerate(CLASSES):
         for i in range(per_class):
             n = c * per_class + i
             rows.append(
                 {
                     "image_id": f"img{n:04d}",
                     "source": "srcA" if n % 2 else "srcB",
-                    "source_path": f"{label.lower()}/{i}.jpg",
-                    "original_label": label.lower(),
-                    "label": label,
+                    "source_path": f"{name.lower()}/{i}.jpg",
+                    "original_label": name.lower(),
+                    "label": name,
                     "split_hint": None,
                     "width": 100,
                     "height": 120,
@@ -53,6 +56,8 @@ def make_manifest(per_class: int = 10) -> pd.DataFrame:
                     "gender": None,
                     "age_group": "20-29",
                     "race": None,
+                    "sha256": f"{n:064x}",
+                    "bytes": 1000 + n,
                 }
             )
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
@@ -75,20 +80,23 @@ def make_splits(manifest: pd.DataFrame, n_folds: int = 5) -> pd.DataFrame:
 
 
 def failed_names(outcome: ValidationOutcome) -> set[str]:
-    return {o.expectation for o in outcome.failed()}
+    return {e["expectation_type"] for e in outcome.failed()}
 
 
 def assert_fails_with(outcome: ValidationOutcome, expectation: str, column: str | None = None) -> list:
     """The outcome failed on ``expectation`` (on ``column``) and carries examples; return them."""
     assert not outcome.success
-    matches = [o for o in outcome.failed() if o.expectation == expectation and (column is None or o.column == column)]
-    assert matches, f"{expectation}({column}) not among failures: {[o.label for o in outcome.failed()]}"
+    wanted = expectation if column is None else f"{expectation}({column})"
+    matches = [e for e in outcome.failed() if wanted in (e["expectation_type"], label(e))]
+    assert matches, f"{wanted} not among failures: {[label(e) for e in outcome.failed()]}"
     meta = outcome.to_metadata()
     json.dumps(meta)  # must be JSON-able for asset-check metadata
     assert meta["failed"] >= 1 and meta["evaluated"] >= meta["failed"]
-    assert matches[0].label in meta["failed_expectations"]
-    assert matches[0].unexpected_examples, "a failure should carry examples"
-    return matches[0].unexpected_examples
+    assert label(matches[0]) in meta["failed_expectations"]
+    found = examples(matches[0])
+    assert found, "a failure should carry examples"
+    assert meta["failures"][meta["failed_expectations"].index(label(matches[0]))]["examples"] == found
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +115,11 @@ def splits(manifest: pd.DataFrame) -> pd.DataFrame:
 def test_manifest_schema_passes(manifest: pd.DataFrame) -> None:
     outcome = validate_manifest_schema(manifest)
     assert outcome.success, outcome.to_metadata()
-    assert outcome.blocking
-    assert len(outcome.outcomes) > 10
+    assert len(outcome.expectations) > 10
     meta = outcome.to_metadata()
     assert meta["failed"] == 0 and meta["failed_expectations"] == []
+    assert meta["evaluated"] == len(meta["evaluated_expectations"])
+    assert "expect_column_values_to_be_unique(image_id)" in meta["evaluated_expectations"]
     json.dumps(meta)
 
 
@@ -147,12 +156,25 @@ def test_manifest_schema_bad_values(manifest: pd.DataFrame) -> None:
     bad.loc[0, "phash"] = "not-a-hash"
     bad.loc[1, "face_path"] = "/abs/path.png"
     bad.loc[2, "mean_intensity"] = 300.0
-    names = {o.label for o in validate_manifest_schema(bad).failed()}
+    names = {label(e) for e in validate_manifest_schema(bad).failed()}
     assert names == {
         "expect_column_values_to_match_regex(phash)",
         "expect_column_values_to_not_match_regex(face_path)",
         "expect_column_values_to_be_between(mean_intensity)",
     }
+
+
+def test_failing_metadata_names_expectation_counts_and_examples(manifest: pd.DataFrame) -> None:
+    bad = manifest.copy()
+    bad.loc[:6, "label"] = "Happy"  # 7 rows: GX keeps 5 of them as examples
+    meta = validate_manifest_schema(bad).to_metadata()
+    assert meta["failed_expectations"] == ["expect_column_values_to_be_in_set(label)"]
+    [failure] = meta["failures"]
+    assert failure["expectation"] == "expect_column_values_to_be_in_set(label)"
+    assert failure["kwargs"] == {"column": "label", "value_set": list(CLASSES)}
+    assert failure["element_count"] == len(bad) and failure["unexpected_count"] == 7
+    assert failure["unexpected_percent"] == pytest.approx(100 * 7 / len(bad))
+    assert failure["examples"] == [{"label": "Happy", "image_id": f"img{i:04d}"} for i in range(5)]
 
 
 # ------------------------------------------------------------------ image size
@@ -191,7 +213,7 @@ def test_class_counts_tiny_and_missing_class(manifest: pd.DataFrame) -> None:
 
 def test_class_balance(manifest: pd.DataFrame) -> None:
     outcome = validate_class_balance(manifest, max_ratio=2.0)
-    assert outcome.success and not outcome.blocking
+    assert outcome.success
     assert outcome.details["ratio"] == 1.0
 
     extra = make_manifest(per_class=30)
@@ -201,7 +223,6 @@ def test_class_balance(manifest: pd.DataFrame) -> None:
     examples = assert_fails_with(outcome, "expect_column_values_to_be_between", "count")
     assert {e["label"] for e in examples} == {"Focused", "Tired", "Angry"}
     assert outcome.details["ratio"] == 4.0
-    assert outcome.to_metadata()["blocking"] is False
     assert validate_class_balance(imbalanced, max_ratio=4.0).success
 
 
@@ -357,6 +378,30 @@ def test_missing_split_columns_fail_cleanly(splits: pd.DataFrame) -> None:
     assert_fails_with(outcome, "expect_table_columns_to_match_set")
     outcome = validate_no_group_leakage(splits.drop(columns=["dup_group"]))
     assert_fails_with(outcome, "expect_table_columns_to_match_set")
+
+
+# ------------------------------------------------------------------ Dagster checks
+
+
+def test_checks_take_blocking_and_severity_from_their_definition(manifest: pd.DataFrame, tmp_path: Path) -> None:
+    """A failure blocks or warns as the check's decorator says, and nothing in the validation decides it."""
+    import dagster as dg
+
+    from fer_pipeline.defs import checks
+    from fer_pipeline.defs.resources import FerSettings
+
+    blocking = {spec.name: spec.blocking for check in checks.DATA_CHECKS for spec in check.check_specs}
+    assert blocking["manifest_class_counts"] and blocking["split_folds"]
+    assert not blocking["manifest_class_balance"] and not blocking["split_proportions"]  # as the README says
+    fer = FerSettings(data_root=str(tmp_path))
+    fer.paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest[(manifest["label"] != "Angry") | (manifest.index % 10 < 2)].to_parquet(fer.paths.manifest)  # Angry: 2
+    balance, counts = checks.manifest_class_balance(fer=fer), checks.manifest_class_counts(fer=fer)
+    assert not balance.passed and balance.severity == dg.AssetCheckSeverity.WARN
+    assert balance.metadata["blocking"].value is False
+    assert balance.metadata["failed_expectations"].value == ["expect_column_values_to_be_between(count)"]
+    assert not counts.passed and counts.severity == dg.AssetCheckSeverity.ERROR
+    assert counts.metadata["blocking"].value is True
 
 
 # ------------------------------------------------------------------ GX hygiene

@@ -9,15 +9,38 @@
 * :mod:`~fer_pipeline.analysis.label_issues`: confident learning on the out-of-fold probabilities;
 * :mod:`~fer_pipeline.analysis.plots`: the figures of all of the above.
 
-The Dagster wiring lives in :mod:`fer_pipeline.assets.evaluation`.
+The Dagster wiring lives in :mod:`fer_pipeline.defs.assets.evaluation`.
 """
 
-from fer_pipeline.analysis.bias import ATTRIBUTES, BiasReport, bias_report, group_metrics
-from fer_pipeline.analysis.confound import confound_findings, per_source_metrics, source_share_matrix
-from fer_pipeline.analysis.cross_validation import CVResult, plan_folds, run_cross_validation, summarize_folds
+from fer_pipeline.analysis.bias import (
+    ATTRIBUTES,
+    BiasReport,
+    bias_report,
+    group_metrics,
+)
+from fer_pipeline.analysis.confound import (
+    confound_findings,
+    per_source_metrics,
+    source_share_matrix,
+)
+from fer_pipeline.analysis.cross_validation import (
+    CVResult,
+    plan_folds,
+    run_cross_validation,
+    summarize_folds,
+)
 from fer_pipeline.analysis.generalisation import LosoResult, run_leave_one_source_out
-from fer_pipeline.analysis.label_issues import confident_learning_issues, find_label_issues, rank_label_issues
-from fer_pipeline.analysis.mitigation import MitigationPlan, choose_attribute, comparison_table, plan_mitigation
+from fer_pipeline.analysis.label_issues import (
+    confident_learning_issues,
+    find_label_issues,
+    rank_label_issues,
+)
+from fer_pipeline.analysis.mitigation import (
+    MitigationPlan,
+    choose_attribute,
+    comparison_table,
+    plan_mitigation,
+)
 
 __all__ = [
     "ATTRIBUTES",

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.ml.metrics import evaluate_predictions
+from fer_pipeline.ml.metrics import group_metrics  # noqa: F401  (re-exported: analysis uses it)
+from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES
 
-ATTRIBUTES: tuple[str, ...] = ("gender", "age_group", "race")
+ATTRIBUTES: tuple[str, ...] = DEMOGRAPHIC_ATTRIBUTES
 UNKNOWN = "unknown"
 
 STATUS_OK = "ok"
@@ -33,18 +34,6 @@ STATUS_UNKNOWN = "unknown: not judged"
 
 TABLE_COLUMNS = ["attribute", "group", "n", "share", "accuracy", "macro_precision", "macro_recall", "macro_f1",
                  "accuracy_gap_pts", "macro_f1_gap_pts", "status"]
-
-
-def group_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:
-    """n, accuracy and macro precision/recall/F1 over the classes present in ``y_true``."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    if not len(y_true):
-        return {"n": 0, "accuracy": np.nan, "macro_precision": np.nan, "macro_recall": np.nan, "macro_f1": np.nan}
-    m = evaluate_predictions(y_true, y_pred, classes=classes)
-    present = m.per_class[m.per_class["support"] > 0]
-    return {"n": int(m.n), "accuracy": float(m.accuracy), "macro_precision": float(present["precision"].mean()),
-            "macro_recall": float(present["recall"].mean()), "macro_f1": float(present["f1"].mean())}
 
 
 def group_labels(frame: pd.DataFrame, attribute: str) -> np.ndarray:

@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fer_pipeline.atomic import write_json, write_parquet
+from fer_pipeline.atomic import write_json, write_parquet, write_table
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ArchConfig
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.inference import predict_proba
 from fer_pipeline.ml.metrics import ClassificationMetrics, evaluate_predictions
 from fer_pipeline.ml.train import TrainConfig, train_model
+from fer_pipeline.paths import DataPaths
 
 LogFn = Callable[[str], None]
 TrainFn = Callable[..., Any]
@@ -326,3 +327,50 @@ def run_cross_validation(
         log(f"fold {f} ({i}/{len(selected)}) done in {fr.train_seconds:.1f}s: accuracy {fr.metrics['accuracy']:.4f}, "
             f"macro-F1 {fr.metrics['macro_f1']:.4f}{eta}")
     return CVResult(results, k, key, cache.dir if cache else None, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Published outputs (reports/cv_folds.*, cv_oof.parquet, cv_summary.json, cv_folds.png)
+# --------------------------------------------------------------------------------------------
+
+
+def write_cv_outputs(paths: DataPaths, cv: CVResult, arch: ArchConfig, config: TrainConfig, *,
+                     data_version: str, n_pool: int) -> dict[str, str]:
+    """Publish a cross-validation: per-fold table, out-of-fold probabilities, summary, plot."""
+    from fer_pipeline.analysis.plots import plot_cv_folds
+
+    files = write_table(paths.report("cv_folds"), cv.table)
+    files["oof"] = str(write_parquet(paths.report("cv_oof"), cv.oof))
+    files["summary"] = str(write_json(paths.report("cv_summary"), {
+        "data_version": data_version, "cache_key": cv.key, "architecture": arch.name, "n_cv_folds": cv.n_cv_folds,
+        "folds_run": [r.fold for r in cv.folds], "trained_this_run": cv.trained, "from_cache": cv.from_cache,
+        "train_config": config.to_dict(), "n_pool": n_pool, "n_oof": len(cv.oof)}))
+    files["plot"] = str(plot_cv_folds(cv.table, paths.report("cv_folds_png"),
+                                      title=f"{cv.n_cv_folds}-fold CV of {arch.name} ({config.epochs} epochs max)"))
+    return files
+
+
+@dataclass
+class CVOutputs:
+    """What a published cross-validation left for its readers (label issues)."""
+
+    oof: pd.DataFrame
+    summary: dict[str, Any]
+    folds: pd.DataFrame | None
+
+    @property
+    def mean_macro_f1(self) -> float | None:
+        if self.folds is None or not len(self.folds):
+            return None
+        return float(self.folds.loc[self.folds["fold"] == "mean", "macro_f1"].iloc[0])
+
+
+def read_cv_outputs(paths: DataPaths) -> CVOutputs:
+    """The published cross-validation (the out-of-fold table is required; the rest optional)."""
+    oof_path = paths.report("cv_oof")
+    if not oof_path.is_file():
+        raise FileNotFoundError(f"{oof_path} does not exist: materialize cross_validation first")
+    summary_path, folds_path = paths.report("cv_summary"), paths.report("cv_folds").with_suffix(".parquet")
+    return CVOutputs(oof=pd.read_parquet(oof_path),
+                     summary=json.loads(summary_path.read_text()) if summary_path.is_file() else {},
+                     folds=pd.read_parquet(folds_path) if folds_path.is_file() else None)

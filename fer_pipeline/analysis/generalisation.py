@@ -26,13 +26,20 @@ import numpy as np
 import pandas as pd
 
 from fer_pipeline.analysis.bias import group_metrics
-from fer_pipeline.analysis.cross_validation import LogFn, TrainFn, combine_arrays, stable_hash, subset
+from fer_pipeline.analysis.cross_validation import (
+    LogFn,
+    TrainFn,
+    combine_arrays,
+    stable_hash,
+    subset,
+)
 from fer_pipeline.atomic import write_json
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ArchConfig
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.inference import predict_proba
 from fer_pipeline.ml.train import TrainConfig, train_model
+from fer_pipeline.schema import SPLITS
 
 STATUS_DONE = "evaluated"
 NOT_APPLICABLE_ONE_SOURCE = "not applicable: only one source"
@@ -44,7 +51,7 @@ COLUMNS = ["held_out_source", "status", "classes_held_out", "n_train", "n_early_
 
 def eligibility(arrays: dict[str, SplitArrays], min_classes: int = 2) -> dict[str, str]:
     """Per source: ``"eligible"`` or the reason it is skipped."""
-    everything = combine_arrays([arrays[s] for s in ("train", "validation", "test")])
+    everything = combine_arrays([arrays[s] for s in SPLITS])
     sources = everything.frame["source"].astype(str).to_numpy()
     out: dict[str, str] = {}
     for source in sorted(set(sources)):
@@ -91,7 +98,7 @@ def run_leave_one_source_out(
     model's predicted class indices for ``arrays["test"]`` (same order), for the in-domain column."""
     log = log or (lambda _m: None)
     start = time.perf_counter()
-    everything = combine_arrays([arrays[s] for s in ("train", "validation", "test")])
+    everything = combine_arrays([arrays[s] for s in SPLITS])
     all_sources = sorted(set(everything.frame["source"].astype(str)))
     if len(all_sources) < 2:
         row = {c: np.nan for c in COLUMNS}

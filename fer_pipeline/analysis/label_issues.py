@@ -25,11 +25,13 @@ corrections into ``<data root>/relabels.csv``, which the ``manifest`` asset appl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from fer_pipeline.classes import CLASS_TO_INDEX, CLASSES
+from fer_pipeline.paths import RELABELS_FILE
 
 METHODS = ("self_confidence", "normalized_margin")
 
@@ -151,3 +153,72 @@ def rank_label_issues(oof: pd.DataFrame, manifest: pd.DataFrame, *, method: str 
     df = df.reset_index(drop=True)
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     return df[RANKING_COLUMNS], impl
+
+
+# --------------------------------------------------------------------------------------------
+# The report users act on: ranking, relabel suggestions, how far to trust it
+# --------------------------------------------------------------------------------------------
+
+WEAK_CV_MACRO_F1 = 0.5
+"""Below this cross-validation macro-F1 the out-of-fold probabilities say more about the model
+than about the labels."""
+
+RELABEL_HOWTO = (
+    "Nothing is relabelled automatically. To correct labels: review the suspects (thumbnails above; "
+    "`reports/label_issues.csv` has every ranked image with its source path), then write the corrections to "
+    f"`<data root>/{RELABELS_FILE}` with the header `image_id,label,note` (label one of {', '.join(CLASSES)}; "
+    "note optional), e.g. start from `reports/relabels_suggested.csv` (the flagged images with the model's label "
+    "filled in) and keep only the rows you agree with. Re-materialize `manifest` (and downstream): it applies the "
+    "file, records the old label in the column `relabelled_from` and lists the applied rows in its metadata. An "
+    "unknown image id or label stops the manifest with an error naming the line.")
+
+
+def relabel_suggestions(ranked: pd.DataFrame) -> pd.DataFrame:
+    """The flagged images in ``relabels.csv`` form, with the model's label filled in."""
+    flagged = ranked[ranked["is_label_issue"]]
+    return pd.DataFrame({"image_id": flagged["image_id"], "label": flagged["predicted_label"],
+                         "note": "label_issues: given " + flagged["given_label"] + ", model says "
+                                 + flagged["predicted_label"]})
+
+
+def reliability_caution(cv_macro_f1: float | None) -> str:
+    """A caution (markdown) when the cross-validation models are too weak to judge labels; ''
+    when they are not (or unknown)."""
+    if cv_macro_f1 is None or cv_macro_f1 >= WEAK_CV_MACRO_F1:
+        return ""
+    return (f"**Caution:** the cross-validation models are weak (mean macro-F1 {cv_macro_f1:.3f}), so most "
+            "'suspects' are model errors rather than label errors. Give the cross-validation more epochs "
+            "(analysis.cv_epochs) before acting on this ranking.")
+
+
+@dataclass
+class LabelIssueReport:
+    ranked: pd.DataFrame  # RANKING_COLUMNS, most suspect first
+    suggestions: pd.DataFrame  # relabels.csv rows for the flagged images
+    implementation: str
+    cv_macro_f1: float | None
+    caution: str  # '' when the ranking can be trusted as far as CV strength goes
+    coverage_note: str
+
+    @property
+    def flagged(self) -> pd.DataFrame:
+        return self.ranked[self.ranked["is_label_issue"]]
+
+    @property
+    def reliability(self) -> str:
+        return self.caution or (f"cross-validation mean macro-F1 {self.cv_macro_f1:.3f}"
+                                if self.cv_macro_f1 is not None else "no cross-validation table found")
+
+
+def label_issue_report(oof: pd.DataFrame, manifest: pd.DataFrame, *, cv_macro_f1: float | None,
+                       n_pool: int | None, folds_run: object = None,
+                       method: str = "self_confidence") -> LabelIssueReport:
+    """Rank the images of the current manifest that have an out-of-fold prediction (the label
+    the CV trained with is the one judged; a relabel since then shows in the manifest)."""
+    oof = oof[oof["image_id"].isin(manifest["image_id"])]
+    ranked, impl = rank_label_issues(oof, manifest, method=method)
+    coverage = ("every train+validation image has an out-of-fold prediction" if n_pool == len(ranked)
+                else f"only the {len(ranked)} images of the CV folds run ({folds_run}) are ranked: run every fold "
+                     "for full coverage")
+    return LabelIssueReport(ranked, relabel_suggestions(ranked), impl, cv_macro_f1,
+                            reliability_caution(cv_macro_f1), coverage)

@@ -18,14 +18,27 @@ per-group test metrics side by side, so the trade-off is visible.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from fer_pipeline.analysis.bias import ATTRIBUTES, UNKNOWN, group_labels, group_metrics, present_attributes
+from fer_pipeline.analysis.bias import (
+    ATTRIBUTES,
+    UNKNOWN,
+    group_labels,
+    group_metrics,
+    present_attributes,
+)
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.dataset.preprocess import PreprocessSettings
+from fer_pipeline.ml.architectures import ArchConfig
+from fer_pipeline.ml.data import SplitArrays
+from fer_pipeline.ml.train import TrainConfig
+from fer_pipeline.ml.workflow import TrainedModel, train_and_save
+from fer_pipeline.paths import DataPaths
 
 MODES: tuple[str, ...] = ("off", "oversample", "reweight", "both")
 
@@ -171,3 +184,66 @@ def comparison_table(frame: pd.DataFrame, y_true: np.ndarray, before_pred: np.nd
         for name in names:
             rows.append(row(attr, name, g == name))
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+# --------------------------------------------------------------------------------------------
+# Training the mitigated model, and describing it for the before/after comparison
+# --------------------------------------------------------------------------------------------
+
+HOW_TO_ENABLE = ("set resources.analysis.config.mitigation to oversample, reweight or both "
+                 "(and optionally mitigation_attribute / mitigation_min_share)")
+STATUS_OFF = "disabled (analysis.mitigation = off)"
+
+
+@dataclass
+class MitigationOutcome:
+    """What the mitigated_model asset did: trained (``trained`` set) or why not (``status``)."""
+
+    status: str
+    plan: MitigationPlan | None = None
+    trained: TrainedModel | None = None
+    original_rows: int = 0
+
+
+def train_mitigated_model(arrays: dict[str, SplitArrays], *, mode: str, attribute: str, attributes: Sequence[str],
+                          min_share: float, arch: ArchConfig, config: TrainConfig, paths: DataPaths,
+                          data_version: str, preprocess: PreprocessSettings, name: str,
+                          log: Callable[[str], None] | None = None) -> MitigationOutcome:
+    """Retrain ``arch`` with the main recipe on the training split balanced by group of
+    ``attribute`` ("auto": :func:`choose_attribute`), or say why nothing was trained."""
+    if mode not in MODES:
+        raise ValueError(f"analysis.mitigation must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "off":
+        return MitigationOutcome(STATUS_OFF)
+    train = arrays["train"]
+    chosen = choose_attribute(train.frame, attributes) if attribute == "auto" else attribute
+    if chosen is None or chosen not in present_attributes(train.frame, [chosen]):
+        carried = present_attributes(train.frame, attributes) or "none"
+        return MitigationOutcome(f"skipped: no demographic attribute to balance (asked: {attribute}; the training "
+                                 f"split carries {carried})")
+    plan = plan_mitigation(train.frame, mode, chosen, min_share, seed=config.seed)
+    if log:
+        log(f"mitigation '{plan.mode}' on {chosen}: {len(train)} → {len(plan.rows)} training rows\n"
+            f"{plan.shares.round(3).to_string(index=False)}")
+    extra = {"mitigation": {"mode": plan.mode, "attribute": chosen, "min_share": min_share,
+                            "shares": plan.shares.to_dict(orient="records")}}
+    trained = train_and_save(name, arch, config, arrays, paths, data_version, preprocess, train_rows=plan.rows,
+                             sample_weights=plan.weights, extra=extra, log=log)
+    return MitigationOutcome(f"trained ({plan.mode} on {chosen})", plan, trained, len(train))
+
+
+def same_recipe(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Same architecture and training config (seed included) in two checkpoints' metadata."""
+    return (before.get("architecture") == after.get("architecture")
+            and before.get("train_config") == after.get("train_config"))
+
+
+def describe_mitigated(mode: str, after_metadata: dict[str, Any] | None) -> tuple[str, str | None]:
+    """(status line, balanced attribute) of the mitigated model for the before/after table."""
+    if mode == "off":
+        return f"{STATUS_OFF}: only the 'before' columns are filled", None
+    if after_metadata is None:
+        return "no mitigated model (see mitigated_model's metadata)", None
+    mit = (after_metadata.get("extra") or {}).get("mitigation", {})
+    attribute = mit.get("attribute")
+    return f"{mit.get('mode')} on {attribute} (min share {mit.get('min_share')})", attribute

@@ -12,9 +12,13 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+
 from fer_pipeline.atomic import save_figure
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.plots import new_figure, no_data_panel  # one figure factory for every report
+from fer_pipeline.dataset.plots import (  # one figure factory for every report
+    new_figure,
+    no_data_panel,
+)
 
 CV_METRICS = ("accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall")
 

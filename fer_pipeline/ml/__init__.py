@@ -2,15 +2,13 @@
 
 Typical use (what the Dagster assets do)::
 
-    splits = load_split_arrays(root, manifest_df, splits_df)
-    result = train_model(splits["train"].images, splits["train"].labels,
-                         splits["validation"].images, splits["validation"].labels,
-                         ARCHITECTURES[MAIN_MODEL], TrainConfig(), log=context.log.info)
-    save_checkpoint(models_dir / "cnn4.safetensors", result, data_version=version)
-    loaded = load_checkpoint(models_dir / "cnn4.safetensors")          # ml.checkpoint
-    ev = evaluate_model(loaded, splits["test"].images, splits["test"].labels)  # ml.evaluate
-
-(``version`` from :func:`fer_pipeline.ml.workflow.data_version`.)
+    kept, splits, arrays, version = load_pipeline_data(paths)                     # ml.workflow
+    trained = train_and_save("cnn4", ARCHITECTURES[MAIN_MODEL], TrainConfig(), arrays,
+                             paths, version, PreprocessSettings())                # checkpoint + curves
+    comparison = compare_checkpoints(paths, ARCHITECTURES, arrays["train"],
+                                     arrays["test"], version)                     # ml.evaluate
+    write_comparison(paths, comparison)                                           # metrics.json/.csv
+    predict_images(["photo.jpg"], paths.checkpoint(comparison.best))              # ml.predict
 """
 
 from fer_pipeline.ml.architectures import (
@@ -21,7 +19,12 @@ from fer_pipeline.ml.architectures import (
     count_parameters,
     get_architecture,
 )
-from fer_pipeline.ml.data import AugmentConfig, Normalization, SplitArrays, load_split_arrays
+from fer_pipeline.ml.data import (
+    AugmentConfig,
+    Normalization,
+    SplitArrays,
+    load_split_arrays,
+)
 from fer_pipeline.ml.metrics import (
     ClassificationMetrics,
     best_model_name,

@@ -22,6 +22,7 @@ from torch import nn
 
 from fer_pipeline.atomic import write_bytes
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline.ml.architectures import ArchConfig, build_model
 from fer_pipeline.ml.data import Normalization
 from fer_pipeline.ml.inference import predict_proba
@@ -42,6 +43,7 @@ class LoadedModel:
     input_size: tuple[int, int]  # (height, width)
     normalization: Normalization
     tta_flip: bool
+    preprocess: PreprocessSettings  # how the training faces were prepared: prediction does the same
     metadata: dict[str, Any] = field(repr=False)
     path: Path | None = None
 
@@ -62,6 +64,7 @@ def save_checkpoint(
     result: TrainResult,
     *,
     data_version: str,
+    preprocess: PreprocessSettings | None = None,
     metrics: dict[str, Any] | None = None,
     model_name: str | None = None,
     classes: tuple[str, ...] = CLASSES,
@@ -70,10 +73,15 @@ def save_checkpoint(
     """Write ``result``'s best weights and description atomically to ``path`` (.safetensors).
 
     ``data_version`` identifies the manifest/splits the model was trained on (e.g. a hash);
-    ``metrics`` is any JSON-able dict (validation/test metrics); ``extra`` is stored as is.
+    ``preprocess`` the settings the training faces were prepared with (default: the defaults at
+    the model's input size), applied again at prediction time; ``metrics`` is any JSON-able dict
+    (validation/test metrics); ``extra`` is stored as is.
     """
     if len(classes) != result.n_classes:
         raise ValueError(f"{len(classes)} class names for a {result.n_classes}-class model")
+    preprocess = preprocess or PreprocessSettings(image_size=tuple(result.input_size))
+    if tuple(preprocess.image_size) != tuple(result.input_size):
+        raise ValueError(f"preprocessing makes {preprocess.image_size} faces, the model takes {result.input_size}")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -83,6 +91,7 @@ def save_checkpoint(
         "input_size": list(result.input_size),
         "in_channels": 1,
         "normalization": result.normalization.to_dict(),
+        "preprocess": {**preprocess.to_dict(), "key": preprocess.key},
         "tta_flip": result.config.tta_flip,
         "data_version": data_version,
         "train_config": result.config.to_dict(),
@@ -132,9 +141,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         input_size=input_size,
         normalization=Normalization(mean=float(norm["mean"]), std=float(norm["std"])),
         tta_flip=bool(meta.get("tta_flip", False)),
+        preprocess=_preprocess_settings(meta, input_size),
         metadata=meta,
         path=path,
     )
+
+
+def _preprocess_settings(meta: dict[str, Any], input_size: tuple[int, int]) -> PreprocessSettings:
+    """The recorded preprocessing (checkpoints written before it was recorded: the defaults)."""
+    recorded = meta.get("preprocess")
+    if recorded is None:
+        return PreprocessSettings(image_size=input_size)
+    settings = PreprocessSettings.from_dict(recorded)
+    if settings.image_size != input_size:
+        raise ValueError(f"checkpoint preprocessing makes {settings.image_size} faces, the model takes {input_size}")
+    return settings
 
 
 def _json_default(o: Any) -> Any:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fer_pipeline.classes import CLASS_TO_INDEX
+from fer_pipeline.schema import SPLITS
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def load_split_arrays(
     data_root: str | Path,
     manifest: pd.DataFrame,
     splits: pd.DataFrame,
-    split_names: tuple[str, ...] = ("train", "validation", "test"),
+    split_names: tuple[str, ...] = SPLITS,
     with_images: bool = True,
 ) -> dict[str, SplitArrays]:
     """Join manifest and splits on ``image_id`` and load each split's processed faces.
@@ -158,7 +159,7 @@ def load_split_arrays(
     depend on the row order the tables happened to be written in. ``with_images=False`` gives
     empty (N, 0, 0) images, for callers that only need labels and rows.
     """
-    from fer_pipeline.face_store import load_faces
+    from fer_pipeline.dataset.face_store import load_faces
 
     joined = manifest.merge(splits[["image_id", "split", "fold"]], on="image_id", how="inner")
     unknown = set(joined["label"]) - set(CLASS_TO_INDEX)

@@ -184,3 +184,17 @@ def compare_models(results: Mapping[str, ClassificationMetrics | Mapping[str, An
 def best_model_name(comparison: pd.DataFrame) -> str:
     """Name of the row :func:`compare_models` marked best."""
     return str(comparison.loc[comparison["is_best"], "model"].iloc[0])
+
+
+def group_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:
+    """n, accuracy and macro precision/recall/F1 over the classes present in ``y_true``: the
+    score of one subset (a demographic group, a source). Averaging only present classes keeps a
+    small group that lacks a class from being penalised for it."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if not len(y_true):
+        return {"n": 0, "accuracy": np.nan, "macro_precision": np.nan, "macro_recall": np.nan, "macro_f1": np.nan}
+    m = evaluate_predictions(y_true, y_pred, classes=classes)
+    present = m.per_class[m.per_class["support"] > 0]
+    return {"n": int(m.n), "accuracy": float(m.accuracy), "macro_precision": float(present["precision"].mean()),
+            "macro_recall": float(present["recall"].mean()), "macro_f1": float(present["f1"].mean())}

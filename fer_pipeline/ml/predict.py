@@ -1,6 +1,6 @@
 """Application mode: classify image files, folders (recursively) and .zip archives.
 
-Every input is decoded with the pipeline's own :func:`fer_pipeline.preprocess.decode_face`,
+Every input is decoded with the pipeline's own :func:`fer_pipeline.dataset.preprocess.decode_face`,
 so a face is prepared for prediction exactly as training faces were. One unreadable input
 yields a :class:`Prediction` with an ``error`` and never stops the others.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from fer_pipeline.dataset.source_readers import is_image_name, junk_reason
 from fer_pipeline.ml.checkpoint import LoadedModel, load_checkpoint
-from fer_pipeline.source_readers import is_image_name, junk_reason
 
 ZIP_SEPARATOR = "::"  # "photos.zip::folder/face.jpg" names a zip member
 
@@ -109,10 +109,10 @@ def predict_images(
     Returns one :class:`Prediction` per image found (in input order), plus one with an
     ``error`` for each unreadable file, missing path, bad archive or image-less folder.
     """
-    from fer_pipeline.preprocess import PreprocessSettings, decode_face
+    from fer_pipeline.dataset.preprocess import decode_face
 
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
-    settings = PreprocessSettings(image_size=loaded.input_size)
+    settings = loaded.preprocess  # exactly what the training faces went through
     results: list[Prediction | None] = []
     pending: list[tuple[int, str, np.ndarray]] = []
 

@@ -32,7 +32,13 @@ from torch import nn
 
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ArchConfig, build_model
-from fer_pipeline.ml.data import AugmentConfig, Normalization, augment_batch, normalize, to_unit_tensor
+from fer_pipeline.ml.data import (
+    AugmentConfig,
+    Normalization,
+    augment_batch,
+    normalize,
+    to_unit_tensor,
+)
 from fer_pipeline.ml.inference import predict_logits, resolve_device
 from fer_pipeline.ml.metrics import macro_f1
 

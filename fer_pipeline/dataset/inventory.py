@@ -17,13 +17,20 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from fer_pipeline.catalog import Catalog, SourceSpec
-from fer_pipeline.demographics import load_demographics
-from fer_pipeline.source_readers import Member, SourceReader, is_image_name, junk_reason, open_reader
+from fer_pipeline.dataset.catalog import Catalog, SourceSpec
+from fer_pipeline.dataset.demographics import load_demographics
+from fer_pipeline.dataset.source_readers import (
+    Member,
+    SourceReader,
+    is_image_name,
+    junk_reason,
+    open_reader,
+)
 
-SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test",
-               "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
-               "publictest": "test", "privatetest": "test"}
+# folder names (lower case) that are a source's own split, and the split (schema.SPLITS) they hint at
+SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing": "test",
+                 "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
+                 "publictest": "test", "privatetest": "test"}
 
 # status of an inventory row: a candidate goes on to decoding, the others are excluded here
 CANDIDATE, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED = "candidate", "junk", "not_image", "no_label", "unmapped"
@@ -42,12 +49,12 @@ def folder_label(path: str, spec: SourceSpec) -> tuple[str | None, str | None]:
     deepest folder that is not a split name (so unmapped labels are still reported by name).
     """
     folders = list(PurePosixPath(path).parts[:-1])
-    split_hint = next((SPLIT_NAMES[f.lower()] for f in folders if f.lower() in SPLIT_NAMES), None)
+    split_hint = next((SPLIT_FOLDERS[f.lower()] for f in folders if f.lower() in SPLIT_FOLDERS), None)
     for folder in reversed(folders):
         if folder.lower() in spec.label_map:
             return folder, split_hint
     for folder in reversed(folders):
-        if folder.lower() not in SPLIT_NAMES:
+        if folder.lower() not in SPLIT_FOLDERS:
             return folder, split_hint
     return None, split_hint
 
@@ -122,11 +129,11 @@ def _spec_digest(spec: SourceSpec, data_root: Path) -> str:
 def build_inventory(catalog: Catalog, data_root: Path, previous: pd.DataFrame | None = None) -> InventoryReport:
     """Inventory all sources of the catalogue.
 
-    A source whose listing (stat data of its files, see :mod:`fer_pipeline.source_watch`) and
+    A source whose listing (stat data of its files, see :mod:`fer_pipeline.dataset.source_watch`) and
     catalogue entry are unchanged since ``previous`` reuses its rows without being listed again;
     the listings travel with the table as ``table.attrs[LISTINGS_ATTR]`` (kept in the Parquet file).
     """
-    from fer_pipeline.source_watch import fingerprint_source
+    from fer_pipeline.dataset.source_watch import fingerprint_source
 
     start = time.perf_counter()
     prev_listings: dict[str, dict[str, object]] = {}

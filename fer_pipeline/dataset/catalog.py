@@ -14,9 +14,10 @@ from typing import Any
 import yaml
 
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES
 
 KINDS = ("image_folders", "fer2013_csv", "synthetic")
-DEMOGRAPHIC_ATTRIBUTES = ("gender", "age_group", "race")
+
 FER2013_EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 _CLASS_BY_LOWER = {c.lower(): c for c in CLASSES}
 

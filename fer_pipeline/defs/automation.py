@@ -2,7 +2,7 @@
 
 * ``source_files_sensor`` watches ``sources.yaml`` and every source it lists (new, changed or
   removed files in a folder; an archive or CSV replaced as a whole) with a stat-only
-  fingerprint (:mod:`fer_pipeline.source_watch`) and requests ONE run per change, with a run key
+  fingerprint (:mod:`fer_pipeline.dataset.source_watch`) and requests ONE run per change, with a run key
   derived from the new fingerprint, so each change triggers exactly one run and nothing
   happens when nothing changed. The run brings every data asset (inventory, faces,
   de-duplication, manifest, splits, plots) and their checks up to date; the stages are
@@ -31,9 +31,9 @@ except ImportError:  # pragma: no cover - then ScheduleDefinition's own validati
     def is_valid_cron_string(cron_string: str) -> bool:
         return True
 
-from fer_pipeline import source_watch
-from fer_pipeline.catalog import CatalogError
-from fer_pipeline.resources import FerSettings
+from fer_pipeline.dataset import source_watch
+from fer_pipeline.dataset.catalog import CatalogError
+from fer_pipeline.defs.resources import FerSettings
 
 DATA_JOB = "data_pipeline"
 MAIN_JOB = "main"

@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fer_pipeline.atomic import save_figure
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.face_store import load_face, load_faces
+from fer_pipeline.dataset.face_store import load_face, load_faces
 
 __all__ = [
     "CLASS_COLORS",

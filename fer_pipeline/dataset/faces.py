@@ -1,9 +1,9 @@
 """The faces stage: decode, validate and normalise every candidate image, in parallel, once.
 
-Work is keyed by raw content hash in the :class:`~fer_pipeline.face_store.FaceStore`: files seen
+Work is keyed by raw content hash in the :class:`~fer_pipeline.dataset.face_store.FaceStore`: files seen
 before under the same settings are not read, decoded or hashed again, so re-running after a
 source grows only processes the new files. Large batches are decoded in worker processes
-(both cores; :mod:`fer_pipeline.face_batch` is what a worker runs) while the parent streams
+(both cores; :mod:`fer_pipeline.dataset.face_batch` is what a worker runs) while the parent streams
 bytes out of the sources through a bounded queue, so memory stays bounded.
 """
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fer_pipeline.face_batch import ChunkResult, init_worker, process_chunk
-from fer_pipeline.face_store import INDEX_COLUMNS, FaceStore
-from fer_pipeline.preprocess import PreprocessSettings
+from fer_pipeline.dataset.face_batch import ChunkResult, init_worker, process_chunk
+from fer_pipeline.dataset.face_store import INDEX_COLUMNS, FaceStore
+from fer_pipeline.dataset.preprocess import PreprocessSettings
 
 CHUNK = 128  # images per task sent to a worker
 SHARD_ROWS = 20_000  # faces per shard file: bounds the parent's memory on huge sources

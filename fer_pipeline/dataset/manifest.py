@@ -13,13 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.inventory import CANDIDATE, UNMAPPED
-
-MANIFEST_COLUMNS = ["image_id", "source", "source_path", "original_label", "label", "split_hint",
-                    "width", "height", "face_path", "face_height", "face_width", "phash", "dup_group",
-                    "dup_group_size", "mean_intensity", "std_intensity", "gender", "age_group", "race",
-                    "sha256", "bytes"]
-EXCLUDED_COLUMNS = ["source", "source_path", "stage", "reason", "raw_label", "label", "duplicate_of"]
+from fer_pipeline.dataset.inventory import CANDIDATE, UNMAPPED
+from fer_pipeline.paths import RELABELS_FILE
+from fer_pipeline.schema import EXCLUDED_COLUMNS, MANIFEST_COLUMNS
 
 
 def image_id_for(sha256: pd.Series) -> pd.Series:
@@ -71,7 +67,7 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
         dups["reason"] = "duplicate of " + dups["duplicate_of"].astype(str) + " (" + rp + ")"
         dups["stage"] = "deduplication"
         excluded_parts.append(dups)
-    excluded = pd.concat([p.reindex(columns=EXCLUDED_COLUMNS) for p in excluded_parts], ignore_index=True)
+    excluded = pd.concat([p.reindex(columns=list(EXCLUDED_COLUMNS)) for p in excluded_parts], ignore_index=True)
     excluded = excluded.sort_values(["source", "source_path"], kind="mergesort").reset_index(drop=True)
 
     kept = dedup[dedup["is_representative"] & ~dedup["conflict"]].copy()
@@ -81,7 +77,7 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
         kept[col] = kept[col].astype("int64")
     for col in ("mean_intensity", "std_intensity"):
         kept[col] = kept[col].astype("float64")
-    manifest = kept[MANIFEST_COLUMNS].sort_values(["source", "source_path"], kind="mergesort").reset_index(drop=True)
+    manifest = kept[list(MANIFEST_COLUMNS)].sort_values(["source", "source_path"], kind="mergesort").reset_index(drop=True)
     return manifest, excluded
 
 
@@ -103,7 +99,6 @@ def check_accounting(inventory: pd.DataFrame, manifest: pd.DataFrame, excluded: 
 # User relabels: <data root>/relabels.csv (image_id,label[,note]), applied on every manifest run
 # --------------------------------------------------------------------------------------------
 
-RELABELS_FILE = "relabels.csv"
 RELABEL_REPORT_COLUMNS = ["line", "image_id", "source", "source_path", "label_before", "label_after", "note",
                           "applied"]
 

@@ -25,6 +25,7 @@ import pandas as pd
 from PIL import Image
 
 from fer_pipeline.atomic import atomic_path, write_parquet
+from fer_pipeline.paths import FACES_DIR
 
 INDEX_COLUMNS = ["sha256", "reason", "width", "height", "face_ref", "pixel_sha",
                  "phash", "phash_mirror", "mean_intensity", "std_intensity"]
@@ -36,7 +37,7 @@ class FaceStore:
     def __init__(self, data_root: Path, settings_key: str) -> None:
         self.data_root = Path(data_root)
         self.settings_key = settings_key
-        self.dir = self.data_root / "faces" / settings_key
+        self.dir = self.data_root / FACES_DIR / settings_key
         self.index_path = self.dir / "index.parquet"
 
     def load_index(self) -> pd.DataFrame:
@@ -49,7 +50,7 @@ class FaceStore:
 
     def write_shard(self, shard_id: str, faces: np.ndarray) -> list[str]:
         """Write a shard atomically; return the face refs of its rows."""
-        rel = f"faces/{self.settings_key}/shards/{shard_id}.npy"
+        rel = f"{FACES_DIR}/{self.settings_key}/shards/{shard_id}.npy"
         with atomic_path(self.data_root / rel) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(faces, dtype=np.uint8))

@@ -11,7 +11,8 @@ import hashlib
 import io
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,6 +28,18 @@ class PreprocessSettings:
     min_side: int = 32  # reject images smaller than this on either side (pixels)
     max_pixels: int = 40_000_000  # larger images are treated as decompression bombs
     min_std: float = 3.0  # processed faces with a lower pixel std are near-constant / blank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "image_size": list(self.image_size)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessSettings":
+        """Settings from :meth:`to_dict` (unknown keys, such as a stored ``key``, are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "image_size" in values:
+            values["image_size"] = tuple(int(v) for v in values["image_size"])
+        return cls(**values)
 
     @property
     def key(self) -> str:

@@ -1,7 +1,7 @@
 """The worker side of the faces stage: decode, validate, normalise and hash one chunk of files.
 
 Only NumPy, Pillow and threadpoolctl are imported here (no pandas), so the worker processes of
-the faces stage start fast; the parent (:mod:`fer_pipeline.faces`) turns results into tables.
+the faces stage start fast; the parent (:mod:`fer_pipeline.dataset.faces`) turns results into tables.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fer_pipeline.phash import phashes, to_hex
-from fer_pipeline.preprocess import PreprocessSettings, decode_faces
+from fer_pipeline.dataset.phash import phashes, to_hex
+from fer_pipeline.dataset.preprocess import PreprocessSettings, decode_faces
 
 
 @dataclass

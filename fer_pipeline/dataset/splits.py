@@ -14,7 +14,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-SPLITS = ("train", "validation", "test")
+from fer_pipeline.schema import SPLITS, TEST_FOLD
 
 
 def _stable_rank(keys: pd.Series, seed: int) -> np.ndarray:
@@ -53,7 +53,7 @@ def assign_splits(manifest: pd.DataFrame, proportions: dict[str, float] | None =
         for key, split in zip(g[group_column], labels):
             split_of[key] = str(split)
             if split == "test":
-                fold_of[key] = -1
+                fold_of[key] = TEST_FOLD
             else:
                 fold_of[key] = k % n_folds  # round-robin over the hash order: stratified folds
                 k += 1

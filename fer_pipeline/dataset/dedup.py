@@ -40,7 +40,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from fer_pipeline.atomic import atomic_path
-from fer_pipeline.phash import from_hex
+from fer_pipeline.dataset.phash import from_hex
 
 BLOCK = 256  # rows per block of the all-pairs fallback: cache-friendly temporaries
 MAX_PAIRS_PER_STEP = 2_000_000  # candidate pairs generated at once by the band join (bounds memory)

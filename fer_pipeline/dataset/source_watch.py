@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fer_pipeline.catalog import Catalog, SourceSpec, load_catalog
+from fer_pipeline.dataset.catalog import Catalog, SourceSpec, load_catalog
 
 CURSOR_VERSION = 1
 MISSING = "missing"
@@ -160,7 +160,7 @@ def fingerprint_catalog(catalog: Catalog, catalog_bytes: bytes, data_root: Path)
 def fingerprint_sources(data_root: Path) -> Fingerprint:
     """Fingerprint ``<data_root>/sources.yaml`` and every source it lists.
 
-    Raises :class:`~fer_pipeline.catalog.CatalogError` when the catalogue is missing or invalid
+    Raises :class:`~fer_pipeline.dataset.catalog.CatalogError` when the catalogue is missing or invalid
     (the message names the source and the field).
     """
     data_root = Path(data_root)

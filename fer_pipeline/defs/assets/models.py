@@ -5,38 +5,19 @@ import json
 import time
 
 import dagster as dg
-import pandas as pd
-from pydantic import Field
 
-from fer_pipeline.assets.data import manifest, splits
-from fer_pipeline.assets.metadata import md_image, md_table
-from fer_pipeline.atomic import write_csv, write_json
-from fer_pipeline.classes import CLASSES
+from fer_pipeline.defs.assets.data import manifest, splits
+from fer_pipeline.defs.metadata import md_image, md_table
+from fer_pipeline.defs.resources import FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL, ArchConfig
-from fer_pipeline.ml.metrics import best_model_name, compare_models, majority_baseline
-from fer_pipeline.ml.plots import plot_confusion_matrix
-from fer_pipeline.ml.train import TrainConfig
-from fer_pipeline.ml.workflow import evaluate_checkpoint, load_pipeline_data, train_and_save, weights_are_finite
-from fer_pipeline.resources import FerSettings
+from fer_pipeline.ml.evaluate import compare_checkpoints, write_comparison
+from fer_pipeline.ml.workflow import (
+    load_pipeline_data,
+    train_and_save,
+    weights_are_finite,
+)
 
 GROUP = "models"
-
-
-class TrainSettings(dg.ConfigurableResource):
-    """Training recipe knobs (the rest of :class:`TrainConfig` keeps its tuned defaults)."""
-
-    epochs: int = Field(default=40, description="Maximum epochs per model")
-    patience: int = Field(default=12, description="Early stopping: epochs without val macro-F1 gain")
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    device: str = Field(default="auto", description="auto = CUDA when available, else CPU")
-    num_threads: int = Field(default=0, description="torch CPU threads; 0 = torch default")
-    macro_f1_floor: float = Field(default=0.5, description="Warn when a model's test macro-F1 is below")
-
-    def config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, lr=self.lr,
-                           seed=self.seed, device=self.device, num_threads=self.num_threads or None)
 
 
 def _load_arrays(fer: FerSettings):
@@ -63,7 +44,7 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
         arrays, version = _load_arrays(fer)
         context.log.info(f"training {name} on {len(arrays['train'])} images, validating on "
                          f"{len(arrays['validation'])} (data version {version})")
-        trained = train_and_save(name, arch, training.config(), arrays, fer.paths.models_dir, version,
+        trained = train_and_save(name, arch, training.config(), arrays, fer.paths, version, fer.preprocess,
                                  log=context.log.info)
         finite, bad = weights_are_finite(trained.checkpoint)
         val, base = trained.validation, trained.baseline_validation
@@ -111,37 +92,24 @@ def model_evaluation(context: dg.AssetExecutionContext, fer: FerSettings,
     start = time.perf_counter()
     paths = fer.paths
     arrays, version = _load_arrays(fer)
-    test = arrays["test"]
-    results, metadata = {}, {}
-    for name in ARCHITECTURES:
-        ev = evaluate_checkpoint(paths.models_dir / f"{name}.safetensors", test)
-        if ev.loaded.metadata.get("data_version") != version:
-            context.log.warning(f"{name} was trained on data version {ev.loaded.metadata.get('data_version')}, "
-                                f"the splits are now {version}: re-materialize the model")
-        results[name] = ev.metrics
-        png = plot_confusion_matrix(ev.metrics.confusion, CLASSES, paths.reports_dir / f"confusion_{name}.png",
-                                    title=f"{name} — test split (n={ev.metrics.n})")
-        metadata[f"confusion_{name}"] = md_image(png, name)
+    comparison = compare_checkpoints(paths, ARCHITECTURES, arrays["train"], arrays["test"], version)
+    for warning in comparison.warnings:
+        context.log.warning(warning)
+    files = write_comparison(paths, comparison)
+    metadata: dict[str, object] = {}
+    for name, ev in comparison.evaluations.items():
+        metadata[f"confusion_{name}"] = md_image(files[f"confusion_{name}"], name)
         metadata[f"per_class_{name}"] = md_table(ev.metrics.per_class.round(4))
-    baseline = majority_baseline(arrays["train"].labels, test.labels)
-    table = compare_models({**results, "majority_baseline": baseline})
-    models_only = table[table["model"] != "majority_baseline"].reset_index(drop=True)
-    best = best_model_name(models_only)
-    write_csv(paths.reports_dir / "metrics.csv", table)
-    write_json(paths.reports_dir / "metrics.json", {
-        "best_model": best, "data_version": version, "split": "test", "n_test": int(len(test)),
-        "models": {n: m.to_dict() for n, m in results.items()}, "majority_baseline": baseline.to_dict(),
-        "checkpoints": {n: str(paths.models_dir / f"{n}.safetensors") for n in results},
-    })
-    below = {n: round(m.macro_f1, 4) for n, m in results.items() if m.macro_f1 < training.macro_f1_floor}
-    context.log.info(f"best model: {best}\n{table.to_string(index=False)}")
+    below = comparison.below(training.macro_f1_floor)
+    context.log.info(f"best model: {comparison.best}\n{comparison.table.to_string(index=False)}")
     return dg.MaterializeResult(
-        metadata={"best_model": best, "comparison": md_table(table.round(4)), **metadata,
-                  "metrics_json": dg.MetadataValue.path(str(paths.reports_dir / "metrics.json")),
-                  "data_version": version, "n_test": len(test),
+        metadata={"best_model": comparison.best, "comparison": md_table(comparison.table.round(4)), **metadata,
+                  "metrics_json": dg.MetadataValue.path(str(paths.metrics_json)),
+                  "data_version": version, "n_test": comparison.report.n_test,
                   "seconds": round(time.perf_counter() - start, 1)},
         check_results=[dg.AssetCheckResult(
             check_name="test_macro_f1_floor", passed=not below, severity=dg.AssetCheckSeverity.WARN,
             metadata={"floor": training.macro_f1_floor, "models_below": json.dumps(below),
-                      "test_macro_f1": {n: round(m.macro_f1, 4) for n, m in results.items()}})],
+                      "test_macro_f1": {n: round(e.metrics.macro_f1, 4)
+                                        for n, e in comparison.evaluations.items()}})],
     )

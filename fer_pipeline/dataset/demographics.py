@@ -17,8 +17,8 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from fer_pipeline.catalog import DEMOGRAPHIC_ATTRIBUTES, SourceSpec
-from fer_pipeline.source_readers import FolderReader, SourceReader, ZipReader
+from fer_pipeline.dataset.catalog import DEMOGRAPHIC_ATTRIBUTES, SourceSpec
+from fer_pipeline.dataset.source_readers import FolderReader, SourceReader, ZipReader
 
 _GENDER = {"m": "male", "male": "male", "man": "male", "men": "male",
            "f": "female", "female": "female", "woman": "female", "women": "female"}

@@ -8,25 +8,32 @@ import time
 import dagster as dg
 import pandas as pd
 
-from fer_pipeline import dedup as dedup_core
-from fer_pipeline import plots
-from fer_pipeline.assets.metadata import SYNTHETIC_NOTE, counts, md_image, md_table
 from fer_pipeline.atomic import write_parquet
-from fer_pipeline.face_store import FaceStore, load_faces
-from fer_pipeline.faces import process_faces
-from fer_pipeline.inventory import build_inventory
-from fer_pipeline.manifest import (RELABELS_FILE, apply_relabels, build_manifest, candidates_for_decoding,
-                                   check_accounting, dedup_input, read_relabels)
-from fer_pipeline.resources import FerSettings
-from fer_pipeline.source_readers import SourceBytes
-from fer_pipeline.splits import assign_splits, split_summary
+from fer_pipeline.dataset import dedup as dedup_core
+from fer_pipeline.dataset import plots
+from fer_pipeline.dataset.face_store import FaceStore, load_faces
+from fer_pipeline.dataset.faces import process_faces
+from fer_pipeline.dataset.inventory import build_inventory
+from fer_pipeline.dataset.manifest import (
+    apply_relabels,
+    build_manifest,
+    candidates_for_decoding,
+    check_accounting,
+    dedup_input,
+    read_relabels,
+)
+from fer_pipeline.dataset.source_readers import SourceBytes
+from fer_pipeline.dataset.splits import assign_splits, split_summary
+from fer_pipeline.defs.metadata import SYNTHETIC_NOTE, counts, md_image, md_table
+from fer_pipeline.defs.resources import FerSettings
+from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES, SPLIT_COLUMNS
 
 GROUP = "data"
 
 
 def _prepare_synthetic(settings: FerSettings, log: dg.DagsterLogManager) -> list[str]:
     """Generate the demo source(s) the first time (deterministic, so re-running is a no-op)."""
-    from fer_pipeline.synthetic_faces import generate_demo_source
+    from fer_pipeline.dataset.synthetic_faces import generate_demo_source
 
     names = []
     for spec in settings.catalog().sources:
@@ -50,7 +57,7 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
     per_source = inv.pivot_table(index="source", columns="status", values="source_path", aggfunc="count",
                                  fill_value=0)
     unmapped = inv[inv["status"] == "unmapped"].groupby(["source", "raw_label"]).size().rename("files").reset_index()
-    coverage = inv[inv["status"] == "candidate"].groupby("source")[["gender", "age_group", "race"]].count()
+    coverage = inv[inv["status"] == "candidate"].groupby("source")[list(DEMOGRAPHIC_ATTRIBUTES)].count()
     metadata: dict[str, object] = {
         "files": len(inv),
         "candidates": int((inv["status"] == "candidate").sum()),
@@ -154,13 +161,13 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
     dedup_table = pd.read_parquet(paths.dedup_table)
     kept, excluded = build_manifest(inv, faces_table, dedup_table, (fer.image_size, fer.image_size))
     # user corrections (e.g. from the label_issues report); recorded in column relabelled_from
-    kept, relabels = apply_relabels(kept, read_relabels(paths.root / RELABELS_FILE))
+    kept, relabels = apply_relabels(kept, read_relabels(paths.relabels))
     accounting = check_accounting(inv, kept, excluded)
     write_parquet(paths.manifest, kept)
     write_parquet(paths.excluded, excluded)
     by_class_source = kept.pivot_table(index="label", columns="source", values="image_id", aggfunc="count",
                                        fill_value=0)
-    coverage = {attr: int(kept[attr].notna().sum()) for attr in ("gender", "age_group", "race")}
+    coverage = {attr: int(kept[attr].notna().sum()) for attr in DEMOGRAPHIC_ATTRIBUTES}
     excl_reasons = excluded["reason"].map(plots.reason_category)
     metadata: dict[str, object] = {
         "dagster/row_count": len(kept),
@@ -191,7 +198,7 @@ def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materializ
     paths = fer.paths
     kept = pd.read_parquet(paths.manifest)
     table = assign_splits(kept, fer.split_proportions, fer.n_folds, fer.split_seed)
-    write_parquet(paths.splits, table[["image_id", "split", "fold"]])
+    write_parquet(paths.splits, table[list(SPLIT_COLUMNS)])
     summary = split_summary(table)
     hints = kept[["image_id", "split_hint"]].merge(table[["image_id", "split"]], on="image_id")
     hints = hints[hints["split_hint"].notna()]
@@ -214,12 +221,11 @@ def data_plots(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materi
     paths = fer.paths
     kept = pd.read_parquet(paths.manifest)
     excluded = pd.read_parquet(paths.excluded)
-    out = paths.reports_dir
     files = {
-        "class_distribution": plots.plot_class_distribution(kept, out / "class_distribution.png"),
-        "sample_faces": plots.plot_sample_grid(kept, paths.root, out / "sample_faces.png"),
-        "intensity_histograms": plots.plot_intensity_histograms(kept, paths.root, out / "intensity_histograms.png"),
-        "exclusions": plots.plot_exclusions(excluded, out / "exclusions.png"),
+        "class_distribution": plots.plot_class_distribution(kept, paths.report("class_distribution")),
+        "sample_faces": plots.plot_sample_grid(kept, paths.root, paths.report("sample_faces")),
+        "intensity_histograms": plots.plot_intensity_histograms(kept, paths.root, paths.report("intensity_histograms")),
+        "exclusions": plots.plot_exclusions(excluded, paths.report("exclusions")),
     }
     metadata: dict[str, object] = {name: md_image(path, name) for name, path in files.items()}
     metadata["files"] = dg.MetadataValue.json({k: str(v) for k, v in files.items()})

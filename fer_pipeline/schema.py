@@ -1,0 +1,84 @@
+"""The columns and names of the published tables: the one home of what other tools read.
+
+File *locations* live in :class:`fer_pipeline.paths.DataPaths`; the class names and their order
+in :mod:`fer_pipeline.classes`. Writers build these columns, readers and checks expect them.
+No heavy imports here: the CLI and the face workers read it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+"""Split names, in the order reports show them."""
+
+TEST_FOLD = -1
+"""``fold`` of a test image in ``splits.parquet`` (train+validation images carry 0..k-1)."""
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "image_id", "source", "source_path", "original_label", "label", "split_hint",
+    "width", "height", "face_path", "face_height", "face_width", "phash", "dup_group",
+    "dup_group_size", "mean_intensity", "std_intensity", "gender", "age_group", "race",
+    "sha256", "bytes",
+)  # fmt: skip
+"""``manifest.parquet``: one row per kept image (the manifest asset may add ``relabelled_from``)."""
+
+MANIFEST_KEY_COLUMNS: tuple[str, ...] = ("image_id", "source", "source_path", "label", "face_path", "phash")
+"""Manifest columns that may never be null."""
+
+EXCLUDED_COLUMNS: tuple[str, ...] = ("source", "source_path", "stage", "reason", "raw_label", "label",
+                                     "duplicate_of")
+"""``excluded.parquet``: one row per source file not kept, with the stage and the reason."""
+
+SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "split", "fold")
+"""``splits.parquet``."""
+
+DEMOGRAPHIC_ATTRIBUTES: tuple[str, ...] = ("gender", "age_group", "race")
+"""Nullable demographic columns of the inventory and the manifest."""
+
+
+# --------------------------------------------------------------------------------------------
+# reports/metrics.json: written by model_evaluation, read by `fer-pipeline predict` (default
+# model) and the summary `make demo` prints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricsReport:
+    """The test-split comparison of every model, and which one is best."""
+
+    best_model: str
+    data_version: str
+    n_test: int
+    models: dict[str, dict[str, Any]]  # model name -> ClassificationMetrics.to_dict()
+    majority_baseline: dict[str, Any]
+    checkpoints: dict[str, str]  # model name -> checkpoint path (absolute, or relative to the data root)
+    split: str = "test"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> "MetricsReport":
+        """Parse ``metrics.json``; ValueError (naming the file and key) when it is not one."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return cls(best_model=str(data["best_model"]), data_version=str(data.get("data_version", "")),
+                       n_test=int(data.get("n_test", 0)), models=dict(data.get("models") or {}),
+                       majority_baseline=dict(data.get("majority_baseline") or {}),
+                       checkpoints=dict(data.get("checkpoints") or {}), split=str(data.get("split", "test")))
+        except KeyError as exc:
+            raise ValueError(f"{path} records no {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path} is not a metrics report: {exc}") from None
+
+    def best_macro_f1(self) -> float | None:
+        """The best model's test macro-F1, when recorded."""
+        value = ((self.models.get(self.best_model) or {}).get("f1") or {}).get("macro")
+        return float(value) if value is not None else None

@@ -11,7 +11,7 @@
 # Environment: DAGSTER_HOME (default ./dagster_home; runs, check results, sensor cursors and
 # schedules live there in SQLite, so they survive a restart), UI_HOST (127.0.0.1), UI_PORT (3000),
 # UI_START_TIMEOUT (seconds to wait for the server, 240), FER_DATA_DIR and the FER_* switches of
-# fer_pipeline/automation.py, passed through to the code location.
+# fer_pipeline/defs/automation.py, passed through to the code location.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"

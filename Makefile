@@ -36,6 +36,7 @@ data: setup
 # Set up, then run the whole test suite (CI runs exactly this via .ci/run).
 test: setup
 	bash scripts/install_browser.sh
+	bash scripts/install_postgres.sh
 	$(BIN)/python -m pytest -q
 
 # For development: everything but the browser test and the slow (training / full-graph) tests.

@@ -1,4 +1,9 @@
-"""Write-then-rename helpers, so an interrupted run never leaves a half-written output."""
+"""Write-then-rename helpers, so an interrupted run never leaves a half-written output.
+
+Every write goes to a temporary file beside the target, is flushed to disk (fsync), then renamed
+over the target, and the folder is synced so the rename itself survives a crash: a reader sees
+the old file or the new one, never a torn one.
+"""
 
 from __future__ import annotations
 
@@ -24,10 +29,43 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
+        fsync_file(tmp_path)
         os.replace(tmp_path, target)
+        fsync_dir(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a written file's data to disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_synced(src: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Rename an already written (and synced) file over ``target`` and sync the folder."""
+    fsync_file(src)
+    os.replace(src, target)
+    fsync_dir(Path(target).parent)
+    return Path(target)
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
@@ -44,10 +82,30 @@ def write_json(target: str | os.PathLike[str], obj: Any) -> Path:
     return write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_parquet(target: str | os.PathLike[str], df: pd.DataFrame) -> Path:
+PARQUET_META_KEY = b"fer_pipeline"
+
+
+def write_parquet(target: str | os.PathLike[str], df: pd.DataFrame, meta: dict[str, Any] | None = None) -> Path:
+    """``df`` as Parquet; ``meta`` (JSON) goes into the file's key-value metadata under
+    ``fer_pipeline``, where :func:`read_parquet_meta` finds it without reading the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     with atomic_path(target) as tmp:
-        df.to_parquet(tmp, index=False)
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        if meta is not None:
+            schema_meta = {**(table.schema.metadata or {}), PARQUET_META_KEY: json.dumps(meta, sort_keys=True)}
+            table = table.replace_schema_metadata(schema_meta)
+        pq.write_table(table, tmp)
     return Path(target)
+
+
+def read_parquet_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``fer_pipeline`` key-value metadata of a Parquet file ({} when it has none)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(PARQUET_META_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def write_csv(target: str | os.PathLike[str], df: pd.DataFrame) -> Path:

@@ -91,8 +91,10 @@ class DataPaths:
     manifest = _Under("manifest", "manifest.parquet")
     excluded = _Under("manifest", "excluded.parquet")
     splits = _Under("manifest", "splits.parquet")
+    candidates_dir = _Under("manifest", "candidates")  # per-run candidates (write, audit, publish)
     reports_dir = _Under("reports")
     models_dir = _Under("models")
+    model_candidates_dir = _Under("models", "candidates")  # trained, published once their weights are finite
     metrics_json = _Under("reports", REPORT_FILES["metrics_json"])
 
     @classmethod

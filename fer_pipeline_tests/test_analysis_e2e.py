@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.dataset.publish import publish_tables
 from fer_pipeline.dataset.synthetic_faces import generate_demo_source
 from fer_pipeline.definitions import defs
 from fer_pipeline.defs.assets.evaluation import (
@@ -24,6 +25,8 @@ from fer_pipeline.defs.assets.evaluation import (
 )
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import MAIN_MODEL
+from fer_pipeline.paths import DataPaths
+from fer_pipeline.schema import EXCLUDED_COLUMNS
 
 pytestmark = pytest.mark.slow
 
@@ -179,13 +182,13 @@ def test_rerun_reuses_cached_folds(materialized) -> None:
 def test_one_source_loso_is_not_applicable_without_training(tmp_path: Path) -> None:
     """With a single source the asset trains nothing (and needs no faces or model)."""
     ids = [f"{i:016x}" for i in range(40)]
-    manifest = pd.DataFrame({"image_id": ids, "source": "demo", "label": [CLASSES[i % 4] for i in range(40)],
+    manifest = pd.DataFrame({"image_id": ids, "source": "demo", "source_path": ids,
+                             "label": [CLASSES[i % 4] for i in range(40)],
                              "face_path": "missing.npy#0"})
     splits = pd.DataFrame({"image_id": ids, "split": ["train", "train", "validation", "test"] * 10,
                            "fold": [0, 1, 2, -1] * 10})
-    (tmp_path / "manifest").mkdir()
-    manifest.to_parquet(tmp_path / "manifest" / "manifest.parquet")
-    splits.to_parquet(tmp_path / "manifest" / "splits.parquet")
+    excluded = pd.DataFrame({c: pd.Series(dtype="object") for c in EXCLUDED_COLUMNS})
+    publish_tables(DataPaths(tmp_path), manifest, excluded, splits)
     result = dg.materialize([cross_source_generalisation], resources={
         "fer": FerSettings(data_root=str(tmp_path)), "training": TrainSettings(), "analysis": AnalysisSettings()})
     assert result.success

@@ -7,6 +7,7 @@ import builtins
 import datetime
 import io
 import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -446,3 +447,149 @@ def test_inventory_reuses_unchanged_sources_without_listing_them(folder_root: Pa
     assert truncated.attrs[LISTINGS_ATTR]
     _inventory_round_trip(folder_root, truncated)
     assert listed  # a previous table that does not match its listings is not trusted
+
+
+# ---------------------------------------------------------------- hostile sources (issue #10)
+
+ANGRY = ("raw", "faces", "angry")
+
+
+def deny(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a folder unlistable: chmod 000, and (root ignores modes) refuse it in os.scandir."""
+    path.chmod(0)
+    if os.geteuid() == 0:
+        real, target = os.scandir, os.fspath(path)
+
+        def refuse(p=".", *args, **kwargs):  # type: ignore[no-untyped-def]
+            if os.fspath(p) == target:
+                raise PermissionError(13, "Permission denied", target)
+            return real(p, *args, **kwargs)
+
+        monkeypatch.setattr(os, "scandir", refuse)
+
+
+def faults(root: Path) -> tuple[str, ...]:
+    return source_watch.fingerprint_sources(root).sources["faces"].faults
+
+
+def test_file_replaced_with_same_size_and_mtime_is_a_change(folder_root: Path) -> None:
+    face = folder_root.joinpath(*ANGRY, "1.png")
+    old = face.stat()
+    before = source_watch.fingerprint_sources(folder_root)
+    time.sleep(0.05)  # past the kernel's coarse clock tick, so the inode change time moves
+    data = face.read_bytes()
+    face.write_bytes(bytes(255 - b for b in data))  # different bytes, same size, same inode
+    os.utime(face, ns=(old.st_atime_ns, old.st_mtime_ns))  # modification time set back
+    assert face.stat().st_size == old.st_size and face.stat().st_mtime_ns == old.st_mtime_ns
+    rewritten = source_watch.fingerprint_sources(folder_root)
+    assert rewritten.digest != before.digest  # caught by st_ctime_ns
+
+    other = face.with_name("other.tmp")
+    other.write_bytes(data)
+    os.utime(other, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(other, face)  # a new inode with the old size and mtime (rsync -t, cp -p + mv)
+    assert source_watch.fingerprint_sources(folder_root).digest not in (before.digest, rewritten.digest)
+
+
+def test_dangling_link_loop_and_fifo_are_part_of_the_fingerprint(folder_root: Path) -> None:
+    angry = folder_root.joinpath(*ANGRY)
+    digests = [source_watch.fingerprint_sources(folder_root).digest]
+    (angry / "gone.png").symlink_to(angry / "deleted.png")
+    (angry / "loop.png").symlink_to(angry / "loop.png")
+    os.mkfifo(angry / "pipe.png")
+    (angry / "up").symlink_to(folder_root / "raw", target_is_directory=True)  # a folder holding the link
+    fp = source_watch.fingerprint_sources(folder_root)  # no exception, no endless walk
+    assert fp.sources["faces"].files == 4 and fp.digest != digests[0]
+    # the same listing and reasons as a run's folder reader (links to folders are followed there)
+    assert fp.sources["faces"].faults == (
+        f"angry/gone.png: dangling link (to '{angry / 'deleted.png'}')",
+        f"angry/loop.png: symlink loop (link to '{angry / 'loop.png'}')",
+        "angry/pipe.png: not a regular file (FIFO)",
+        f"angry/up: symlink loop: '{folder_root / 'raw'}' is a folder that contains the link",
+    )
+    (angry / "gone.png").unlink()
+    (angry / "gone.png").symlink_to(angry / "elsewhere.png")  # the link retargeted: a change
+    assert source_watch.fingerprint_sources(folder_root).digest != fp.digest
+    for name in ("gone.png", "loop.png", "pipe.png", "up"):
+        (angry / name).unlink()
+    assert source_watch.fingerprint_sources(folder_root).digest == digests[0]
+
+
+def test_unlistable_subfolder_is_a_fault_not_a_skip(folder_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calm = folder_root.joinpath("raw", "faces", "calm")
+    t = Ticker(folder_root)
+    t.one_run()
+    with monkeypatch.context() as m:
+        deny(calm, m)
+        assert faults(folder_root) == ("calm: cannot list folder: permission denied",)
+        locked = t.one_run()  # noticed as a change, the run records what it can read
+        assert "1 unreadable entry (calm: cannot list folder: permission denied)" in locked.tags["fer/changes"]
+        t.nothing()
+    calm.chmod(0o755)
+    assert faults(folder_root) == ()
+    assert "4 files" in t.one_run().tags["fer/changes"]  # readable again: a change back
+
+
+def test_sensor_runs_for_a_dangling_link_and_names_it(folder_root: Path) -> None:
+    t = Ticker(folder_root)
+    t.one_run()
+    link = folder_root.joinpath(*ANGRY, "broken.png")
+    link.symlink_to(folder_root / "nowhere.png")
+    request = t.one_run()
+    assert request.tags["fer/changes"].startswith("source 'faces': 4 files, contents or dates changed; "
+                                                  "source 'faces': 1 unreadable entry (angry/broken.png: dangling link")
+    t.nothing()  # the same fault is no new change
+    link.unlink()
+    t.one_run()
+
+
+def test_unreadable_source_root_skips_and_names_the_source(folder_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = Ticker(folder_root)
+    t.one_run()
+    cursor = t.cursor
+    faces = folder_root / "raw" / "faces"
+    with monkeypatch.context() as m:
+        deny(faces, m)
+        with pytest.raises(source_watch.UnreadableSourceError,
+                           match="source 'faces': cannot list folder .*permission denied"):
+            source_watch.fingerprint_sources(folder_root)
+        message = t.nothing()
+        assert message.startswith("source 'faces': cannot list folder") and "a run now would drop its files" in message
+        assert t.cursor == cursor
+    faces.chmod(0o755)
+    assert "no change" in t.nothing()
+
+
+def test_fifo_as_an_archive_source_is_an_unreadable_source(data_root: Path) -> None:
+    os.mkfifo(data_root / "set.zip")
+    catalogue(data_root, [{"name": "z", "kind": "image_folders", "path": "set.zip", "label_map": {"angry": "Angry"}}])
+    with pytest.raises(source_watch.UnreadableSourceError,
+                       match=r"source 'z': cannot read .*not a regular file \(FIFO\)"):
+        source_watch.fingerprint_sources(data_root)
+    assert "source 'z'" in Ticker(data_root).nothing()
+
+
+def test_names_that_are_not_utf8_or_hold_control_characters(folder_root: Path) -> None:
+    angry = folder_root.joinpath(*ANGRY)
+    before = source_watch.fingerprint_sources(folder_root)
+    with open(os.path.join(os.fsencode(angry), b"caf\xe9.png"), "wb") as f:  # latin-1 bytes, not UTF-8
+        f.write(face_png(91, size=40))
+    (angry / "x\n\x1b[2J.png").symlink_to(angry / "missing.png")
+    fp = source_watch.fingerprint_sources(folder_root)  # no UnicodeEncodeError
+    assert fp.digest != before.digest and fp.sources["faces"].files == 5
+    (fault,) = fp.sources["faces"].faults
+    assert fault.startswith("angry/x\\n\\x1b[2J.png: dangling link") and "\x1b" not in fault
+    assert "\n" not in "; ".join(source_watch.describe_changes(source_watch.parse_cursor(before.to_cursor(1)), fp))
+
+
+def test_changes_inside_a_linked_folder_are_seen(folder_root: Path) -> None:
+    """The sensor lists a folder source as a run does: a linked class folder is followed, so a
+    new file behind the link is a change (and the run reads it)."""
+    elsewhere = folder_root / "elsewhere" / "angry_extra"
+    write(elsewhere / "a.png", face_png(93, size=40))
+    (folder_root / "raw" / "faces" / "angry_more").symlink_to(elsewhere, target_is_directory=True)
+    before = source_watch.fingerprint_sources(folder_root)
+    assert before.sources["faces"].files == 5 and not before.sources["faces"].faults
+    write(elsewhere / "b.png", face_png(94, size=40))
+    after = source_watch.fingerprint_sources(folder_root)
+    assert after.digest != before.digest and after.sources["faces"].files == 6

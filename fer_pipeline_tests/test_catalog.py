@@ -89,3 +89,15 @@ def test_synthetic_defaults(data_root: Path) -> None:
     assert spec.label_map == {"neutral": "Neutral", "focused": "Focused", "tired": "Tired", "angry": "Angry"}
     assert spec.options == {"n_images": 100}
     assert spec.demographics is not None and spec.demographics.key == "file"
+
+
+def test_label_keys_fold_case_and_fer_codes_stay_numbers(data_root: Path) -> None:
+    (data_root / "fer.csv").write_text("emotion,pixels,Usage\n")
+    (data_root / "sources.yaml").write_text(
+        "sources:\n"
+        "  - {name: fer, kind: fer2013_csv, path: fer.csv, label_map: {0: Angry, 6: Neutral}}\n"
+        "  - {name: numbered, kind: image_folders, path: ., label_map: {'1': Angry, STRASSE: Tired}}\n")
+    cat = load_catalog(data_root / "sources.yaml")
+    assert cat.source("fer").label_map == {"angry": "Angry", "neutral": "Neutral"}
+    numbered = cat.source("numbered")
+    assert numbered.map_label("1") == "Angry" and numbered.map_label("Straße") == "Tired"  # case-folded

@@ -384,24 +384,29 @@ def test_missing_split_columns_fail_cleanly(splits: pd.DataFrame) -> None:
 
 
 def test_checks_take_blocking_and_severity_from_their_definition(manifest: pd.DataFrame, tmp_path: Path) -> None:
-    """A failure blocks or warns as the check's decorator says, and nothing in the validation decides it."""
+    """A failure blocks or warns as the check's definition says, and nothing in the validation decides it."""
     import dagster as dg
 
     from fer_pipeline.defs import checks
+    from fer_pipeline.defs.assets.data import manifest as manifest_asset
+    from fer_pipeline.defs.assets.data import splits as splits_asset
     from fer_pipeline.defs.resources import FerSettings
 
-    blocking = {spec.name: spec.blocking for check in checks.DATA_CHECKS for spec in check.check_specs}
+    specs = [*manifest_asset.check_specs, *splits_asset.check_specs]
+    blocking = {spec.name: spec.blocking for spec in specs}
     assert blocking["manifest_class_counts"] and blocking["split_folds"]
     assert not blocking["manifest_class_balance"] and not blocking["split_proportions"]  # as the README says
     fer = FerSettings(data_root=str(tmp_path))
-    fer.paths.manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest[(manifest["label"] != "Angry") | (manifest.index % 10 < 2)].to_parquet(fer.paths.manifest)  # Angry: 2
-    balance, counts = checks.manifest_class_balance(fer=fer), checks.manifest_class_counts(fer=fer)
+    few_angry = checks.Tables(manifest[(manifest["label"] != "Angry") | (manifest.index % 10 < 2)])  # Angry: 2
+    by_name = {c.name: c for c in checks.MANIFEST_CHECKS}
+    balance = by_name["manifest_class_balance"].evaluate(few_angry, fer)
+    counts = by_name["manifest_class_counts"].evaluate(few_angry, fer)
     assert not balance.passed and balance.severity == dg.AssetCheckSeverity.WARN
     assert balance.metadata["blocking"].value is False
     assert balance.metadata["failed_expectations"].value == ["expect_column_values_to_be_between(count)"]
     assert not counts.passed and counts.severity == dg.AssetCheckSeverity.ERROR
     assert counts.metadata["blocking"].value is True
+    assert checks.blocking_failures(checks.MANIFEST_CHECKS, [balance, counts]) == ["manifest_class_counts"]
 
 
 # ------------------------------------------------------------------ GX hygiene

@@ -2,6 +2,9 @@
 
 A malformed catalogue fails fast with a :class:`CatalogError` that names the source and the
 field, before any image is touched, so a typo never surfaces as a crash halfway through a run.
+Nothing ambiguous is guessed: labels equal after case-folding (``angry`` and ``ANGRY``), label
+keys YAML reads as numbers, booleans or null (``1:``, ``yes:``, ``~:``; quote them), a key
+repeated in one mapping, and two demographic attributes read from one CSV column are refused.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class SourceSpec:
         """The target class for a source label (case-insensitive), or None when unmapped."""
         if raw_label is None:
             return None
-        return self.label_map.get(raw_label.lower())
+        return self.label_map.get(fold_label(raw_label))
 
 
 @dataclass(frozen=True)
@@ -66,31 +69,61 @@ class Catalog:
         raise KeyError(name)
 
 
-def _err(source: str, field_name: str, message: str) -> CatalogError:
+def fold_label(label: str) -> str:
+    """The form labels are compared in: trimmed and case-folded (``ANGRY``, `` angry`` -> ``angry``)."""
+    return label.strip().casefold()
+
+
+def catalog_error(source: str, field_name: str, message: str) -> CatalogError:
+    """The error for one field of one source, in the one format users see."""
     return CatalogError(f"sources.yaml: source '{source}', field '{field_name}': {message}")
+
+
+_err = catalog_error
+
+
+def _label_key(name: str, kind: str, src_label: Any) -> str:
+    """The folded label a ``label_map`` key stands for (FER2013 codes 0..6 become emotion names)."""
+    where = f"label_map.{src_label}"
+    if kind == "fer2013_csv" and isinstance(src_label, int) and not isinstance(src_label, bool):
+        src_label = str(src_label)
+    if not isinstance(src_label, str):
+        raise _err(name, where, f"label names must be text, but YAML read {src_label!r} as "
+                                f"{type(src_label).__name__}: quote it (e.g. '{src_label}': ...)")
+    key = fold_label(src_label)
+    if not key:
+        raise _err(name, where, "empty label name")
+    if kind == "fer2013_csv":
+        if key.isdigit() and int(key) < len(FER2013_EMOTIONS):
+            return FER2013_EMOTIONS[int(key)]
+        if key not in FER2013_EMOTIONS:
+            raise _err(name, where, f"FER2013 labels are {', '.join(FER2013_EMOTIONS)} (or their codes "
+                                    f"0..{len(FER2013_EMOTIONS) - 1})")
+    return key
 
 
 def _parse_label_map(name: str, kind: str, raw: Any) -> dict[str, str]:
     if raw is None:
         if kind == "synthetic":
-            return {c.lower(): c for c in CLASSES}
+            return {fold_label(c): c for c in CLASSES}
         raise _err(name, "label_map", "is required (map source label names to " + "/".join(CLASSES) + ")")
     if not isinstance(raw, dict) or not raw:
         raise _err(name, "label_map", "must be a non-empty mapping of source label -> class")
     out: dict[str, str] = {}
+    spelled: dict[str, Any] = {}
     for src_label, target in raw.items():
-        target_class = _CLASS_BY_LOWER.get(str(target).strip().lower())
+        key = _label_key(name, kind, src_label)
+        target_class = _CLASS_BY_LOWER.get(str(target).strip().lower()) if isinstance(target, str) else None
         if target_class is None:
             raise _err(
                 name, f"label_map.{src_label}",
                 f"maps to '{target}', which is not one of the classes {', '.join(CLASSES)}",
             )
-        key = str(src_label).strip().lower()
-        if kind == "fer2013_csv" and key not in FER2013_EMOTIONS and not key.isdigit():
-            raise _err(name, f"label_map.{src_label}", f"FER2013 labels are {', '.join(FER2013_EMOTIONS)}")
-        if kind == "fer2013_csv" and key.isdigit():
-            key = FER2013_EMOTIONS[int(key)]
-        out[key] = target_class
+        if key in out:  # one label spelled twice would silently relabel a class
+            raise _err(name, f"label_map.{src_label}",
+                       f"is the same label as '{spelled[key]}' (labels are compared case-insensitively); "
+                       f"keep one of them")
+        out[key], spelled[key] = target_class, src_label
     return out
 
 
@@ -105,6 +138,8 @@ def _parse_demographics(name: str, raw: Any) -> DemographicsSpec | None:
     has_csv, has_regex = "csv" in raw, "filename_regex" in raw
     if has_csv == has_regex:
         raise _err(name, "demographics", "give exactly one of 'csv' or 'filename_regex'")
+    if has_csv and (not isinstance(raw["csv"], str) or not raw["csv"].strip()):
+        raise _err(name, "demographics.csv", "must be a file name or glob pattern")
     if has_regex:
         try:
             pattern = re.compile(str(raw["filename_regex"]))
@@ -120,10 +155,17 @@ def _parse_demographics(name: str, raw: Any) -> DemographicsSpec | None:
     columns = raw.get("columns")
     if not isinstance(columns, dict) or not columns:
         raise _err(name, "demographics.columns", "must map attributes (gender, age_group, race) to CSV columns")
-    for attr in columns:
+    used: dict[str, str] = {}
+    for attr, column in columns.items():
         if attr not in DEMOGRAPHIC_ATTRIBUTES:
             raise _err(name, f"demographics.columns.{attr}",
                        f"unknown attribute; use {', '.join(DEMOGRAPHIC_ATTRIBUTES)}")
+        if not isinstance(column, str) or not column.strip():
+            raise _err(name, f"demographics.columns.{attr}", f"must be a CSV column name, not {column!r}")
+        if column in used:
+            raise _err(name, f"demographics.columns.{attr}",
+                       f"column '{column}' is already read as '{used[column]}'; each attribute needs its own column")
+        used[column] = attr
     return DemographicsSpec(csv=str(raw["csv"]), key=str(raw["key"]),
                             columns={str(k): str(v) for k, v in columns.items()})
 
@@ -180,13 +222,34 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None) -> Cat
     return Catalog(sources=tuple(specs), path=origin)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key repeated in one mapping (plain YAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            line = first.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if line != key_node.start_mark.line + 1:
+            raise CatalogError(f"sources.yaml, line {key_node.start_mark.line + 1}: key {key!r} appears twice in "
+                               f"the same mapping (first on line {line}); keep one of them")
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def load_catalog(path: Path, data_root: Path | None = None) -> Catalog:
     """Read and validate ``sources.yaml``."""
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"sources.yaml not found at {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_StrictLoader)  # a SafeLoader
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
     return parse_catalog(data, data_root or path.parent, origin=path)

@@ -17,8 +17,18 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from fer_pipeline.dataset.catalog import DEMOGRAPHIC_ATTRIBUTES, SourceSpec
-from fer_pipeline.dataset.source_readers import FolderReader, SourceReader, ZipReader
+from fer_pipeline.dataset.catalog import (
+    DEMOGRAPHIC_ATTRIBUTES,
+    SourceSpec,
+    catalog_error,
+)
+from fer_pipeline.dataset.source_readers import (
+    FolderReader,
+    Member,
+    MemberError,
+    SourceReader,
+    ZipReader,
+)
 
 _GENDER = {"m": "male", "male": "male", "man": "male", "men": "male",
            "f": "female", "female": "female", "woman": "female", "women": "female"}
@@ -68,44 +78,71 @@ def _empty(paths: Sequence[str]) -> pd.DataFrame:
     return df
 
 
-def _read_csvs(spec: SourceSpec, reader: SourceReader, data_root: Path) -> tuple[pd.DataFrame, list[str]]:
+def _parse_csv(spec: SourceSpec, data: bytes | str, where: str) -> pd.DataFrame:
+    """One demographics CSV as strings (a byte-order mark skipped, undecodable bytes replaced);
+    a file pandas cannot parse is a configuration error naming the source, the field and the file."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        return pd.read_csv(source, dtype=str, encoding="utf-8-sig", encoding_errors="replace")
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise catalog_error(spec.name, "demographics.csv", f"cannot read {where}: {exc}") from exc
+
+
+def _csv_file(spec: SourceSpec, path: str, max_bytes: int) -> pd.DataFrame:
+    try:
+        size = Path(path).stat().st_size
+    except OSError as exc:
+        raise catalog_error(spec.name, "demographics.csv", f"cannot read {path}: {exc}") from exc
+    if size > max_bytes:
+        raise catalog_error(spec.name, "demographics.csv",
+                            f"{path} is larger than the cap ({size} > {max_bytes} bytes)")
+    return _parse_csv(spec, path, path)
+
+
+def read_demographics_table(spec: SourceSpec, reader: SourceReader, data_root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The demographics CSV(s) of a source, checked against the catalogue (key and columns present).
+
+    Read before any image of the source, so a wrong ``demographics`` entry fails fast."""
     pattern = spec.demographics.csv  # type: ignore[union-attr]
     frames: list[pd.DataFrame] = []
     found: list[str] = []
-    inside: list[str] = []
     if isinstance(reader, ZipReader):
         inside = [n for n in reader.names() if fnmatch.fnmatch(n.lower(), pattern.replace("\\", "/").lower())]
         for name in sorted(inside):
-            frames.append(pd.read_csv(io.BytesIO(reader._zip.read(name)), dtype=str))
-            found.append(f"{spec.path.name}:{name}")
+            where = f"{spec.path.name}:{name}"
+            try:
+                frames.append(_parse_csv(spec, reader.read(Member(name, 0, "")), where))
+            except MemberError as exc:
+                raise catalog_error(spec.name, "demographics.csv", f"cannot read {where}: {exc}") from exc
+            found.append(where)
     elif isinstance(reader, FolderReader):
-        inside = sorted(glob.glob(str(spec.path / pattern)))
-        for name in inside:
-            frames.append(pd.read_csv(name, dtype=str))
+        for name in sorted(glob.glob(str(spec.path / pattern))):
+            frames.append(_csv_file(spec, name, reader.max_file_bytes))
             found.append(name)
     if not frames:
         outside = Path(pattern).expanduser()
         outside_glob = str(outside if outside.is_absolute() else data_root / outside)
         for name in sorted(glob.glob(outside_glob)):
-            frames.append(pd.read_csv(name, dtype=str))
+            frames.append(_csv_file(spec, name, reader.max_file_bytes))
             found.append(name)
     if not frames:
-        raise ValueError(f"source '{spec.name}', field 'demographics.csv': no file matches '{pattern}' "
-                         f"inside the source or relative to the data root")
+        raise catalog_error(spec.name, "demographics.csv", f"no file matches '{pattern}' inside the source or "
+                                                           f"relative to the data root")
     df = pd.concat(frames, ignore_index=True)
     key = spec.demographics.key  # type: ignore[union-attr]
     missing = [c for c in [key, *spec.demographics.columns.values()] if c not in df.columns]  # type: ignore[union-attr]
     if missing:
-        raise ValueError(f"source '{spec.name}', field 'demographics.columns': column(s) {missing} not in "
-                         f"{found} (columns there: {list(df.columns)})")
+        raise catalog_error(spec.name, "demographics.columns", f"column(s) {missing} not in {found} "
+                                                               f"(columns there: {list(df.columns)})")
     return df, found
 
 
-def demographics_from_csv(spec: SourceSpec, reader: SourceReader, paths: Sequence[str],
-                          data_root: Path) -> DemographicsResult:
+def demographics_from_csv(spec: SourceSpec, reader: SourceReader, paths: Sequence[str], data_root: Path,
+                          table: tuple[pd.DataFrame, list[str]] | None = None) -> DemographicsResult:
     """Match CSV keys to source paths: by relative path (or path suffix) when the key has a
-    folder, else by file name when that name is unique in the source."""
-    df, found = _read_csvs(spec, reader, data_root)
+    folder, else by file name when that name is unique in the source. ``table`` is what
+    :func:`read_demographics_table` returned, when already read."""
+    df, found = table if table is not None else read_demographics_table(spec, reader, data_root)
     demo = spec.demographics
     assert demo is not None and demo.key is not None
     out = _empty(paths)
@@ -159,11 +196,11 @@ def demographics_from_regex(pattern: str, paths: Sequence[str]) -> DemographicsR
     return DemographicsResult(out)
 
 
-def load_demographics(spec: SourceSpec, reader: SourceReader, paths: Sequence[str],
-                      data_root: Path) -> DemographicsResult:
+def load_demographics(spec: SourceSpec, reader: SourceReader, paths: Sequence[str], data_root: Path,
+                      table: tuple[pd.DataFrame, list[str]] | None = None) -> DemographicsResult:
     """Demographics for ``paths`` of one source (all-null columns when the source has none)."""
     if spec.demographics is None:
         return DemographicsResult(_empty(paths))
     if spec.demographics.filename_regex:
         return demographics_from_regex(spec.demographics.filename_regex, paths)
-    return demographics_from_csv(spec, reader, paths, data_root)
+    return demographics_from_csv(spec, reader, paths, data_root, table)

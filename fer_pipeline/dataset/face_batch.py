@@ -40,7 +40,7 @@ def process_chunk(items: list[tuple[str, bytes]], settings: PreprocessSettings) 
     decoded = decode_faces([data for _, data in items], settings)
     ok = [d.face for d in decoded if d.ok]
     faces = np.stack(ok) if ok else np.zeros((0, *settings.image_size), np.uint8)  # type: ignore[arg-type]
-    flat = faces.reshape(len(faces), -1)
+    flat = faces.reshape(len(faces), faces[0].size if len(faces) else 0)  # (0, -1) cannot be reshaped
     ph, mph = phashes(faces)
     return ChunkResult(
         sha256=[sha for sha, _ in items], reason=[d.reason for d in decoded],

@@ -102,7 +102,19 @@ def _may_carry_orientation(img: Image.Image) -> bool:
 
 
 def _decode_one(data: bytes, settings: PreprocessSettings) -> DecodedFace:
-    """Decode, validate and normalise one file, before the blank check (done per batch)."""
+    """Decode, validate and normalise one file, before the blank check (done per batch).
+
+    Never raises: whatever a hostile file makes Pillow raise is that file's reason. The pixel
+    count is checked from the header, before the pixels are decoded."""
+    if not data:
+        return DecodedFace(None, None, None, "empty file (0 bytes)")
+    try:
+        return _decode_checked(data, settings)
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop a batch
+        return DecodedFace(None, None, None, f"unreadable or truncated ({type(exc).__name__}: {exc})")
+
+
+def _decode_checked(data: bytes, settings: PreprocessSettings) -> DecodedFace:
     h, w = settings.image_size
     try:
         with warnings.catch_warnings():
@@ -125,8 +137,10 @@ def _decode_one(data: bytes, settings: PreprocessSettings) -> DecodedFace:
         return DecodedFace(None, width, height, f"too small ({width}x{height} < {settings.min_side}px)")
     try:
         face = preprocess_image(img, settings.image_size)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         return DecodedFace(None, width, height, f"unreadable or truncated ({exc})")
+    except ValueError as exc:  # a mode Pillow cannot turn into grayscale (e.g. LAB)
+        return DecodedFace(None, width, height, f"cannot convert to grayscale ({img.mode}: {exc})")
     return DecodedFace(face, width, height, None)
 
 

@@ -3,11 +3,24 @@
 A *fingerprint* of the data root covers ``sources.yaml`` (its bytes) and every source it
 lists, without reading a single image:
 
-* a folder (``image_folders`` or a generated ``synthetic`` source): one walk of relative names,
-  sizes and modification times (``os.scandir``; stat data only);
-* an archive (``.zip``) or a FER2013 CSV: the file's size and modification time, so an archive
-  replaced or rewritten as a whole counts as a change;
-* a demographics CSV outside its source (a glob relative to the data root): size + mtime.
+* a folder (``image_folders`` or a generated ``synthetic`` source): the folder reader's own
+  listing (:class:`~fer_pipeline.dataset.source_readers.FolderReader`: the same link rule as a
+  run, stat data only): relative names, sizes, modification times, inode change times
+  (``st_ctime_ns``) and inode numbers. The change time and inode catch a file replaced by one
+  of the same size whose modification time was set back (``cp -p``, ``rsync -t``,
+  ``os.utime``): writing or replacing a file always moves its ctime or gives a new inode;
+* an archive (``.zip``) or a FER2013 CSV: the file's size, modification time, change time and
+  inode, so an archive replaced or rewritten as a whole counts as a change;
+* a demographics CSV outside its source (a glob relative to the data root): the same stat data.
+
+Unattended on hostile data: an entry that cannot be read is *part of* the fingerprint instead
+of an exception -- a dangling symbolic link (with its target), a symbolic link loop, a FIFO,
+socket or device, a subfolder that cannot be listed (links to folders are followed, as a run
+follows them). Such a fault appearing, changing or disappearing is a change,
+so the run that records the file as excluded happens; the faults are listed for humans
+(:attr:`SourceState.faults`, :func:`describe_changes`). Only a source whose root itself cannot
+be read raises :class:`UnreadableSourceError` (the sensor skips and names the source): a run then
+would see an empty source and drop all its files from the manifest.
 
 The digest of all that is compared with the one kept in the sensor's cursor (a small JSON
 document: the digest, a change counter, and per-source file counts), so each change triggers
@@ -21,13 +34,27 @@ import glob
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fer_pipeline.dataset.catalog import Catalog, SourceSpec, load_catalog
+from fer_pipeline.dataset.source_readers import (
+    FolderReader,
+    Member,
+    SourceError,
+    describe_error,
+    escape_text,
+    file_kind,
+)
 
 CURSOR_VERSION = 1
 MISSING = "missing"
+MAX_FAULTS_SHOWN = 3  # per source, in change descriptions
+
+
+class UnreadableSourceError(OSError):
+    """A source's root folder or file cannot be read at all (the message names the source)."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +63,9 @@ class SourceState:
 
     name: str
     digest: str
-    files: int
+    files: int  # regular files (what a run can read)
     bytes: int
+    faults: tuple[str, ...] = ()  # "relative/path: why it cannot be read", sorted
 
 
 @dataclass(frozen=True)
@@ -84,36 +112,29 @@ def parse_cursor(cursor: str | None) -> CursorState | None:
         return None
 
 
-def _walk(root: Path) -> tuple[list[tuple[str, int, int]], int]:
-    """(relative path, size, mtime_ns) of every file under ``root`` (stat only, sorted)."""
-    entries: list[tuple[str, int, int]] = []
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                items = list(it)
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for entry in items:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                    continue
-                st = entry.stat()  # follows a file symlink, like the folder reader does
-            except (FileNotFoundError, PermissionError):  # removed while walking: the next tick sees it
-                continue
-            entries.append((Path(entry.path).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    entries.sort()
-    return entries, sum(e[1] for e in entries)
+def _stat_data(st: os.stat_result) -> str:
+    """Type, size, mtime, ctime and inode: changes whenever the content may have changed."""
+    return f"{stat.S_IFMT(st.st_mode):o}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
+def _folder_members(spec: SourceSpec) -> list[Member]:
+    """The folder reader's own listing (stat data only, the same link rule as a run), sorted.
+
+    Raises :class:`UnreadableSourceError` when the source's root folder cannot be listed."""
+    try:
+        return sorted(FolderReader(spec).members(), key=lambda m: m.path)
+    except SourceError as exc:
+        raise UnreadableSourceError(f"source '{spec.name}': {exc}") from exc
 
 
 def _stat_line(path: Path) -> tuple[str, int] | None:
     try:
         st = path.stat()
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return f"{st.st_size}:{st.st_mtime_ns}", st.st_size
+    except OSError as exc:  # a loop, a permission problem: noticed as a state, never raised
+        return f"error:{exc.errno}", 0
+    return _stat_data(st), st.st_size
 
 
 def _outside_demographics(spec: SourceSpec, data_root: Path) -> list[Path]:
@@ -126,26 +147,49 @@ def _outside_demographics(spec: SourceSpec, data_root: Path) -> list[Path]:
 
 
 def fingerprint_source(spec: SourceSpec, data_root: Path) -> SourceState:
-    """The state of one source: stat data of its files, never their contents."""
-    h = hashlib.sha256(f"{spec.kind}|{spec.path}".encode())
+    """The state of one source: stat data of its files, never their contents.
+
+    Raises :class:`UnreadableSourceError` when the source's root cannot be read at all."""
+    h = hashlib.sha256(f"{spec.kind}|{str(spec.path)!a}".encode())
     files = size = 0
+    faults: list[str] = []
     path = spec.path
     if path.is_dir():
-        entries, size = _walk(path)
-        files = len(entries)
-        for rel, sz, mtime in entries:
-            h.update(f"\n{rel}\0{sz}\0{mtime}".encode())
+        for m in _folder_members(spec):
+            h.update(f"\n{m.path!a}\0{m.fingerprint}\0{m.problem.reason if m.problem else ''}".encode())
+            if m.problem is None:
+                files, size = files + 1, size + m.size
+            else:
+                faults.append(f"{escape_text(m.path)}: {escape_text(m.problem.reason)}")
     else:
-        line = _stat_line(path)
-        if line is None:
-            h.update(f"\n{MISSING}".encode())
-        else:
-            h.update(f"\nfile\0{line[0]}".encode())
+        line = _file_line(spec, path)
+        h.update(f"\n{MISSING}".encode() if line is None else f"\nfile\0{line[0]}".encode())
+        if line is not None:
             files, size = 1, line[1]
     for csv in _outside_demographics(spec, data_root):
         line = _stat_line(csv)
-        h.update(f"\ncsv\0{csv}\0{line[0] if line else MISSING}".encode())
-    return SourceState(spec.name, h.hexdigest(), files, size)
+        h.update(f"\ncsv\0{str(csv)!a}\0{line[0] if line else MISSING}".encode())
+    return SourceState(spec.name, h.hexdigest(), files, size, tuple(faults))
+
+
+def _file_line(spec: SourceSpec, path: Path) -> tuple[str, int] | None:
+    """A file source's stat data (None: it vanished); raises when it is there but unreadable."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if not os.path.lexists(path):
+            return None
+        reason = "dangling symbolic link"
+    except OSError as exc:
+        reason = describe_error(exc)
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            reason = f"not a regular file ({file_kind(st.st_mode)})"
+        elif not os.access(path, os.R_OK):
+            reason = "permission denied"
+        else:
+            return _stat_data(st), st.st_size
+    raise UnreadableSourceError(f"source '{spec.name}': cannot read {path}: {reason}")
 
 
 def fingerprint_catalog(catalog: Catalog, catalog_bytes: bytes, data_root: Path) -> Fingerprint:
@@ -172,7 +216,8 @@ def fingerprint_sources(data_root: Path) -> Fingerprint:
 def describe_changes(previous: CursorState | None, current: Fingerprint) -> list[str]:
     """What differs between the previous evaluation and now, one short line per change."""
     if previous is None:
-        return [f"first evaluation: {len(current.sources)} source(s), {current.files} file(s)"]
+        return [f"first evaluation: {len(current.sources)} source(s), {current.files} file(s)",
+                *(_fault_line(s) for _, s in sorted(current.sources.items()) if s.faults)]
     changes: list[str] = []
     if previous.catalog != current.catalog_digest[:16]:
         changes.append("sources.yaml changed")
@@ -185,9 +230,18 @@ def describe_changes(previous: CursorState | None, current: Fingerprint) -> list
             what = f"{before[1]} -> {state.files} files ({delta:+d})" if delta else \
                 f"{state.files} files, contents or dates changed"
             changes.append(f"source '{name}': {what}")
+            if state.faults:
+                changes.append(_fault_line(state))
     for name in sorted(set(previous.sources) - set(current.sources)):
         changes.append(f"source '{name}' no longer catalogued")
     return changes or ["fingerprint changed"]
+
+
+def _fault_line(state: SourceState) -> str:
+    """``source 'x': 2 unreadable entries (a.png: dangling symbolic link ...; ...)``."""
+    shown = "; ".join(state.faults[:MAX_FAULTS_SHOWN]) + ("; ..." if len(state.faults) > MAX_FAULTS_SHOWN else "")
+    n = len(state.faults)
+    return f"source '{state.name}': {n} unreadable entr{'y' if n == 1 else 'ies'} ({shown})"
 
 
 def run_key(fingerprint: Fingerprint, seq: int) -> str:

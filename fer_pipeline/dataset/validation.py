@@ -26,11 +26,18 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fer_pipeline.classes import CLASSES  # noqa: E402
-from fer_pipeline.schema import MANIFEST_COLUMNS, MANIFEST_KEY_COLUMNS, SPLITS, TEST_FOLD  # noqa: E402
+from fer_pipeline.schema import (  # noqa: E402
+    MANIFEST_COLUMNS,
+    MANIFEST_KEY_COLUMNS,
+    SPLITS,
+    TEST_FOLD,
+)
 
 if TYPE_CHECKING:
     from great_expectations.core.batch_definition import BatchDefinition
-    from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationValidationResult,
+    )
     from great_expectations.expectations import Expectation
 
 _EXAMPLES = 5  # failing rows/values GX keeps per expectation; all go into the check metadata

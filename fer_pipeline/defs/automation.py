@@ -7,6 +7,12 @@
   happens when nothing changed. The run brings every data asset (inventory, faces,
   de-duplication, manifest, splits, plots) and their checks up to date; the stages are
   incremental, so only the new files are decoded. Off until a user turns it on.
+  Hostile sources do not stop it: a dangling or looping symbolic link, a FIFO or an unlistable
+  subfolder is part of the fingerprint (its appearance is a change, the run records the file as
+  excluded, the sensor logs it); a file replaced with the same size and a reset modification
+  time is caught by its inode change time and inode number. It skips (keeping its cursor, and
+  naming the source) only when a source's root cannot be read at all, since a run would then
+  drop every file of that source.
 * Retraining switch: models are not retrained on every small data change. With the environment
   variable ``FER_AUTO_RETRAIN=1`` (read when the code location loads: restart ``make ui`` after
   changing it) the sensor requests the ``main`` job (data and models) instead of
@@ -89,8 +95,8 @@ def build_source_sensor(job_name: str | None = None, minimum_interval_seconds: i
         minimum_interval_seconds=interval,
         default_status=dg.DefaultSensorStatus.STOPPED,
         description=(
-            f"Watches sources.yaml and every catalogued source (file names, sizes and dates; no image is read) "
-            f"every {interval} s and requests one run of '{target}' per change. Set FER_AUTO_RETRAIN=1 to "
+            f"Watches sources.yaml and every catalogued source (file names, sizes, dates and inodes; "
+            f"no image is read) every {interval} s and requests one run of '{target}' per change. Set FER_AUTO_RETRAIN=1 to "
             f"target 'main' (also retrains the models)."),
     )
     def _sensor(context: dg.SensorEvaluationContext, fer: FerSettings) -> dg.SensorResult | dg.SkipReason:
@@ -99,7 +105,10 @@ def build_source_sensor(job_name: str | None = None, minimum_interval_seconds: i
             fingerprint = source_watch.fingerprint_sources(root)
         except CatalogError as exc:  # the cursor is kept: fixing the catalogue is compared with the last good state
             return dg.SkipReason(f"catalogue problem, sources not checked: {exc}")
-        except OSError as exc:
+        except source_watch.UnreadableSourceError as exc:  # a run now would drop the whole source
+            return dg.SkipReason(f"{exc}; sources not checked (a run now would drop its files), "
+                                 f"the last good state is kept")
+        except OSError as exc:  # sources.yaml itself, or the data root
             return dg.SkipReason(f"cannot read the sources under {root}: {exc}")
         previous = source_watch.parse_cursor(context.cursor)
         if previous is not None and previous.digest == fingerprint.digest:
@@ -109,6 +118,10 @@ def build_source_sensor(job_name: str | None = None, minimum_interval_seconds: i
         changes = source_watch.describe_changes(previous, fingerprint)
         summary = "; ".join(changes)
         context.log.info(f"sources changed: {summary}")
+        for state in fingerprint.sources.values():
+            if state.faults:  # the run records them as excluded; say so here too
+                context.log.warning(f"source '{state.name}': {len(state.faults)} unreadable entr"
+                                    f"{'y' if len(state.faults) == 1 else 'ies'}: " + "; ".join(state.faults[:20]))
         request = dg.RunRequest(
             run_key=source_watch.run_key(fingerprint, seq),
             job_name=target,

@@ -1,57 +1,129 @@
 """Data checks between stages: great-expectations validations run as Dagster asset checks.
 
-Blocking checks stop downstream assets in the same run when they fail (training on a
-manifest with foreign labels or leaked duplicate groups would be meaningless); warnings are
-reported but let the run continue. Each GX check says ``blocking`` and ``warn`` once, in its
-:func:`_gx_check` decorator, which feeds both Dagster's check spec and the result's severity;
-each result carries GX's findings as check metadata.
+Blocking checks stop downstream assets in the same run when they fail (training on a manifest
+with foreign labels or leaked duplicate groups would be meaningless); warnings are reported but
+let the run continue. Each check states ``blocking`` and ``warn`` once, in its :class:`GxCheck`
+entry, which gives both Dagster's check spec and the result's severity.
+
+The manifest and splits checks audit the run's *candidate* tables inside their asset, before
+anything is published (write, audit, publish: :mod:`fer_pipeline.dataset.publish`), so they are
+declared as the assets' check specs rather than as separate check functions.
 """
 
-from collections.abc import Callable
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import dagster as dg
 import pandas as pd
 
 from fer_pipeline.dataset import validation
-from fer_pipeline.defs.assets.data import faces, manifest, raw_sources, splits
 from fer_pipeline.defs.resources import FerSettings
 
-_Validate = Callable[[FerSettings], validation.ValidationOutcome]
+
+@dataclass(frozen=True)
+class Tables:
+    """What the checks of one stage look at: the run's candidate tables (and the inventory)."""
+
+    kept: pd.DataFrame
+    excluded: pd.DataFrame | None = None
+    inventory: pd.DataFrame | None = None
+    splits: pd.DataFrame | None = None
+
+    def splits_with_labels(self) -> pd.DataFrame:
+        assert self.splits is not None
+        return self.splits.merge(self.kept[["image_id", "label", "dup_group"]], on="image_id", how="left")
 
 
-def _gx_check(asset: dg.AssetsDefinition, description: str, *, blocking: bool = False,
-              warn: bool = False) -> Callable[[_Validate], dg.AssetChecksDefinition]:
-    """Turn ``validate(fer) -> ValidationOutcome`` into an asset check named after it.
-
-    ``blocking`` and ``warn`` (severity WARN instead of ERROR) are the one statement of how a
-    failure is treated: the spec, the severity, the description and the metadata follow them.
-    """
-    severity = dg.AssetCheckSeverity.WARN if warn else dg.AssetCheckSeverity.ERROR
-    description = f"GX{' (warning)' if warn else ''}: {description}"
-
-    def decorate(validate: _Validate) -> dg.AssetChecksDefinition:
-        @dg.asset_check(asset=asset, name=validate.__name__, blocking=blocking, description=description)
-        def check(fer: FerSettings) -> dg.AssetCheckResult:
-            outcome = validate(fer)
-            return dg.AssetCheckResult(passed=outcome.success, severity=severity,
-                                       metadata={**outcome.to_metadata(), "blocking": blocking})
-
-        return check
-
-    return decorate
+Validate = Callable[[Tables, FerSettings], validation.ValidationOutcome]
 
 
-@dg.asset_check(asset=raw_sources, blocking=True, description="Sources hold at least one image to decode.")
+@dataclass(frozen=True)
+class GxCheck:
+    """One GX validation as a Dagster check: how a failure is treated is stated here only."""
+
+    name: str
+    description: str
+    validate: Validate
+    blocking: bool = False
+    warn: bool = False  # severity WARN instead of ERROR
+
+    def spec(self, asset: str) -> dg.AssetCheckSpec:
+        prefix = "GX (warning)" if self.warn else "GX"
+        return dg.AssetCheckSpec(self.name, asset=asset, blocking=self.blocking,
+                                 description=f"{prefix}: {self.description}")
+
+    def evaluate(self, tables: Tables, fer: FerSettings) -> dg.AssetCheckResult:
+        outcome = self.validate(tables, fer)
+        return dg.AssetCheckResult(
+            check_name=self.name, passed=outcome.success,
+            severity=dg.AssetCheckSeverity.WARN if self.warn else dg.AssetCheckSeverity.ERROR,
+            metadata={**outcome.to_metadata(), "blocking": self.blocking})
+
+
+MANIFEST_CHECKS: tuple[GxCheck, ...] = (
+    GxCheck("manifest_schema", "labels in the four classes, no nulls in key columns, unique image_id.",
+            lambda t, fer: validation.validate_manifest_schema(t.kept), blocking=True),
+    GxCheck("manifest_image_size", "every processed face has the configured size.",
+            lambda t, fer: validation.validate_image_size(t.kept, (fer.image_size, fer.image_size)), blocking=True),
+    GxCheck("manifest_class_counts", "each class has at least the minimum count.",
+            lambda t, fer: validation.validate_class_counts(t.kept, fer.min_images_per_class), blocking=True),
+    GxCheck("manifest_class_balance", "largest/smallest class ratio within the limit.",
+            lambda t, fer: validation.validate_class_balance(t.kept, fer.max_imbalance_ratio), warn=True),
+    GxCheck("manifest_accounting", "inputs = kept + not kept; no file kept and excluded, none listed twice.",
+            lambda t, fer: validation.validate_accounting(t.inventory, t.kept, t.excluded), blocking=True),
+)
+
+SPLIT_CHECKS: tuple[GxCheck, ...] = (
+    GxCheck("split_proportions", "split shares within tolerance of the targets.",
+            lambda t, fer: validation.validate_split_proportions(t.splits_with_labels(), fer.split_proportions,
+                                                                 fer.split_tolerance)),
+    GxCheck("split_no_group_leakage", "no duplicate group spans two splits.",
+            lambda t, fer: validation.validate_no_group_leakage(t.splits_with_labels()), blocking=True),
+    GxCheck("split_folds", "folds 0..k-1 on train+validation, -1 on test.",
+            lambda t, fer: validation.validate_folds(t.splits_with_labels(), fer.n_folds), blocking=True),
+)
+
+
+def check_specs(checks: Sequence[GxCheck], asset: str) -> list[dg.AssetCheckSpec]:
+    return [c.spec(asset) for c in checks]
+
+
+def run_checks(checks: Sequence[GxCheck], tables: Tables, fer: FerSettings) -> list[dg.AssetCheckResult]:
+    return [c.evaluate(tables, fer) for c in checks]
+
+
+def blocking_failures(checks: Sequence[GxCheck], results: Sequence[dg.AssetCheckResult]) -> list[str]:
+    """Names of the blocking checks that failed (the candidate must not be published)."""
+    blocking = {c.name for c in checks if c.blocking}
+    return [r.check_name for r in results if r.check_name in blocking and not r.passed]
+
+
+def results_json(results: Sequence[dg.AssetCheckResult]) -> dict[str, dict[str, object]]:
+    """Check results as plain JSON, kept beside the candidate they judged."""
+    return {r.check_name: {"passed": r.passed, "severity": r.severity.value,
+                           "metadata": {k: getattr(v, "value", v) for k, v in (r.metadata or {}).items()}}
+            for r in results}
+
+
+# -- checks on stage tables that are not published (separate check functions) -------------------
+
+
+@dg.asset_check(asset="raw_sources", blocking=True,
+                description="Every catalogued source holds at least one image to decode.")
 def sources_have_images(fer: FerSettings) -> dg.AssetCheckResult:
     inv = pd.read_parquet(fer.paths.raw_inventory)
     per_source = inv[inv["status"] == "candidate"].groupby("source").size()
-    empty = sorted(set(inv["source"]) - set(per_source.index))
+    # the catalogue, not the inventory, says which sources exist: an empty folder has no rows at all
+    names = [s.name for s in fer.catalog().sources]
+    empty = [name for name in names if name not in per_source.index]
     return dg.AssetCheckResult(passed=len(per_source) > 0 and not empty,
                                metadata={"candidates_per_source": {k: int(v) for k, v in per_source.items()},
                                          "sources_without_candidates": empty})
 
 
-@dg.asset_check(asset=faces, description="Warn when more than 20% of the candidates are rejected.")
+@dg.asset_check(asset="faces", description="Warn when more than 20% of the candidates are rejected.")
 def rejection_rate(fer: FerSettings) -> dg.AssetCheckResult:
     table = pd.read_parquet(fer.paths.faces_table)
     rate = float(table["reason"].notna().mean()) if len(table) else 0.0
@@ -59,55 +131,4 @@ def rejection_rate(fer: FerSettings) -> dg.AssetCheckResult:
                                metadata={"rejected_share": round(rate, 4)})
 
 
-@_gx_check(manifest, "labels in the four classes, no nulls in key columns, unique image_id.", blocking=True)
-def manifest_schema(fer: FerSettings) -> validation.ValidationOutcome:
-    return validation.validate_manifest_schema(pd.read_parquet(fer.paths.manifest))
-
-
-@_gx_check(manifest, "every processed face has the configured size.", blocking=True)
-def manifest_image_size(fer: FerSettings) -> validation.ValidationOutcome:
-    kept = pd.read_parquet(fer.paths.manifest)
-    return validation.validate_image_size(kept, (fer.image_size, fer.image_size))
-
-
-@_gx_check(manifest, "each class has at least the minimum count.", blocking=True)
-def manifest_class_counts(fer: FerSettings) -> validation.ValidationOutcome:
-    return validation.validate_class_counts(pd.read_parquet(fer.paths.manifest), fer.min_images_per_class)
-
-
-@_gx_check(manifest, "largest/smallest class ratio within the limit.", warn=True)
-def manifest_class_balance(fer: FerSettings) -> validation.ValidationOutcome:
-    return validation.validate_class_balance(pd.read_parquet(fer.paths.manifest), fer.max_imbalance_ratio)
-
-
-@_gx_check(manifest, "inputs = kept + not kept; no file kept and excluded, none listed twice.", blocking=True)
-def manifest_accounting(fer: FerSettings) -> validation.ValidationOutcome:
-    paths = fer.paths
-    inv = pd.read_parquet(paths.raw_inventory, columns=["source", "source_path"])
-    return validation.validate_accounting(inv, pd.read_parquet(paths.manifest), pd.read_parquet(paths.excluded))
-
-
-def _splits_with_labels(fer: FerSettings) -> pd.DataFrame:
-    paths = fer.paths
-    kept = pd.read_parquet(paths.manifest, columns=["image_id", "label", "dup_group"])
-    return pd.read_parquet(paths.splits).merge(kept, on="image_id", how="left")
-
-
-@_gx_check(splits, "split shares within tolerance of the targets.")
-def split_proportions(fer: FerSettings) -> validation.ValidationOutcome:
-    return validation.validate_split_proportions(_splits_with_labels(fer), fer.split_proportions,
-                                                 fer.split_tolerance)
-
-
-@_gx_check(splits, "no duplicate group spans two splits.", blocking=True)
-def split_no_group_leakage(fer: FerSettings) -> validation.ValidationOutcome:
-    return validation.validate_no_group_leakage(_splits_with_labels(fer))
-
-
-@_gx_check(splits, "folds 0..k-1 on train+validation, -1 on test.", blocking=True)
-def split_folds(fer: FerSettings) -> validation.ValidationOutcome:
-    return validation.validate_folds(_splits_with_labels(fer), fer.n_folds)
-
-
-DATA_CHECKS = [sources_have_images, rejection_rate, manifest_schema, manifest_image_size, manifest_class_counts,
-               manifest_class_balance, manifest_accounting, split_proportions, split_no_group_leakage, split_folds]
+DATA_CHECKS = [sources_have_images, rejection_rate]

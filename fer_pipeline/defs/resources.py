@@ -26,6 +26,9 @@ class FerSettings(dg.ConfigurableResource):
     image_size: int = Field(default=48, description="Processed faces are image_size × image_size grayscale")
     min_side: int = Field(default=32, description="Reject images smaller than this (pixels)")
     max_pixels: int = Field(default=40_000_000, description="Larger images are rejected as decompression bombs")
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, description="Files and archive entries larger than this "
+                                "(declared or actually read) are rejected unread: memory stays bounded on "
+                                "decompression bombs and oversized files")
     min_std: float = Field(default=3.0, description="Reject near-constant faces (pixel std below this)")
     phash_max_distance: int = Field(default=4, description="Near-duplicate threshold (Hamming bits of 64)")
     match_mirrored: bool = Field(default=True, description="Also treat mirrored copies as near-duplicates")

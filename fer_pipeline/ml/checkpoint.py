@@ -4,11 +4,17 @@ safetensors holds tensors only, so loading a checkpoint can never execute code (
 pickle-based ``torch.save``). Everything needed to rebuild and use the model -- architecture,
 class order, input size, normalisation, the data version it was trained on, its metrics and
 training config -- travels in the same file, so weights and description cannot get separated.
+
+A broken model is refused when it is loaded (``ValueError`` naming the problem), not discovered
+later as NaN probabilities: non-finite weights (a diverged training run) or a normalisation whose
+std is not a finite positive number (every face would become NaN or infinite).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,22 +135,48 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     arch = ArchConfig.from_dict(meta["architecture"])
     classes = tuple(meta["classes"])
     input_size = (int(meta["input_size"][0]), int(meta["input_size"][1]))
+    norm = meta["normalization"]
+    normalization = Normalization(mean=float(norm["mean"]), std=float(norm["std"]))
+    check_normalization(normalization, str(path))
     model = build_model(arch, len(classes), in_channels=int(meta.get("in_channels", 1)), input_size=input_size)
     state = st_load(path.read_bytes())
+    check_weights(state, str(path))
     model.load_state_dict(state, strict=True)
     model = model.to(device).to(memory_format=torch.channels_last).eval()
-    norm = meta["normalization"]
     return LoadedModel(
         model=model,
         arch=arch,
         classes=classes,
         input_size=input_size,
-        normalization=Normalization(mean=float(norm["mean"]), std=float(norm["std"])),
+        normalization=normalization,
         tta_flip=bool(meta.get("tta_flip", False)),
         preprocess=_preprocess_settings(meta, input_size),
         metadata=meta,
         path=path,
     )
+
+
+def check_normalization(norm: Normalization, origin: str) -> None:
+    """Refuse a normalisation that turns every face into NaN/inf (std 0, negative, NaN)."""
+    if not math.isfinite(norm.mean):
+        raise ValueError(f"{origin}: broken model: normalisation mean is {norm.mean!r} (must be a finite number)")
+    if not (math.isfinite(norm.std) and norm.std > 0):
+        raise ValueError(f"{origin}: broken model: normalisation std is {norm.std!r} (must be a finite number > 0)")
+
+
+def check_weights(state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Refuse NaN/infinite weights: such a model answers NaN for every face."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{origin}: broken model: non-finite weights (NaN or infinity) in {shown}")
+
+
+def check_model(loaded: LoadedModel) -> None:
+    """The load-time checks for a model built in memory (``ValueError`` when it is broken)."""
+    origin = str(loaded.path or loaded.name)
+    check_normalization(loaded.normalization, origin)
+    check_weights(loaded.model.state_dict(), origin)
 
 
 def _preprocess_settings(meta: dict[str, Any], input_size: tuple[int, int]) -> PreprocessSettings:

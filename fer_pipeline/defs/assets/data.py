@@ -4,6 +4,7 @@ core module, writes its own file atomically and reports what a user would look a
 
 
 import time
+from collections.abc import Sequence
 
 import dagster as dg
 import pandas as pd
@@ -22,8 +23,25 @@ from fer_pipeline.dataset.manifest import (
     dedup_input,
     read_relabels,
 )
+from fer_pipeline.dataset.publish import (
+    Candidate,
+    data_version,
+    manifest_version,
+    prune_rejected,
+    publish,
+)
 from fer_pipeline.dataset.source_readers import SourceBytes
 from fer_pipeline.dataset.splits import assign_splits, split_summary
+from fer_pipeline.defs.checks import (
+    MANIFEST_CHECKS,
+    SPLIT_CHECKS,
+    GxCheck,
+    Tables,
+    blocking_failures,
+    check_specs,
+    results_json,
+    run_checks,
+)
 from fer_pipeline.defs.metadata import SYNTHETIC_NOTE, counts, md_image, md_table
 from fer_pipeline.defs.resources import FerSettings
 from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES, SPLIT_COLUMNS
@@ -51,7 +69,7 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
     catalog = fer.catalog()
     # rebuild (the scheduled safety net): hash every file again instead of reusing previous hashes
     previous = pd.read_parquet(paths.raw_inventory) if paths.raw_inventory.exists() and not fer.rebuild else None
-    report = build_inventory(catalog, paths.root, previous)
+    report = build_inventory(catalog, paths.root, previous, max_file_bytes=fer.max_file_bytes)
     inv = report.table
     write_parquet(paths.raw_inventory, inv)
     per_source = inv.pivot_table(index="source", columns="status", values="source_path", aggfunc="count",
@@ -65,6 +83,8 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
         "per_source": md_table(per_source.reset_index()),
         "unmapped_labels": md_table(unmapped),
         "junk_skipped": {str(k): int(v) for k, v in report.junk.items()},
+        "unreadable_examples": md_table(inv.loc[inv["status"].isin(["unreadable", "too_large", "source_error"]),
+                                                ["source", "source_path", "status", "reason"]], 20),
         "demographics_coverage": md_table(coverage.reset_index()),
         "demographics_csv_notes": report.demographics_notes,
         "hashed_this_run": report.hashed,
@@ -86,12 +106,12 @@ def faces(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materialize
     settings = fer.preprocess
     store = FaceStore(paths.root, settings.key)
     specs = {s.name: s for s in fer.catalog().sources}
-    with SourceBytes(specs) as read:
+    with SourceBytes(specs, max_file_bytes=fer.max_file_bytes) as read:
         report = process_faces(candidates, read, store, settings, workers=fer.workers or None,
                                log=context.log.info, ignore_cache=fer.rebuild)
     table = report.table
     write_parquet(paths.faces_table, table)
-    reasons = table.loc[table["reason"].notna(), "reason"].str.replace(r" \(.*", "", regex=True)
+    reasons = table.loc[table["reason"].notna(), "reason"].map(plots.reason_category)  # no sizes, paths
     rate = report.processed / report.seconds if report.seconds > 0 and report.processed else 0.0
     return dg.MaterializeResult(metadata={
         "candidates": len(table),
@@ -151,8 +171,25 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
     })
 
 
+def _audit(context: dg.AssetExecutionContext, fer: FerSettings, candidate: Candidate, stage: str,
+           checks: Sequence[GxCheck], tables: Tables) -> tuple[list[dg.AssetCheckResult], list[str]]:
+    """Run a stage's checks on the run's candidate and keep the results beside it; returns the
+    results and the names of the failed blocking checks (then nothing may be published)."""
+    results = run_checks(checks, tables, fer)
+    candidate.record_checks(stage, results_json(results))
+    failed = blocking_failures(checks, results)
+    if failed:
+        context.log.error(f"{stage} candidate rejected ({', '.join(failed)}): nothing is published; the candidate "
+                          f"and its check results stay in {candidate.dir}")
+        prune_rejected(fer.paths)
+    return results, failed
+
+
 @dg.asset(group_name=GROUP, deps=[deduplicated_faces],
-          description="manifest.parquet (kept images) and excluded.parquet (every file not kept, with reason).")
+          description="The run's candidate manifest (kept images) and excluded table (every file not kept, with "
+                      "reason), audited by the manifest checks; `splits` publishes them once every blocking check "
+                      "has passed.",
+          check_specs=check_specs(MANIFEST_CHECKS, "manifest"))
 def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
     paths = fer.paths
     start = time.perf_counter()
@@ -163,8 +200,12 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
     # user corrections (e.g. from the label_issues report); recorded in column relabelled_from
     kept, relabels = apply_relabels(kept, read_relabels(paths.relabels))
     accounting = check_accounting(inv, kept, excluded)
-    write_parquet(paths.manifest, kept)
-    write_parquet(paths.excluded, excluded)
+    version = manifest_version(kept, excluded)
+    candidate = Candidate(paths, context.run.run_id)
+    candidate.write("manifest", kept, {"manifest_version": version, "run_id": context.run.run_id})
+    candidate.write("excluded", excluded, {"manifest_version": version, "run_id": context.run.run_id})
+    tables = Tables(kept, excluded, inv[["source", "source_path"]])
+    results, failed = _audit(context, fer, candidate, "manifest", MANIFEST_CHECKS, tables)
     by_class_source = kept.pivot_table(index="label", columns="source", values="image_id", aggfunc="count",
                                        fill_value=0)
     coverage = {attr: int(kept[attr].notna().sum()) for attr in DEMOGRAPHIC_ATTRIBUTES}
@@ -183,23 +224,40 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         "preview": md_table(kept[["image_id", "source", "source_path", "label", "gender", "age_group"]], 10),
         "relabels_applied": int(relabels["applied"].sum()),
         "relabels": md_table(relabels, 50),
+        "manifest_version": version,
+        "candidate": dg.MetadataValue.path(str(candidate.dir)),
+        "publication": ("rejected: " + ", ".join(failed)) if failed else "pending: splits publishes the set when "
+                                                                         "its checks pass",
         "manifest_path": dg.MetadataValue.path(str(paths.manifest)),
         "excluded_path": dg.MetadataValue.path(str(paths.excluded)),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, check_results=results)
 
 
 # Splits depend on every earlier stage directly (they are a function of the whole data half),
 # so `dagster asset materialize --select '+splits'` rebuilds the data half from the sources.
 @dg.asset(group_name=GROUP, deps=[manifest, deduplicated_faces, faces, raw_sources],
-          description="Stratified train/validation/test split (duplicate groups kept together) + CV folds.")
+          description="Stratified train/validation/test split (duplicate groups kept together) + CV folds; "
+                      "audited, then publishes manifest, excluded and splits together.",
+          check_specs=check_specs(SPLIT_CHECKS, "splits"))
 def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
     paths = fer.paths
-    kept = pd.read_parquet(paths.manifest)
-    table = assign_splits(kept, fer.split_proportions, fer.n_folds, fer.split_seed)
-    write_parquet(paths.splits, table[list(SPLIT_COLUMNS)])
-    summary = split_summary(table)
+    candidate = Candidate(paths, context.run.run_id)
+    if not candidate.has("manifest"):  # splits materialized alone: re-split the published manifest
+        candidate.adopt_published()
+    kept = candidate.read("manifest")
+    version = candidate.meta("manifest")["manifest_version"]
+    table = assign_splits(kept, fer.split_proportions, fer.n_folds, fer.split_seed)[list(SPLIT_COLUMNS)]
+    candidate.write("splits", table, {"manifest_version": version, "data_version": data_version(kept, table),
+                                      "run_id": context.run.run_id})
+    results, failed = _audit(context, fer, candidate, "splits", SPLIT_CHECKS, Tables(kept, splits=table))
+    if failed:
+        publication = "rejected: " + ", ".join(failed)
+    else:
+        publish(candidate)
+        publication = f"published manifest version {version}"
+    summary = split_summary(table.merge(kept[["image_id", "label"]], on="image_id"))
     hints = kept[["image_id", "split_hint"]].merge(table[["image_id", "split"]], on="image_id")
     hints = hints[hints["split_hint"].notna()]
     agreement = float((hints["split_hint"] == hints["split"]).mean()) if len(hints) else None
@@ -211,8 +269,11 @@ def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materializ
         "seed": fer.split_seed,
         "images_with_source_split_hint": len(hints),
         "share_matching_source_split_hint": agreement,
+        "manifest_version": version,
+        "data_version": data_version(kept, table),
+        "publication": publication,
         "path": dg.MetadataValue.path(str(paths.splits)),
-    })
+    }, check_results=results)
 
 
 @dg.asset(group_name=GROUP, deps=[manifest, splits],

@@ -38,12 +38,13 @@ from fer_pipeline.analysis.mitigation import (
 )
 from fer_pipeline.atomic import write_csv, write_table
 from fer_pipeline.dataset.face_store import load_faces
+from fer_pipeline.dataset.publish import read_published
 from fer_pipeline.defs.assets.data import manifest, splits
 from fer_pipeline.defs.metadata import md_image, md_table
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
 from fer_pipeline.ml.evaluate import Evaluation, evaluate_checkpoint, staleness
-from fer_pipeline.ml.workflow import data_version, load_pipeline_data
+from fer_pipeline.ml.workflow import load_pipeline_data
 from fer_pipeline.schema import SPLITS
 
 GROUP = "evaluation"
@@ -205,6 +206,9 @@ def mitigated_model(context: dg.AssetExecutionContext, fer: FerSettings, trainin
         context.log.warning(f"mitigation {outcome.status}")
         return dg.MaterializeResult(metadata={"status": outcome.status})
     plan, trained = outcome.plan, outcome.trained
+    if not trained.published:
+        context.log.error(f"{MITIGATED_NAME} has NaN/inf weights ({', '.join(trained.bad_tensors)}): not "
+                          f"published; the rejected checkpoint is at {trained.checkpoint}")
     write_csv(paths.report("mitigation_plan"), plan.shares)
     r = trained.result
     return dg.MaterializeResult(metadata={
@@ -213,6 +217,7 @@ def mitigated_model(context: dg.AssetExecutionContext, fer: FerSettings, trainin
         "groups": md_table(_round(plan.shares)),
         "training_rows": len(plan.rows), "original_training_rows": outcome.original_rows,
         "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
+        "published": trained.published,
         "val_macro_f1": round(trained.validation.macro_f1, 4), "val_accuracy": round(trained.validation.accuracy, 4),
         "best_epoch": r.best_epoch, "epochs_run": len(r.history),
         "train_seconds": round(r.train_seconds, 1),
@@ -365,9 +370,9 @@ def cross_source_generalisation(context: dg.AssetExecutionContext, fer: FerSetti
                       "out-of-fold probabilities; a thumbnail grid of the top suspects; nothing is relabelled.")
 def label_issues(context: dg.AssetExecutionContext, fer: FerSettings, analysis: AnalysisSettings) -> dg.MaterializeResult:
     paths = fer.paths
-    kept = pd.read_parquet(paths.manifest)
+    published = read_published(paths)
+    kept, version = published.manifest, published.data_version
     cv = read_cv_outputs(paths)
-    version = data_version(kept, pd.read_parquet(paths.splits))
     if cv.summary.get("data_version") is not None:
         _warn_stale(context, "the cross-validation", cv.summary["data_version"], version, "cross_validation")
     report = label_issue_report(cv.oof, kept, cv_macro_f1=cv.mean_macro_f1, n_pool=cv.summary.get("n_pool"),

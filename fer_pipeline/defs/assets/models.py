@@ -14,7 +14,6 @@ from fer_pipeline.ml.evaluate import compare_checkpoints, write_comparison
 from fer_pipeline.ml.workflow import (
     load_pipeline_data,
     train_and_save,
-    weights_are_finite,
 )
 
 GROUP = "models"
@@ -46,7 +45,9 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
                          f"{len(arrays['validation'])} (data version {version})")
         trained = train_and_save(name, arch, training.config(), arrays, fer.paths, version, fer.preprocess,
                                  log=context.log.info)
-        finite, bad = weights_are_finite(trained.checkpoint)
+        if not trained.published:
+            context.log.error(f"{name} has NaN/inf weights ({', '.join(trained.bad_tensors)}): not published; the "
+                              f"previous checkpoint stays, the rejected one is at {trained.checkpoint}")
         val, base = trained.validation, trained.baseline_validation
         r = trained.result
         history = r.history_frame()
@@ -65,8 +66,8 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
                 "history": md_table(history.round(4), 60),
             },
             check_results=[
-                dg.AssetCheckResult(check_name="weights_finite", passed=finite,
-                                    metadata={"tensors_with_nan_or_inf": bad}),
+                dg.AssetCheckResult(check_name="weights_finite", passed=trained.published,
+                                    metadata={"tensors_with_nan_or_inf": trained.bad_tensors}),
                 dg.AssetCheckResult(check_name="beats_majority_baseline",
                                     passed=val.macro_f1 > base.macro_f1,
                                     metadata={"val_macro_f1": val.macro_f1, "baseline_macro_f1": base.macro_f1,

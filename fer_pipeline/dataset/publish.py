@@ -1,0 +1,174 @@
+"""Write, audit, publish: what readers see of the data half always comes from one run that
+passed its blocking checks.
+
+A run writes its ``manifest``, ``excluded`` and ``splits`` tables as a *candidate* under
+``manifest/candidates/<run id>/``; the data checks validate the candidate; only when every
+blocking check of the manifest and the splits has passed are the candidate's files renamed over
+the published ``manifest/manifest.parquet``, ``excluded.parquet`` and ``splits.parquet`` (each
+synced to disk first). A run whose blocking check fails leaves the published set exactly as it
+was and keeps its candidate, with the check results (``checks_<stage>.json``), for inspection.
+
+Every published table records its versions in its Parquet key-value metadata:
+``manifest_version`` (a content hash of the manifest and excluded tables) in all three, and
+``data_version`` (image ids, labels and splits: what checkpoints record) in the splits.
+:func:`read_published` refuses a set whose versions disagree (e.g. a crash between two renames,
+or a table copied in by hand), so mixing two runs is detected instead of trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fer_pipeline.atomic import (
+    fsync_dir,
+    read_parquet_meta,
+    replace_synced,
+    write_json,
+    write_parquet,
+)
+from fer_pipeline.paths import DataPaths
+
+TABLES = ("manifest", "excluded", "splits")
+PUBLISH_ORDER = ("excluded", "splits", "manifest")  # the manifest last: its rename commits the set
+KEEP_REJECTED = 5  # rejected candidates kept for inspection (oldest removed first)
+
+
+class MixedSetError(RuntimeError):
+    """The published tables come from different runs (or were never published together)."""
+
+
+def manifest_version(kept: pd.DataFrame, excluded: pd.DataFrame) -> str:
+    """Content hash of a manifest run: every kept image with its label, every exclusion with its reason."""
+    def rows(frame: pd.DataFrame, tag: str, what: list[str]) -> pd.Series:
+        parts = [frame[c].astype(str) for c in ["source", "source_path", *what]]
+        return tag + "|" + parts[0].str.cat(parts[1:], sep="|") if len(frame) else pd.Series([], dtype=str)
+
+    lines = sorted(rows(kept, "k", ["image_id", "label"]).tolist() + rows(excluded, "x", ["reason"]).tolist())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def data_version(manifest: pd.DataFrame, splits: pd.DataFrame) -> str:
+    """Fingerprint of what a model sees: every image id with its label and split."""
+    joined = manifest[["image_id", "label"]].merge(splits[["image_id", "split"]], on="image_id")
+    rows = joined.sort_values("image_id").astype(str).agg("|".join, axis=1)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The tables one run proposes to publish, in their own folder."""
+
+    paths: DataPaths
+    run_id: str
+
+    @property
+    def dir(self) -> Path:
+        return self.paths.candidates_dir / self.run_id
+
+    def path(self, table: str) -> Path:
+        return self.dir / f"{table}.parquet"
+
+    def has(self, table: str) -> bool:
+        return self.path(table).is_file()
+
+    def write(self, table: str, frame: pd.DataFrame, meta: dict[str, Any]) -> Path:
+        return write_parquet(self.path(table), frame, meta)
+
+    def read(self, table: str, columns: list[str] | None = None) -> pd.DataFrame:
+        return pd.read_parquet(self.path(table), columns=columns)
+
+    def meta(self, table: str) -> dict[str, Any]:
+        return read_parquet_meta(self.path(table))
+
+    def record_checks(self, stage: str, results: dict[str, Any]) -> Path:
+        """Keep the check results beside the candidate they judged."""
+        return write_json(self.dir / f"checks_{stage}.json", results)
+
+    def adopt_published(self) -> None:
+        """Start from the published manifest and excluded tables (a run that re-splits only)."""
+        for table in ("manifest", "excluded"):
+            published = getattr(self.paths, table)
+            if not published.is_file():
+                raise FileNotFoundError(f"{published} does not exist: materialize manifest first")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(published, self.path(table))
+
+
+def publish(candidate: Candidate) -> str:
+    """Rename the candidate's tables over the published ones (manifest last); returns the
+    manifest version now published."""
+    versions = {t: candidate.meta(t).get("manifest_version") for t in TABLES}
+    if len(set(versions.values())) != 1 or None in versions.values():
+        raise MixedSetError(f"candidate {candidate.dir} is not one set: manifest versions {versions}")
+    for table in PUBLISH_ORDER:
+        replace_synced(candidate.path(table), getattr(candidate.paths, table))
+    for leftover in candidate.dir.iterdir():
+        leftover.unlink()
+    candidate.dir.rmdir()
+    fsync_dir(candidate.paths.candidates_dir)
+    return str(versions["manifest"])
+
+
+def prune_rejected(paths: DataPaths, keep: int = KEEP_REJECTED) -> list[Path]:
+    """Remove all but the ``keep`` newest rejected candidates; returns the removed folders."""
+    if not paths.candidates_dir.is_dir():
+        return []
+    folders = sorted((p for p in paths.candidates_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    removed = folders[:-keep] if keep else folders
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+@dataclass(frozen=True)
+class PublishedSet:
+    manifest: pd.DataFrame
+    splits: pd.DataFrame
+    manifest_version: str
+    data_version: str
+
+
+def published_versions(paths: DataPaths) -> dict[str, str | None]:
+    """The manifest version each published table records (None: missing or unversioned)."""
+    return {t: read_parquet_meta(getattr(paths, t)).get("manifest_version") if getattr(paths, t).is_file() else None
+            for t in TABLES}
+
+
+def check_published(paths: DataPaths) -> str:
+    """The published manifest version, or :class:`MixedSetError` naming what disagrees."""
+    versions = published_versions(paths)
+    missing = [t for t in TABLES if not getattr(paths, t).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no published {', '.join(missing)} under {paths.manifest_dir}: materialize the "
+                                "data assets (splits publishes the set)")
+    if len(set(versions.values())) != 1 or None in versions.values():
+        detail = ", ".join(f"{t}.parquet {v}" for t, v in versions.items())
+        raise MixedSetError(f"the published tables are not one set (manifest versions: {detail}): "
+                            "re-materialize manifest and splits")
+    return str(versions["manifest"])
+
+
+def read_published(paths: DataPaths) -> PublishedSet:
+    """The published manifest and splits, verified to be one set."""
+    version = check_published(paths)
+    kept, splits = pd.read_parquet(paths.manifest), pd.read_parquet(paths.splits)
+    return PublishedSet(kept, splits, version, data_version(kept, splits))
+
+
+def publish_tables(paths: DataPaths, kept: pd.DataFrame, excluded: pd.DataFrame, splits: pd.DataFrame,
+                   run_id: str = "manual") -> str:
+    """Publish a set made outside a pipeline run (tools, tests) with the same versions and
+    renames as a run; the caller vouches for its checks. Returns the manifest version."""
+    version = manifest_version(kept, excluded)
+    candidate = Candidate(paths, run_id)
+    candidate.write("manifest", kept, {"manifest_version": version, "run_id": run_id})
+    candidate.write("excluded", excluded, {"manifest_version": version, "run_id": run_id})
+    candidate.write("splits", splits, {"manifest_version": version, "data_version": data_version(kept, splits),
+                                       "run_id": run_id})
+    return publish(candidate)

@@ -1,0 +1,127 @@
+"""Test helper: run a server on a free loopback port in its own process group, stop it by PID.
+
+`start_server` starts the command in a new session (so its process group id is its PID and
+nothing it spawns joins pytest's group), with stdout and stderr going to a log file.
+`ServerProcess.stop` signals that PID, waits, and then kills whatever is left of the group,
+so a test never leaves a server behind, whatever happened in between. Every started server is
+also stopped at interpreter exit, as a last resort.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+_RUNNING: dict[int, ServerProcess] = {}
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free on `host` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    name: str = "server"
+    _log_file: object = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float = 30, every: float = 0.2) -> None:
+        """Poll `ready()` until it is true; fail at once, with the log, if the server exits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} (pid {self.pid}) exited with {self.proc.returncode} "
+                                   f"before it was ready; log {self.log}:\n{self.log_tail()}")
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} (pid {self.pid}) not ready after {timeout:.0f}s; "
+                                   f"log {self.log}:\n{self.log_tail()}")
+            time.sleep(every)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Send `sig` to the server's PID, wait up to `timeout` s, then SIGKILL its process group.
+
+        Returns the exit status (None if it had to be killed). Safe to call twice."""
+        code: int | None = None
+        try:
+            if self.alive():
+                try:
+                    os.kill(self.pid, sig)
+                except ProcessLookupError:
+                    pass
+                try:
+                    code = self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    code = None
+            else:
+                code = self.proc.returncode
+            # The group id is the server's PID (new session): kill any child it left behind.
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if self.proc.poll() is None:
+                self.proc.wait(timeout=10)
+        finally:
+            _RUNNING.pop(self.pid, None)
+            if self._log_file is not None:
+                self._log_file.close()  # type: ignore[attr-defined]
+                self._log_file = None
+        return code
+
+
+def start_server(cmd: Sequence[str], *, port: int, log: Path, name: str = "server",
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                 user: int | str | None = None, group: int | str | None = None) -> ServerProcess:
+    """Start `cmd` in its own session/process group; output is appended to `log`.
+
+    `user`/`group` run it as another account (only possible as root), with no supplementary
+    groups."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "ab")  # noqa: SIM115 - closed by ServerProcess.stop
+    extra: dict[str, object] = {}
+    if user is not None:
+        extra = {"user": user, "group": group, "extra_groups": []}
+    try:
+        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(env) if env is not None else None, cwd=cwd,
+                                start_new_session=True, **extra)  # type: ignore[call-overload]
+    except BaseException:
+        out.close()
+        raise
+    server = ServerProcess(proc=proc, port=port, log=log, name=name, _log_file=out)
+    _RUNNING[proc.pid] = server
+    return server
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_RUNNING.values()):
+        server.stop(signal.SIGTERM, timeout=5)

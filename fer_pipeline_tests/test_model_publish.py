@@ -1,0 +1,51 @@
+"""A model whose weights are not finite is never published: the last good checkpoint stays in
+place and the rejected one is kept as a candidate (write, audit, publish for models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fer_pipeline.dataset.preprocess import PreprocessSettings
+from fer_pipeline.ml import ArchConfig, TrainConfig
+from fer_pipeline.ml import workflow
+from fer_pipeline.ml.data import SplitArrays
+from fer_pipeline.paths import DataPaths
+
+SIZE = 16
+
+
+def _split(n: int, seed: int) -> SplitArrays:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    images = np.clip(labels[:, None, None] * 50 + rng.normal(60, 20, (n, SIZE, SIZE)), 0, 255).astype(np.uint8)
+    ids = [f"{seed}-{i}" for i in range(n)]
+    return SplitArrays(images, labels.astype(np.int64), ids, pd.DataFrame({"image_id": ids}))
+
+
+def test_nan_weights_are_not_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = DataPaths(tmp_path)
+    arrays = {"train": _split(64, 0), "validation": _split(16, 1)}
+    args = ("tiny", ArchConfig("tiny", (8, 16)), TrainConfig(epochs=1, batch_size=32, warmup_epochs=0),
+            arrays, paths, "v1", PreprocessSettings(image_size=(SIZE, SIZE)))
+    good = workflow.train_and_save(*args)
+    assert good.published and good.checkpoint == paths.checkpoint("tiny") and good.curves_png == paths.curves("tiny")
+    published = paths.checkpoint("tiny").read_bytes()
+
+    real = workflow.train_model
+
+    def diverged(*a, **kw):
+        result = real(*a, **kw)
+        first = next(k for k, v in result.state_dict.items() if v.dtype.is_floating_point)
+        result.state_dict[first] = torch.full_like(result.state_dict[first], float("nan"))
+        return result
+
+    monkeypatch.setattr(workflow, "train_model", diverged)
+    bad = workflow.train_and_save(*args)
+    assert not bad.published and bad.bad_tensors
+    assert bad.checkpoint.parent == paths.model_candidates_dir and bad.checkpoint.is_file()
+    assert paths.checkpoint("tiny").read_bytes() == published  # the last good model stays

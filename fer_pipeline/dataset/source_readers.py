@@ -205,6 +205,74 @@ def _regular_file(path: Path) -> None:
         raise SourceError(f"cannot open {printable(str(path))}: not a regular file ({file_kind(st.st_mode)})")
 
 
+def _link_target(path: str | Path) -> str | None:
+    """Where a symbolic link points (printable), or None when ``path`` is not a link."""
+    try:
+        return printable(os.readlink(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _link_problem(exc: OSError, target: str) -> Problem:
+    """Why a symbolic link to ``target`` cannot be followed (``os.stat`` raised ``exc``)."""
+    if isinstance(exc, FileNotFoundError):
+        return Problem(UNREADABLE, f"dangling link (to '{target}')")
+    return Problem(UNREADABLE, f"{describe_error(exc)} (link to '{target}')")
+
+
+def stat_path(path: str | Path) -> os.stat_result | Problem:
+    """``os.stat(path)`` (links followed), or why ``path`` cannot be used, in the words a folder
+    member gets (``dangling link (to '…')``, ``symlink loop (link to '…')``, ``permission
+    denied``); a missing path that is not a link is ``no such file or folder``."""
+    try:
+        return os.stat(path)
+    except ValueError:  # an embedded NUL byte (Python callers only: argv cannot hold one)
+        return Problem(UNREADABLE, "invalid path (contains a NUL byte)")
+    except OSError as exc:
+        target = _link_target(path)
+        if target is not None:
+            return _link_problem(exc, target)
+        return Problem(UNREADABLE, "no such file or folder" if isinstance(exc, FileNotFoundError)
+                       else describe_error(exc))
+
+
+def open_regular(path: str | bytes | Path, max_bytes: int) -> tuple[int, int]:
+    """(fd, size) of ``path`` if it is a regular file of at most ``max_bytes``; else raises
+    :class:`MemberError`. Opened non-blocking and checked with ``fstat`` on the open descriptor,
+    so a FIFO (even one swapped in after listing) is refused instead of blocking forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise MemberError(Problem(UNREADABLE, describe_error(exc))) from exc
+    st = os.fstat(fd)
+    problem = _not_regular(st.st_mode) if not stat.S_ISREG(st.st_mode) else \
+        _too_large(st.st_size, max_bytes) if st.st_size > max_bytes else None
+    if problem is not None:
+        os.close(fd)
+        raise MemberError(problem)
+    return fd, st.st_size
+
+
+def read_regular(path: str | bytes | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file, never more than ``max_bytes`` (a file that grew since it was
+    checked is refused at the cap); raises :class:`MemberError` with the reason otherwise."""
+    fd, size = open_regular(path, max_bytes)
+    try:
+        parts, total, want = [], 0, size + 1  # one read for the file, one to see its end
+        while chunk := os.read(fd, want):
+            parts.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:  # grew since stat: stop at the cap
+                raise MemberError(_too_large(total, max_bytes))
+            want = min(READ_CHUNK, max_bytes + 1 - total)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    except OSError as exc:
+        raise MemberError(Problem(UNREADABLE, describe_error(exc))) from exc
+    finally:
+        os.close(fd)
+
+
 class SourceReader:
     """Base class: list members and read their bytes (never more than ``max_file_bytes``)."""
 
@@ -277,6 +345,17 @@ def _scan(path: str) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda e: e.name)
 
 
+_FOLDER_LOOP = "symlink loop: "  # a link to a folder that contains the link
+_UNLISTABLE = "cannot list folder: "
+
+
+def is_folder_fault(problem: Problem | None) -> bool:
+    """Whether a :class:`FolderReader` row stands for a folder whose files cannot be listed: a
+    link looping back onto an enclosing folder or a folder that cannot be listed. (A link to a
+    folder already listed is not one: its files are listed, under the folder's first path.)"""
+    return problem is not None and problem.reason.startswith((_FOLDER_LOOP, _UNLISTABLE))
+
+
 def _contains(folder: str, path: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -341,17 +420,11 @@ class FolderReader(SourceReader):
 
     def _link(self, rel: str, path: str, linked: deque[tuple[str, str]]) -> Member | None:
         """A symbolic link: the file it points to, a dangling/loop row, or None (a folder, queued)."""
-        try:
-            target = printable(os.readlink(path))
-        except OSError:
-            target = "?"
+        target = _link_target(path) or "?"
         try:
             st = os.stat(path)
-        except FileNotFoundError:
-            return Member(rel, 0, f"link:{target}", problem=Problem(UNREADABLE, f"dangling link (to '{target}')"))
         except OSError as exc:
-            reason = describe_error(exc)
-            return Member(rel, 0, f"link:{target}", problem=Problem(UNREADABLE, f"{reason} (link to '{target}')"))
+            return Member(rel, 0, f"link:{target}", problem=_link_problem(exc, target))
         if stat.S_ISDIR(st.st_mode):
             linked.append((rel, path))
             return None
@@ -369,7 +442,7 @@ class FolderReader(SourceReader):
             seen[key] = rel
             return _scan(path)
         except OSError as exc:
-            return Member(rel, 0, "folder", problem=Problem(UNREADABLE, f"cannot list folder: {describe_error(exc)}"))
+            return Member(rel, 0, "folder", problem=Problem(UNREADABLE, f"{_UNLISTABLE}{describe_error(exc)}"))
 
     def _follow(self, rel: str, path: str, seen: dict[tuple[int, int], str],
                 linked: deque[tuple[str, str]]) -> Iterator[Member]:
@@ -377,7 +450,7 @@ class FolderReader(SourceReader):
         target, here = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
         if _contains(target, here):
             yield Member(rel, 0, "loop", problem=Problem(
-                UNREADABLE, f"symlink loop: '{printable(os.readlink(path))}' is a folder that contains the link"))
+                UNREADABLE, f"{_FOLDER_LOOP}'{_link_target(path) or '?'}' is a folder that contains the link"))
             return
         listed = self._list_folder(rel, path, seen)
         if isinstance(listed, Member):
@@ -391,38 +464,15 @@ class FolderReader(SourceReader):
             return os.path.join(os.fsencode(self.spec.path), _unescape(rel))
         return path
 
-    def _open(self, member: Member) -> tuple[int, int]:
-        """(fd, size) of a regular file within the cap; never blocks on a FIFO."""
-        try:
-            fd = os.open(self._fs_path(member.path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise MemberError(Problem(UNREADABLE, describe_error(exc))) from exc
-        st = os.fstat(fd)
-        problem = _not_regular(st.st_mode) if not stat.S_ISREG(st.st_mode) else \
-            _too_large(st.st_size, self.max_file_bytes) if st.st_size > self.max_file_bytes else None
-        if problem is not None:
-            os.close(fd)
-            raise MemberError(problem)
-        return fd, st.st_size
+    def fs_path(self, rel: str) -> Path:
+        """The file-system path of a member path (``\\xNN`` escapes of a non-UTF-8 name undone)."""
+        return Path(os.fsdecode(self._fs_path(rel)))
 
     def read(self, member: Member) -> bytes:
-        fd, size = self._open(member)
-        try:
-            parts, total, want = [], 0, size + 1  # one read for the file, one to see its end
-            while chunk := os.read(fd, want):
-                parts.append(chunk)
-                total += len(chunk)
-                if total > self.max_file_bytes:  # grew since stat: stop at the cap
-                    raise MemberError(_too_large(total, self.max_file_bytes))
-                want = min(READ_CHUNK, self.max_file_bytes + 1 - total)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-        except OSError as exc:
-            raise MemberError(Problem(UNREADABLE, describe_error(exc))) from exc
-        finally:
-            os.close(fd)
+        return read_regular(self._fs_path(member.path), self.max_file_bytes)
 
     def sha256(self, member: Member) -> str:
-        fd, _ = self._open(member)
+        fd, _ = open_regular(self._fs_path(member.path), self.max_file_bytes)
         h, total = hashlib.sha256(), 0
         try:
             while chunk := os.read(fd, READ_CHUNK):
@@ -549,6 +599,12 @@ class ZipReader(SourceReader):
 
     def names(self) -> list[str]:
         return [name for name, (_, problem) in self._entries.items() if problem is None]  # readable ones
+
+    def entry_name(self, path: str) -> str:
+        """The entry name (``\\`` -> ``/``) a member path stands for: a duplicate's path carries a
+        ``[duplicate entry k of n]`` suffix, its entry name does not."""
+        found = self._entries.get(path)
+        return found[0].filename.replace("\\", "/") if found is not None else path
 
     def close(self) -> None:
         self._zip.close()

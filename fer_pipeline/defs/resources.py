@@ -74,11 +74,14 @@ class TrainSettings(dg.ConfigurableResource):
     seed: int = 0
     device: str = Field(default="auto", description="auto = CUDA when available, else CPU")
     num_threads: int = Field(default=0, description="torch CPU threads; 0 = torch default")
+    amp: str = Field(default="auto", description="auto = bf16 autocast on a CUDA GPU that supports it (never on "
+                     "the CPU); off = full precision everywhere")
     macro_f1_floor: float = Field(default=0.5, description="Warn when a model's test macro-F1 is below")
 
     def config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, lr=self.lr,
-                           seed=self.seed, device=self.device, num_threads=self.num_threads or None)
+                           seed=self.seed, device=self.device, num_threads=self.num_threads or None,
+                           amp=self.amp)
 
 
 class AnalysisSettings(dg.ConfigurableResource):

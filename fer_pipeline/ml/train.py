@@ -2,14 +2,19 @@
 
 Why the loop looks like this:
 
-* Faces sit in memory as one tensor; a batch is an index, augmentation is vectorised
-  (:func:`fer_pipeline.ml.data.augment_batch`), layout is channels_last.
+* Faces sit on the training device as one uint8 tensor (uploaded once); a batch is an index
+  there, augmentation is vectorised and runs on that device with a generator on that device
+  (:func:`fer_pipeline.ml.data.augment_batch`), layout is channels_last. On CUDA a step
+  never waits for the host: the only syncs are the per-epoch loss read-out and validation.
 * Small validation sets make the per-epoch macro-F1 noisy, so by default we validate an
   exponential moving average (EMA) of the weights, under a cosine learning-rate schedule with
   a fixed budget: the EMA curve is smooth and rises to the end, so "best epoch" is not a
   lucky spike. Early stopping (``patience``) still guards against over-long budgets.
 * All randomness comes from generators seeded from ``TrainConfig.seed``; with the same
-  inputs, seed, device and thread count, two runs give identical metrics.
+  inputs, seed, device and thread count, two runs give identical metrics. The CPU path is the
+  same code as the CUDA path and gives bit-identical results to the earlier host-side
+  augmentation; CUDA runs are reproducible with ``deterministic=True`` (the default), with or
+  without bf16 autocast (``amp``), but differ numerically from CPU runs.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from fer_pipeline.ml.data import (
     AugmentConfig,
     Normalization,
     augment_batch,
+    augment_generator,
     normalize,
+    resident_faces,
     to_unit_tensor,
 )
 from fer_pipeline.ml.inference import predict_logits, resolve_device
@@ -67,7 +74,12 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     deterministic: bool = True  # deterministic kernels on CUDA (CPU ones already are)
+    amp: Literal["auto", "off"] = "auto"  # auto: bf16 autocast on CUDA (if supported), never on CPU
     eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("auto", "off"):
+            raise ValueError(f"amp must be 'auto' or 'off', got {self.amp!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -136,31 +148,59 @@ def seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def torch_settings(num_threads: int | None, deterministic: bool, device: torch.device) -> Iterator[None]:
-    """Set thread count (and, on CUDA, deterministic kernels) for one run, then restore them.
+    """Set thread count (and, on accelerators, the kernel choice) for one run, then restore them.
 
     The CPU kernels this loop uses are deterministic already, and
     ``torch.use_deterministic_algorithms`` costs seconds on first call (it imports the
     inductor compiler), so the switch is only flipped where it matters: on accelerators.
+    There, deterministic mode does not fill fresh allocations with NaN
+    (``fill_uninitialized_memory``): the loop never reads uninitialised memory, and the fill
+    is one extra kernel per allocation. Non-deterministic mode lets cuDNN benchmark its
+    algorithms (batch shapes are fixed, so it tunes once).
     """
     old_threads = torch.get_num_threads()
-    flip = deterministic and device.type != "cpu"
+    accel = device.type != "cpu"
     old_det = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
     old_bench = torch.backends.cudnn.benchmark
     try:
         if num_threads:
             torch.set_num_threads(num_threads)
-        if flip:
+        if accel and deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
             # warn_only: an op without a deterministic kernel warns instead of failing.
             torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = False
+        elif accel:
+            torch.backends.cudnn.benchmark = True
         yield
     finally:
         torch.set_num_threads(old_threads)
-        if flip:
+        if accel:
             torch.backends.cudnn.benchmark = old_bench
+        if accel and deterministic:
             torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+            torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``TrainConfig.amp`` on ``device``; None = full float32.
+
+    bf16 needs no loss scaling and halves activation traffic on GPUs that support it; on
+    the CPU it is never used, so CPU results stay exactly those of float32 training.
+    """
+    if amp == "off" or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; the fused kernel on CUDA (a couple of launches per step instead of dozens),
+    torch's default implementation elsewhere, so CPU updates stay bit-identical."""
+    fused = True if device.type == "cuda" else None
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
 class WeightEMA:
@@ -186,8 +226,8 @@ class WeightEMA:
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
         torch._foreach_lerp_(self._dst, self._src, 1.0 - d)
-        for dst, src in zip(self._dst_int, self._src_int):
-            dst.copy_(src)
+        if self._dst_int:
+            torch._foreach_copy_(self._dst_int, self._src_int)
 
 
 def _lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
@@ -244,21 +284,22 @@ def train_model(
 
     with torch_settings(config.num_threads, config.deterministic, device):
         seed_everything(config.seed)
-        g_shuffle = torch.Generator().manual_seed(config.seed)
-        g_aug = torch.Generator().manual_seed(config.seed + 1)
+        g_shuffle = torch.Generator().manual_seed(config.seed)  # on the host: same batch order on every device
+        g_aug = augment_generator(device, config.seed + 1)
         rng_mix = np.random.default_rng(config.seed + 2)
+        amp_dtype = autocast_dtype(config.amp, device)
 
         norm = Normalization.fit(train_images)
-        x_train = to_unit_tensor(train_images).to(device)
+        x_train = resident_faces(train_images, device)  # uint8, uploaded once
         y_train = torch.as_tensor(train_labels, device=device)
         w_train = _sample_weights(train_labels, sample_weights, n_classes, config.balance_classes).to(device)
-        x_val = to_unit_tensor(val_images)
+        x_val = to_unit_tensor(val_images).to(device)
         y_val = torch.as_tensor(val_labels)
 
         model = build_model(arch, n_classes, input_size=input_size).to(device)
         model = model.to(memory_format=torch.channels_last)
         ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
-        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        opt = make_optimizer(model, config, device)
 
         n = len(train_labels)
         bs = min(config.batch_size, n)
@@ -282,13 +323,14 @@ def train_model(
                 lr = _lr_at(step, total_steps, warmup_steps, config.lr, config.schedule)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss = _train_step(model, opt, x_train[idx], y_train[idx], w_train[idx], config, g_aug, rng_mix, norm)
+                xb = to_unit_tensor(x_train[idx])
+                loss = _train_step(model, opt, xb, y_train[idx], w_train[idx], config, g_aug, rng_mix, norm, amp_dtype)
                 loss_sum += loss
                 step += 1
                 if ema is not None:
                     ema.update()
+            train_loss = float(loss_sum) / steps_per_epoch  # waits for the device: time after it
             train_seconds = time.perf_counter() - t0
-            train_loss = float(loss_sum) / steps_per_epoch
 
             eval_model = ema.model if ema is not None else model
             logits = predict_logits(
@@ -358,24 +400,32 @@ def _train_step(
     g_aug: torch.Generator,
     rng_mix: np.random.Generator,
     norm: Normalization,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """One optimisation step on a [0, 1] batch; returns the (detached) weighted loss."""
+    """One optimisation step on a [0, 1] batch; returns the (detached) weighted loss.
+
+    Augmentation runs where the batch is, with ``g_aug`` on that device; ``amp_dtype``
+    (see :func:`autocast_dtype`) autocasts the forward pass and loss.
+    """
     if config.augment.enabled:
-        # Augment on CPU with the seeded generator (cheap for 48x48), then move.
-        xb = augment_batch(xb.cpu(), config.augment, g_aug).to(yb.device)
+        xb = augment_batch(xb, config.augment, g_aug)
     xb = normalize(xb, norm)
-    if config.mixup_alpha > 0:
-        lam = float(rng_mix.beta(config.mixup_alpha, config.mixup_alpha))
-        j = torch.as_tensor(rng_mix.permutation(len(yb)), device=yb.device)
-        xb = lam * xb + (1.0 - lam) * xb[j]
-        logits = model(xb)
-        ce_a = F.cross_entropy(logits, yb, reduction="none", label_smoothing=config.label_smoothing)
-        ce_b = F.cross_entropy(logits, yb[j], reduction="none", label_smoothing=config.label_smoothing)
-        per_sample = lam * ce_a + (1.0 - lam) * ce_b
-    else:
-        logits = model(xb)
-        per_sample = F.cross_entropy(logits, yb, reduction="none", label_smoothing=config.label_smoothing)
-    loss = (per_sample * wb).sum() / wb.sum()
+    amp = (
+        torch.autocast(xb.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    )
+    with amp:
+        if config.mixup_alpha > 0:
+            lam = float(rng_mix.beta(config.mixup_alpha, config.mixup_alpha))
+            j = torch.as_tensor(rng_mix.permutation(len(yb)), device=yb.device)
+            xb = lam * xb + (1.0 - lam) * xb[j]
+            logits = model(xb)
+            ce_a = F.cross_entropy(logits, yb, reduction="none", label_smoothing=config.label_smoothing)
+            ce_b = F.cross_entropy(logits, yb[j], reduction="none", label_smoothing=config.label_smoothing)
+            per_sample = lam * ce_a + (1.0 - lam) * ce_b
+        else:
+            logits = model(xb)
+            per_sample = F.cross_entropy(logits, yb, reduction="none", label_smoothing=config.label_smoothing)
+        loss = (per_sample.float() * wb).sum() / wb.sum()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -740,7 +740,7 @@ def report(results: list[Result], ts: TestSet) -> str:
         angs = " ".join(f"{k}:{pct(v)}" for k, v in r.by_angle.items())
         c = r.cal
         lines.append(f"- {r.name}: {sizes} | {angs} | box w x{c[0]:.2f} h x{c[1]:.2f} dx {c[2]:+.2f} dy {c[3]:+.2f} "
-                     f"| dup {r.dup} | op. threshold {'default' if r.op_threshold is None else f'> {r.op_threshold:.3g}'} "
+                     f"| dup {r.dup} | op. threshold {'default' if r.op_threshold is None else f'> {r.op_threshold:.4g}'} "
                      f"| {r.settings} | extra packages: {', '.join(r.extra_packages) or '-'}")
     return "\n".join(lines)
 

@@ -157,3 +157,30 @@ def test_run_killed_during_faces_stage_reruns_cleanly(tmp_path: Path, monkeypatc
     excluded = pd.read_parquet(paths.excluded)
     inventory = pd.read_parquet(paths.raw_inventory)
     assert len(first.manifest) + len(excluded) == len(inventory)
+
+
+@pytest.mark.parametrize("make_empty", ["empty_folder", "header_only_csv", "only_junk"])
+def test_a_source_without_candidates_fails_the_blocking_source_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     make_empty: str) -> None:
+    """An empty folder, a header-only FER2013 CSV or a folder of junk: the blocking check names
+    the source, nothing downstream runs and nothing is published."""
+    _catalogue(tmp_path, n_images=120)
+    if make_empty == "header_only_csv":
+        (tmp_path / "fer.csv").write_text("emotion,pixels,Usage\n")
+        spec = {"name": "hollow", "kind": "fer2013_csv", "path": "fer.csv", "label_map": {"angry": "Angry"}}
+    else:
+        folder = tmp_path / "raw" / "hollow"
+        folder.mkdir(parents=True)
+        if make_empty == "only_junk":
+            (folder / ".DS_Store").write_bytes(b"junk")
+            (folder / "Thumbs.db").write_bytes(b"junk")
+        spec = {"name": "hollow", "kind": "image_folders", "path": "raw/hollow", "label_map": {"angry": "Angry"}}
+    catalogue = yaml.safe_load((tmp_path / "sources.yaml").read_text())
+    catalogue["sources"].append(spec)
+    (tmp_path / "sources.yaml").write_text(yaml.safe_dump(catalogue))
+    result = _run(tmp_path, monkeypatch)
+    assert not result.success
+    (check,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "sources_have_images"]
+    assert not check.passed and check.metadata["sources_without_candidates"].value == ["hollow"]
+    assert "manifest" not in {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+    assert not DataPaths(tmp_path).manifest.exists()

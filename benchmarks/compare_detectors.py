@@ -17,7 +17,8 @@ For each detector that is installed (the others are skipped with the reason):
   recall  raw@0.3, raw@0.5, calibrated@0.5, and calibrated@0.5 for small (< 100 px) and
           strongly rotated (|angle| >= 10 deg) faces;
   FP/img  detections away from every face (IoU < 0.3 and centre outside every face box) per
-          face-free canvas, and per canvas with faces;
+          face-free canvas, and per canvas with faces (the detail lines say how many fell on the
+          scrambled-face patches rather than on plain clutter);
   op.     calibrated recall@0.5 at the lowest score threshold that leaves <= 0.02 FP per canvas
           (a common operating point: detectors differ in how many FPs their defaults allow);
   crops   share of the dataset's own 96 px crops (padded to 144 px) in which a face is found;
@@ -36,8 +37,8 @@ For each detector that is installed (the others are skipped with the reason):
 Needs numpy and pillow; each detector needs its own package (opencv-python-headless<5 for the
 Haar cascades and YuNet, dlib-bin, facenet-pytorch, mediapipe<=0.10.21 for its bundled BlazeFace
 models, face_recognition_models for dlib's 5-point landmarks and CNN detector). YuNet needs the
-ONNX file: --yunet-onnx PATH (no registry package we found ships it). Never writes into the
-repository; exits 0 with a message when the dataset is absent.
+ONNX file: --yunet-onnx PATH (no registry package we found ships it). Refuses to write dataset
+images (--cache, --preview) into the repository; exits 0 with a message when the dataset is absent.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ DEFAULT_ZIP = REPO.parent / "shared" / "datasets" / "affectnet-4class.zip"
 W, H = 640, 480
 FACE_MIN, FACE_MAX = 60, 250
 MAX_ANGLE = 15.0
+OPENCV = "opencv-python-headless|opencv-python|opencv-contrib-python|opencv-contrib-python-headless"
 FP_BUDGET = 0.02  # false positives per canvas at the tuned operating point
 STACK = ("torch", "torchvision", "numpy", "pillow")  # the project's own stack: not counted as footprint
 
@@ -80,6 +82,7 @@ class TestSet:
     boxes: list[list[tuple[float, float, float, float]]]  # per canvas: (x0, y0, x1, y1)
     angles: list[list[float]]  # per canvas, per face: applied rotation (degrees, counter-clockwise)
     crops: np.ndarray  # (M, 144, 144, 3) dataset crops padded with their mean colour
+    decoys: list[list[tuple[int, int, int, int]]] = field(default_factory=list)  # scrambled-face patches
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.canvases.tobytes())
@@ -130,7 +133,7 @@ def scrambled(face: Image.Image, size: int, rng: np.random.Generator) -> Image.I
     return Image.fromarray(np.concatenate(rows, axis=0)).resize((size, size), Image.LANCZOS)
 
 
-def background(rng: np.random.Generator, decoys: list[Image.Image]) -> Image.Image:
+def background(rng: np.random.Generator, decoys: list[Image.Image]) -> tuple[Image.Image, list]:
     base = value_noise(rng) if rng.random() < 0.5 else gradient(rng)
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
@@ -150,14 +153,17 @@ def background(rng: np.random.Generator, decoys: list[Image.Image]) -> Image.Ima
             draw.polygon(pts, fill=col)
         else:
             draw.text((x0, y0), "".join(chr(int(c)) for c in rng.integers(65, 91, 8)), fill=col)
+    placed = []
     if rng.random() < 0.6:  # hard negatives: scrambled faces
         for _ in range(int(rng.integers(1, 4))):
             s = int(rng.integers(60, 200))
             patch = scrambled(decoys[int(rng.integers(len(decoys)))], s, rng)
-            img.paste(patch, (int(rng.integers(0, W - s)), int(rng.integers(0, H - s))))
+            x, y = int(rng.integers(0, W - s)), int(rng.integers(0, H - s))
+            img.paste(patch, (x, y))
+            placed.append((x, y, x + s, y + s))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
-    return img
+    return img, placed
 
 
 def paste_face(canvas: Image.Image, face: Image.Image, size: int, angle: float, cx: float, cy: float) -> None:
@@ -183,10 +189,11 @@ def build_testset(zip_path: Path, n_faces: int, n_empty: int, n_crops: int, seed
     n_one = n_faces - 2 * n_two
     layout = [1] * n_one + [2] * n_two + [0] * n_empty
     layout = [layout[i] for i in rng.permutation(len(layout))]
-    canvases, boxes, angles = [], [], []
+    canvases, boxes, angles, decoy_boxes = [], [], [], []
     it = iter(faces)
     for k in layout:
-        img = background(rng, decoys)
+        img, placed_decoys = background(rng, decoys)
+        decoy_boxes.append(placed_decoys)
         placed: list[tuple[float, float, float, float]] = []  # rotated extents, to keep faces apart
         cb, ca = [], []
         for _ in range(k):
@@ -216,20 +223,21 @@ def build_testset(zip_path: Path, n_faces: int, n_empty: int, n_crops: int, seed
         pad = Image.new("RGB", (144, 144), tuple(int(v) for v in a.reshape(-1, 3).mean(0)))
         pad.paste(face, (24, 24))
         crops.append(np.asarray(pad))
-    return TestSet(np.stack(canvases), boxes, angles, np.stack(crops))
+    return TestSet(np.stack(canvases), boxes, angles, np.stack(crops), decoy_boxes)
 
 
 def load_or_build(args: argparse.Namespace) -> TestSet:
     if args.cache and args.cache.exists():
         d = np.load(args.cache, allow_pickle=False)
         meta = json.loads(str(d["meta"]))
-        return TestSet(d["canvases"], [[tuple(b) for b in c] for c in meta["boxes"]], meta["angles"], d["crops"])
+        return TestSet(d["canvases"], [[tuple(b) for b in c] for c in meta["boxes"]], meta["angles"], d["crops"],
+                       meta.get("decoys", []))
     ts = build_testset(args.zip, args.faces, args.empty, args.crops, args.seed)
     if args.cache:
         if REPO in args.cache.resolve().parents:
             sys.exit("--cache must lie outside the repository (it holds dataset images)")
         np.savez(args.cache, canvases=ts.canvases, crops=ts.crops,
-                 meta=json.dumps({"boxes": ts.boxes, "angles": ts.angles}))
+                 meta=json.dumps({"boxes": ts.boxes, "angles": ts.angles, "decoys": ts.decoys}))
     return ts
 
 
@@ -419,9 +427,9 @@ def detectors(args: argparse.Namespace) -> list[Detector]:
             else "none (5-pt model in face_recognition_models)")
     frm = ("face_recognition_models",) if _has("face_recognition_models") else ()
     return [
-        Detector("haar_default", ("opencv-python-headless",), "none", "frontalface_default, scale 1.1, minNeighbors 5, min 36 px",
+        Detector("haar_default", (OPENCV,), "none", "frontalface_default, scale 1.1, minNeighbors 5, min 36 px",
                  make_haar("haarcascade_frontalface_default.xml"), "Intel BSD-style (OpenCV)"),
-        Detector("haar_alt2", ("opencv-python-headless",), "none", "frontalface_alt2, scale 1.1, minNeighbors 5, min 36 px",
+        Detector("haar_alt2", (OPENCV,), "none", "frontalface_alt2, scale 1.1, minNeighbors 5, min 36 px",
                  make_haar("haarcascade_frontalface_alt2.xml"), "Intel BSD-style (OpenCV)"),
         Detector("dlib_hog_up0", ("dlib-bin",), five, "get_frontal_face_detector, upsample 0",
                  make_dlib_hog(0), "Boost", frm),
@@ -435,7 +443,7 @@ def detectors(args: argparse.Namespace) -> list[Detector]:
                  make_mediapipe(0), "Apache-2.0"),
         Detector("mediapipe_full", ("mediapipe",), "6-pt (eyes, nose, mouth, ears)", "BlazeFace full-range sparse (192 px input), conf 0.5",
                  make_mediapipe(1), "Apache-2.0"),
-        Detector("yunet", ("opencv-python-headless",), "5-pt (eyes, nose, mouth)", "cv2.FaceDetectorYN, score 0.6",
+        Detector("yunet", (OPENCV,), "5-pt (eyes, nose, mouth)", "cv2.FaceDetectorYN, score 0.6",
                  make_yunet(args.yunet_onnx), "MIT"),
     ]
 
@@ -508,7 +516,10 @@ def dist_size(name: str) -> int:
 
 
 def footprint(packages: tuple[str, ...]) -> tuple[float, list[str]]:
-    extra = sorted(closure(packages) - closure(STACK))
+    """MB installed for `packages` and their requirements, less the project's stack. An entry
+    "a|b" is whichever of a, b is installed first (OpenCV comes in several builds)."""
+    chosen = [next((n for n in p.split("|") if _has(n)), p.split("|")[0]) for p in packages]
+    extra = sorted(closure(chosen) - closure(STACK))
     return sum(dist_size(n) for n in extra) / 2**20, extra
 
 
@@ -570,6 +581,8 @@ class Result:
     cal: tuple = (1.0, 1.0, 0.0, 0.0)
     fp_empty: float = 0.0
     fp_faces: float = 0.0
+    fp_on_decoys: int = 0
+    fp_total: int = 0
     dup: int = 0
     crops_found: float = 0.0
     roll_err_med: float | None = None
@@ -667,7 +680,12 @@ def evaluate(det: Detector, detect: Callable[[np.ndarray], list[Det]], ts: TestS
                 continue
             if not is_fp(b, gts):
                 r.dup += 1
-            elif gts:
+                continue
+            r.fp_total += 1
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            if ts.decoys and any(x0 <= cx <= x1 and y0 <= cy <= y1 for x0, y0, x1, y1 in ts.decoys[ci]):
+                r.fp_on_decoys += 1
+            if gts:
                 fp_f += 1
             else:
                 fp_e += 1
@@ -740,7 +758,7 @@ def report(results: list[Result], ts: TestSet) -> str:
         angs = " ".join(f"{k}:{pct(v)}" for k, v in r.by_angle.items())
         c = r.cal
         lines.append(f"- {r.name}: {sizes} | {angs} | box w x{c[0]:.2f} h x{c[1]:.2f} dx {c[2]:+.2f} dy {c[3]:+.2f} "
-                     f"| dup {r.dup} | op. threshold {'default' if r.op_threshold is None else f'> {r.op_threshold:.4g}'} "
+                     f"| dup {r.dup} | FP {r.fp_total} ({r.fp_on_decoys} on scrambled faces) | op. threshold {'default' if r.op_threshold is None else f'> {r.op_threshold:.4g}'} "
                      f"| {r.settings} | extra packages: {', '.join(r.extra_packages) or '-'}")
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import time
 import dagster as dg
 
 from fer_pipeline.defs.assets.data import manifest, splits
+from fer_pipeline.defs.executors import GPU_OP_TAGS
 from fer_pipeline.defs.metadata import md_image, md_table
 from fer_pipeline.defs.resources import FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL, ArchConfig
@@ -32,6 +33,9 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
     @dg.asset(
         name=key, group_name=GROUP, deps=[manifest, splits],
         description=f"CNN '{name}' ({role}): {arch.description or arch}",
+        # On Kubernetes the step's pod asks for one GPU; ignored by the other executors. The model
+        # assets are independent: a distributed executor trains them in parallel.
+        op_tags=GPU_OP_TAGS,
         check_specs=[
             dg.AssetCheckSpec("weights_finite", asset=key, blocking=True,
                               description="No NaN/inf in the saved weights."),

@@ -161,7 +161,8 @@ def test_amp_is_recorded_and_validated() -> None:
 def test_cpu_training_ignores_amp_and_repeats_exactly() -> None:
     x_tr, y_tr = pattern_faces(128, seed=0)
     x_va, y_va = pattern_faces(32, seed=1)
-    cfg = replace(FAST, augment=AugmentConfig(erase_p=0.3), mixup_alpha=0.2)
+    # device pinned: on a GPU machine "auto" would train on CUDA, where amp does apply
+    cfg = replace(FAST, augment=AugmentConfig(erase_p=0.3), mixup_alpha=0.2, device="cpu")
     runs = [train_model(x_tr, y_tr, x_va, y_va, TINY, replace(cfg, amp=amp)) for amp in ("auto", "auto", "off")]
     for r in runs[1:]:
         assert [h.train_loss for h in r.history] == [h.train_loss for h in runs[0].history]

@@ -12,10 +12,11 @@ UI_PORT ?= 3000
 .PHONY: setup demo data test test-fast ui ui-stop clean-data
 
 # Virtual environment + editable install; redone only when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps facenet-pytorch==2.6.0
 	touch $@
 
 setup: $(VENV)/.installed dagster_home/dagster.yaml

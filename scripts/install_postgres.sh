@@ -12,15 +12,8 @@
 # Postgres test SKIPS with that reason instead of failing the suite.
 set -u
 
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-NOTE="$REPO/test-output/postgres-install.txt"
-mkdir -p "$REPO/test-output"
-
-give_up() {
-    echo "install_postgres: cannot install postgresql: $1 (the Postgres instance test will be skipped)" >&2
-    echo "$1" >"$NOTE"
-    exit 0
-}
+source "$(dirname "$0")/apt_lib.sh"
+apt_lib_init install_postgres postgresql postgres-install.txt "Postgres instance test"
 
 # The bin folder of a complete server: newest /usr/lib/postgresql/<version>/bin, else PATH.
 server_bindir() {
@@ -43,20 +36,7 @@ if server_bindir >/dev/null; then
     exit 0
 fi
 
-command -v apt-get >/dev/null 2>&1 || give_up "apt-get not found (not a Debian/Ubuntu machine)"
-
-if [ "$(id -u)" -eq 0 ]; then
-    SUDO=()
-elif command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
-    SUDO=(sudo -n)
-else
-    give_up "not root and no password-less sudo to run apt-get"
-fi
-
-LOG="$(mktemp -t install_postgres.XXXXXX)"
-trap 'rm -f "$LOG"' EXIT
-export DEBIAN_FRONTEND=noninteractive
-APT_OPTS=(-q -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0)
+apt_lib_prepare
 
 # In containers without an init system, keep the package from starting its own service
 # (invoke-rc.d honours policy-rc.d); the test runs its own cluster. Removed again on exit
@@ -67,15 +47,7 @@ if [ ! -e "$POLICY" ] && [ ! -d /run/systemd/system ]; then
     trap 'rm -f "$LOG"; "${SUDO[@]}" rm -f "$POLICY"' EXIT
 fi
 
-echo "install_postgres: installing Debian's postgresql (apt-get) ..."
-if ! "${SUDO[@]}" apt-get "${APT_OPTS[@]}" update >"$LOG" 2>&1; then
-    tail -n 5 "$LOG" >&2
-    give_up "apt-get update failed"
-fi
-if ! "${SUDO[@]}" apt-get "${APT_OPTS[@]}" install -y --no-install-recommends postgresql >>"$LOG" 2>&1; then
-    tail -n 5 "$LOG" >&2
-    give_up "apt-get install postgresql failed"
-fi
+apt_lib_install --no-install-recommends
 BINDIR="$(server_bindir)" || give_up "apt-get installed postgresql but no initdb/postgres in /usr/lib/postgresql/*/bin"
 rm -f "$NOTE"
 echo "install_postgres: $("$BINDIR/postgres" --version 2>/dev/null || echo postgresql) installed in $BINDIR"

@@ -40,7 +40,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import compare_detectors as cd  # noqa: E402
 
 from fer_pipeline.dataset.detect import MTCNNDetector, align_face, fit_calibration  # noqa: E402
-from fer_pipeline.dataset.preprocess import PreprocessSettings, decode_face, preprocess_image  # noqa: E402
+from fer_pipeline.dataset.preprocess import (  # noqa: E402
+    PreprocessSettings,
+    decode_face,
+    preprocess_image,
+)
+from fer_pipeline.dataset.scenes import is_false_positive, match_boxes  # noqa: E402
 
 
 def jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
@@ -140,7 +145,7 @@ def fit(args: argparse.Namespace) -> None:
     dets = [det.detect(Image.fromarray(c)) for c in ts.canvases]
     pairs = []
     for ds, gts in zip(dets, ts.boxes):
-        for gi, di in cd.match([d.box for d in ds], gts, 0.3).items():
+        for gi, di in match_boxes([d.box for d in ds], gts, 0.3).items():
             pairs.append((ds[di].box, ds[di].left_eye, ds[di].right_eye, gts[gi]))
     cal = fit_calibration(pairs)
     print(f"fitted on {len(pairs)} faces: {cal}")
@@ -149,8 +154,8 @@ def fit(args: argparse.Namespace) -> None:
     print("\n| score > | recall@0.5 | FP / face-free canvas | FP / canvas |\n|---|---|---|---|")
     for thr in (0.7, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995):
         boxes = [[cal.apply(d.box, d.left_eye, d.right_eye) for d in ds if d.score > thr] for ds in dets]
-        recall = sum(len(cd.match(b, g, 0.5)) for b, g in zip(boxes, ts.boxes)) / n_faces
-        fps = [sum(cd.is_fp(b, ts.boxes[i]) for b in bs) for i, bs in enumerate(boxes)]
+        recall = sum(len(match_boxes(b, g, 0.5)) for b, g in zip(boxes, ts.boxes)) / n_faces
+        fps = [sum(is_false_positive(b, ts.boxes[i]) for b in bs) for i, bs in enumerate(boxes)]
         print(f"| {thr} | {recall:.3f} | {sum(fps[i] for i in empty) / len(empty):.3f} | {sum(fps) / len(fps):.3f} |")
 
 

@@ -63,6 +63,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fer_pipeline.dataset.scenes import is_false_positive, match_boxes, scrambled_face  # noqa: E402
+
 DEFAULT_ZIP = REPO.parent / "shared" / "datasets" / "affectnet-4class.zip"
 W, H = 640, 480
 FACE_MIN, FACE_MAX = 60, 250
@@ -124,15 +128,6 @@ def gradient(rng: np.random.Generator) -> np.ndarray:
     return img + rng.normal(0, 6, (H, W, 3))
 
 
-def scrambled(face: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    """A face crop cut into 4x4 blocks and shuffled: skin, hair and eye texture, no face layout."""
-    a = np.asarray(face.resize((96, 96), Image.LANCZOS))
-    blocks = [a[i:i + 24, j:j + 24] for i in range(0, 96, 24) for j in range(0, 96, 24)]
-    order = rng.permutation(16)
-    rows = [np.concatenate([blocks[order[r * 4 + c]] for c in range(4)], axis=1) for r in range(4)]
-    return Image.fromarray(np.concatenate(rows, axis=0)).resize((size, size), Image.LANCZOS)
-
-
 def background(rng: np.random.Generator, decoys: list[Image.Image]) -> tuple[Image.Image, list]:
     base = value_noise(rng) if rng.random() < 0.5 else gradient(rng)
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
@@ -157,7 +152,7 @@ def background(rng: np.random.Generator, decoys: list[Image.Image]) -> tuple[Ima
     if rng.random() < 0.6:  # hard negatives: scrambled faces
         for _ in range(int(rng.integers(1, 4))):
             s = int(rng.integers(60, 200))
-            patch = scrambled(decoys[int(rng.integers(len(decoys)))], s, rng)
+            patch = scrambled_face(decoys[int(rng.integers(len(decoys)))], s, rng)
             x, y = int(rng.integers(0, W - s)), int(rng.integers(0, H - s))
             img.paste(patch, (x, y))
             placed.append((x, y, x + s, y + s))
@@ -527,35 +522,6 @@ def footprint(packages: tuple[str, ...]) -> tuple[float, list[str]]:
 # evaluation
 # --------------------------------------------------------------------------------------------
 
-def iou(a, b) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def match(dets: list, gts: list, thr: float) -> dict[int, int]:
-    """Greedy one-to-one matching by IoU: {gt index: det index}."""
-    pairs = sorted(((iou(d, g), i, j) for j, d in enumerate(dets) for i, g in enumerate(gts)), reverse=True)
-    got: dict[int, int] = {}
-    used: set[int] = set()
-    for v, i, j in pairs:
-        if v < thr:
-            break
-        if i not in got and j not in used:
-            got[i] = j
-            used.add(j)
-    return got
-
-
-def is_fp(b, gts) -> bool:
-    """Away from every face: IoU < 0.3 and centre outside every face box."""
-    cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
-    return not any(iou(b, g) >= 0.3 or (g[0] <= cx <= g[2] and g[1] <= cy <= g[3]) for g in gts)
-
-
 def calibrate(box, cal):
     sx, sy, ox, oy = cal
     w, h = box[2] - box[0], box[3] - box[1]
@@ -636,8 +602,8 @@ def evaluate(det: Detector, detect: Callable[[np.ndarray], list[Det]], ts: TestS
     faces = [(ci, fi) for ci, bx in enumerate(ts.boxes) for fi in range(len(bx))]
     r.n_faces = len(faces)
     boxes = [[d.box for d in ds] for ds in all_dets]
-    hit30 = [match(b, g, 0.3) for b, g in zip(boxes, ts.boxes)]
-    hit50 = [match(b, g, 0.5) for b, g in zip(boxes, ts.boxes)]
+    hit30 = [match_boxes(b, g, 0.3) for b, g in zip(boxes, ts.boxes)]
+    hit50 = [match_boxes(b, g, 0.5) for b, g in zip(boxes, ts.boxes)]
     r.recall30 = sum(len(m) for m in hit30) / r.n_faces
     r.recall50 = sum(len(m) for m in hit50) / r.n_faces
 
@@ -654,7 +620,7 @@ def evaluate(det: Detector, detect: Callable[[np.ndarray], list[Det]], ts: TestS
     if sx:
         r.cal = (statistics.median(sx), statistics.median(sy), statistics.median(ox), statistics.median(oy))
     cal_boxes = [[calibrate(b, r.cal) for b in bs] for bs in boxes]
-    hitc = [match(b, g, 0.5) for b, g in zip(cal_boxes, ts.boxes)]
+    hitc = [match_boxes(b, g, 0.5) for b, g in zip(cal_boxes, ts.boxes)]
     r.recall50_cal = sum(len(m) for m in hitc) / r.n_faces
 
     def rate(pred) -> float:
@@ -678,7 +644,7 @@ def evaluate(det: Detector, detect: Callable[[np.ndarray], list[Det]], ts: TestS
         for j, b in enumerate(bs):
             if j in matched:
                 continue
-            if not is_fp(b, gts):
+            if not is_false_positive(b, gts):
                 r.dup += 1
                 continue
             r.fp_total += 1
@@ -696,13 +662,13 @@ def evaluate(det: Detector, detect: Callable[[np.ndarray], list[Det]], ts: TestS
 
     # operating point: the lowest score threshold that leaves <= FP_BUDGET false positives per canvas
     fp_scores = sorted((d.score for ci, ds in enumerate(all_dets) for d in ds
-                        if is_fp(d.box, ts.boxes[ci])), reverse=True)
+                        if is_false_positive(d.box, ts.boxes[ci])), reverse=True)
     allowed = int(FP_BUDGET * len(ts.canvases))
     if len(fp_scores) > allowed:
         thr = fp_scores[allowed]  # the first FP score that must go: keep strictly higher scores
         r.op_threshold = thr
         kept = [[calibrate(d.box, r.cal) for d in ds if d.score > thr] for ds in all_dets]
-        r.op_recall = sum(len(match(b, g, 0.5)) for b, g in zip(kept, ts.boxes)) / r.n_faces
+        r.op_recall = sum(len(match_boxes(b, g, 0.5)) for b, g in zip(kept, ts.boxes)) / r.n_faces
     else:
         r.op_recall = r.recall50_cal
 

@@ -25,16 +25,20 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
-def face_png(seed: int, size: int = 64, mode: str = "L", fmt: str = "PNG", **save: object) -> bytes:
-    """A random but structured image (smooth blobs), different per seed, encoded as bytes."""
+def blob_pattern(seed: int, size: int = 64) -> np.ndarray:
+    """A smooth, seed-dependent uint8 picture (blobs), distinct enough not to be a near-duplicate."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size] / size
     img = np.zeros((size, size))
     for _ in range(6):
         cx, cy, r = rng.uniform(0.1, 0.9, 3)
         img += rng.uniform(-1, 1) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (0.02 + 0.1 * r))
-    img = (img - img.min()) / (np.ptp(img) + 1e-9) * 255
-    pil = Image.fromarray(img.astype(np.uint8), "L")
+    return ((img - img.min()) / (np.ptp(img) + 1e-9) * 255).astype(np.uint8)
+
+
+def face_png(seed: int, size: int = 64, mode: str = "L", fmt: str = "PNG", **save: object) -> bytes:
+    """A random but structured image (smooth blobs), different per seed, encoded as bytes."""
+    pil = Image.fromarray(blob_pattern(seed, size), "L")
     if mode != "L":
         pil = pil.convert(mode)
     buf = io.BytesIO()

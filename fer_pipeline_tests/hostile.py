@@ -29,6 +29,7 @@ from fer_pipeline.dataset.inventory import build_inventory
 from fer_pipeline.dataset.manifest import build_manifest, candidates_for_decoding, check_accounting, dedup_input
 from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline.dataset.source_readers import DEFAULT_MAX_FILE_BYTES, SourceBytes
+from fer_pipeline_tests.conftest import blob_pattern as pattern
 
 # --------------------------------------------------------------------------------------------
 # images
@@ -50,17 +51,6 @@ def encode(img: Image.Image, fmt: str, **save: object) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **save)
     return buf.getvalue()
-
-
-def pattern(seed: int, size: int = 64) -> np.ndarray:
-    """A smooth, seed-dependent uint8 picture (blobs), distinct enough not to be a near-duplicate."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = np.zeros((size, size))
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0.1, 0.9, 3)
-        img += rng.uniform(-1, 1) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (0.02 + 0.1 * r))
-    return ((img - img.min()) / (np.ptp(img) + 1e-9) * 255).astype(np.uint8)
 
 
 def png_16bit(seed: int) -> bytes:

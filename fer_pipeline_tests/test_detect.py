@@ -35,6 +35,12 @@ from fer_pipeline.dataset.detect import (
     to_rgb,
 )
 from fer_pipeline.dataset.preprocess import preprocess_image
+from fer_pipeline.dataset.scenes import (
+    box_iou,
+    is_false_positive,
+    match_boxes,
+    scrambled_face,
+)
 from fer_pipeline.dataset.synthetic_faces import render_face, sample_face_params
 from fer_pipeline_tests.conftest import shared_dataset
 
@@ -42,15 +48,6 @@ from fer_pipeline_tests.conftest import shared_dataset
 @pytest.fixture(scope="module")
 def detector() -> MTCNNDetector:
     return MTCNNDetector()
-
-
-def iou(a, b) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -283,8 +280,8 @@ def test_finds_most_demo_generator_faces(lenient: MTCNNDetector) -> None:
         x, y = int(rng.integers(0, 640 - s)), int(rng.integers(0, 480 - s))
         canvas.paste(cartoon(100 + i).resize((s, s), Image.LANCZOS), (x, y))
         faces = lenient.detect(canvas)
-        found += any(iou(f.box, (x, y, x + s, y + s)) >= 0.3 for f in faces)
-        false += sum(is_false_positive(f.box, [((x, y, x + s, y + s), None)]) for f in faces)
+        found += any(box_iou(f.box, (x, y, x + s, y + s)) >= 0.3 for f in faces)
+        false += sum(is_false_positive(f.box, [(x, y, x + s, y + s)]) for f in faces)
     assert found >= FOUND_CARTOONS and false == 0, (found, false)
 
 
@@ -297,7 +294,7 @@ def test_several_faces_largest_first_with_eyes(lenient: MTCNNDetector) -> None:
     faces = lenient.detect(canvas)
     assert len(faces) == 3
     for f, t in zip(faces, truth):  # largest first: the 180, 140 and 100 px faces, in that order
-        assert iou(f.box, t) >= 0.3
+        assert box_iou(f.box, t) >= 0.3
         (lx, ly), (rx, _ry) = f.left_eye, f.right_eye
         assert f.box[0] < lx < rx < f.box[2] and f.box[1] < ly < (f.box[1] + f.box[3]) / 2
     assert lenient.detect(canvas) == faces  # deterministic
@@ -322,7 +319,7 @@ def test_every_pillow_mode_and_exif_orientation(lenient: MTCNNDetector) -> None:
     for name, img in variants.items():
         got = detector.detect(img)
         assert len(got) == 1, name
-        assert iou(got[0].box, ref[0].box) > 0.8, name
+        assert box_iou(got[0].box, ref[0].box) > 0.8, name
         crop = align_face(img, got[0], 0.1, (48, 48))
         assert crop.mode == "RGB" and crop.size == (48, 48), name
     assert detector.detect(face.convert("1")) is not None  # no crash on 1-bit
@@ -334,7 +331,7 @@ def test_every_pillow_mode_and_exif_orientation(lenient: MTCNNDetector) -> None:
     turned = Image.open(io.BytesIO(buf.getvalue()))
     assert to_rgb(turned).size == (200, 200)
     got = detector.detect(turned)
-    assert len(got) == 1 and iou(got[0].box, ref[0].box) > 0.8
+    assert len(got) == 1 and box_iou(got[0].box, ref[0].box) > 0.8
     assert to_rgb(face) is face
 
 
@@ -344,9 +341,9 @@ def test_large_images_are_downscaled_and_boxes_mapped_back(lenient: MTCNNDetecto
     big.paste(cartoon(12, 128).resize((700, 700), Image.LANCZOS), (1800, 900))
     faces = detector.detect(big)  # detected at 1024 px (face ~240 px there)
     assert len(faces) == 1
-    assert iou(faces[0].box, (1800, 900, 2500, 1600)) > 0.5
+    assert box_iou(faces[0].box, (1800, 900, 2500, 1600)) > 0.5
     full = MTCNNDetector(max_side=None, min_face_size=400, score_threshold=0.9).detect(big)  # same face, no downscale
-    assert len(full) == 1 and iou(full[0].box, faces[0].box) > 0.8
+    assert len(full) == 1 and box_iou(full[0].box, faces[0].box) > 0.8
     assert math.dist(full[0].left_eye, faces[0].left_eye) < 0.05 * 700
 
 
@@ -383,15 +380,6 @@ def real_faces(n: int, n_decoys: int, rng: np.random.Generator) -> tuple[list[Im
     return imgs[:n], imgs[n:]
 
 
-def scrambled(face: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
-    """Hard negative: a real face cut in 4x4 blocks and shuffled (eyes and skin, no face)."""
-    a = np.asarray(face.resize((96, 96), Image.LANCZOS))
-    blocks = [a[i:i + 24, j:j + 24] for i in range(0, 96, 24) for j in range(0, 96, 24)]
-    order = rng.permutation(16)
-    rows = [np.concatenate([blocks[order[r * 4 + c]] for c in range(4)], axis=1) for r in range(4)]
-    return Image.fromarray(np.concatenate(rows, axis=0)).resize((size, size), Image.LANCZOS)
-
-
 def real_canvases(rng: np.random.Generator):
     faces, decoys = real_faces(N_SINGLE + 2 * N_DOUBLE, 30, rng)
     layout = [1] * N_SINGLE + [2] * N_DOUBLE + [0] * N_EMPTY
@@ -403,7 +391,7 @@ def real_canvases(rng: np.random.Generator):
         if rng.random() < 0.5:  # scrambled real faces in half the canvases
             for _ in range(int(rng.integers(1, 3))):
                 s = int(rng.integers(60, 200))
-                img.paste(scrambled(decoys[int(rng.integers(len(decoys)))], s, rng),
+                img.paste(scrambled_face(decoys[int(rng.integers(len(decoys)))], s, rng),
                           (int(rng.integers(0, 640 - s)), int(rng.integers(0, 480 - s))))
         if rng.random() < 0.3:
             img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 1.5))))
@@ -429,21 +417,6 @@ def real_canvases(rng: np.random.Generator):
     return out
 
 
-def match(dets: list[DetectedFace], truth: list, thr: float) -> dict[int, int]:
-    pairs = sorted(((iou(d.box, t[0]), i, j) for j, d in enumerate(dets) for i, t in enumerate(truth)), reverse=True)
-    got: dict[int, int] = {}
-    for v, i, j in pairs:
-        if v >= thr and i not in got and j not in got.values():
-            got[i] = j
-    return got
-
-
-def is_false_positive(box, truth) -> bool:
-    """Away from every face: IoU < 0.3 and centre outside every face box (as in DETECTORS.md)."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    return not any(iou(box, t) >= 0.3 or (t[0] <= cx <= t[2] and t[1] <= cy <= t[3]) for t, _ in truth)
-
-
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_faces_in_clutter_recall_false_positives_and_alignment(detector: MTCNNDetector) -> None:
@@ -454,9 +427,9 @@ def test_real_faces_in_clutter_recall_false_positives_and_alignment(detector: MT
     crops, crops_gt, originals = [], [], []
     for canvas, truth in data:
         dets = detector.detect(canvas)
-        m = match(dets, truth, 0.5)
+        m = match_boxes([d.box for d in dets], [t[0] for t in truth], 0.5)
         hits += len(m)
-        fps = sum(is_false_positive(d.box, truth) for d in dets)
+        fps = sum(is_false_positive(d.box, [t[0] for t in truth]) for d in dets)
         n_empty += not truth
         fp_empty += fps if not truth else 0
         fp_faces += fps if truth else 0

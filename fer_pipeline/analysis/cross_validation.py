@@ -25,6 +25,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -214,11 +215,11 @@ class CVResult:
     def from_cache(self) -> list[int]:
         return [r.fold for r in self.folds if r.cached]
 
-    @property
+    @cached_property  # read by the writer, the plot and the asset's metadata
     def table(self) -> pd.DataFrame:
         return summarize_folds(pd.DataFrame([r.row() for r in self.folds]))
 
-    @property
+    @cached_property
     def oof(self) -> pd.DataFrame:
         """Out-of-fold probabilities of every held-out row of the folds run (one row per image)."""
         if not self.folds:

@@ -249,7 +249,8 @@ def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materializ
     kept = candidate.read("manifest")
     version = candidate.meta("manifest")["manifest_version"]
     table = assign_splits(kept, fer.split_proportions, fer.n_folds, fer.split_seed)[list(SPLIT_COLUMNS)]
-    candidate.write("splits", table, {"manifest_version": version, "data_version": data_version(kept, table),
+    split_version = data_version(kept, table)
+    candidate.write("splits", table, {"manifest_version": version, "data_version": split_version,
                                       "run_id": context.run.run_id})
     results, failed = _audit(context, fer, candidate, "splits", SPLIT_CHECKS, Tables(kept, splits=table))
     if failed:
@@ -270,7 +271,7 @@ def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materializ
         "images_with_source_split_hint": len(hints),
         "share_matching_source_split_hint": agreement,
         "manifest_version": version,
-        "data_version": data_version(kept, table),
+        "data_version": split_version,
         "publication": publication,
         "path": dg.MetadataValue.path(str(paths.splits)),
     }, check_results=results)

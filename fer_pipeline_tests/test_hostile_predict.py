@@ -426,3 +426,53 @@ def test_checkpoint_with_a_bad_normalisation_std_is_refused(trained, tmp_path: P
         predict_images([good], broken)
     code, _, err = run_cli(capsys, broken, str(good))
     assert code == EXIT_USAGE and "normalisation std" in err
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"best_model": "tiny"', "is not a metrics report"),     # truncated JSON
+    ("[1, 2]", "is not a metrics report"),                    # not an object
+    ('{"models": {}}', "records no 'best_model'"),            # missing key
+    ("\x00\xff binary", "is not a metrics report"),           # not text
+])
+def test_malformed_metrics_json_is_a_clear_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       content: str, reason: str) -> None:
+    """Without --model, predict reads the best model from metrics.json: a broken one is exit 2
+    with a message naming the file, never a traceback."""
+    from fer_pipeline.cli import main
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "metrics.json").write_bytes(content.encode("latin-1"))
+    image = tmp_path / "x.png"
+    image.write_bytes(b"\x89PNG")
+    assert main(["predict", "--data-root", str(tmp_path), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json" in err and reason in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "preprocess_wrong_type", "preprocess_other_size", "not_json"])
+def test_damaged_checkpoint_is_a_clear_usage_error(ckpt: Path, good: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    """A checkpoint cut short, or whose description is malformed or contradicts its input size,
+    is refused with exit 2 and a message naming it: never a traceback, never a guess."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fer_pipeline.cli import main
+    from fer_pipeline.ml.checkpoint import METADATA_KEY
+
+    bad = tmp_path / "bad.safetensors"
+    if damage == "truncated":
+        data = ckpt.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        with safe_open(str(ckpt), framework="pt") as f:
+            meta = json.loads(f.metadata()[METADATA_KEY])
+        if damage == "preprocess_wrong_type":
+            meta["preprocess"]["image_size"] = "large"
+        elif damage == "preprocess_other_size":
+            meta["preprocess"]["image_size"] = [meta["input_size"][0] + 8, meta["input_size"][1] + 8]
+        raw = "{not json" if damage == "not_json" else json.dumps(meta)
+        save_file(load_file(str(ckpt)), str(bad), metadata={METADATA_KEY: raw})
+    assert main(["predict", "--model", str(bad), str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load model" in err and "bad.safetensors" in err and "Traceback" not in err

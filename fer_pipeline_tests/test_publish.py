@@ -184,3 +184,10 @@ def test_a_source_without_candidates_fails_the_blocking_source_check(tmp_path: P
     assert not check.passed and check.metadata["sources_without_candidates"].value == ["hollow"]
     assert "manifest" not in {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
     assert not DataPaths(tmp_path).manifest.exists()
+
+
+def test_truncated_published_table_is_refused_naming_it(published: DataPaths) -> None:
+    data = published.splits.read_bytes()
+    published.splits.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MixedSetError, match="splits.parquet is not a readable Parquet table"):
+        read_published(published)

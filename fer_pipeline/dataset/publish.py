@@ -40,7 +40,8 @@ KEEP_REJECTED = 5  # rejected candidates kept for inspection (oldest removed fir
 
 
 class MixedSetError(RuntimeError):
-    """The published tables come from different runs (or were never published together)."""
+    """The published tables are not one readable set: from different runs, never published
+    together, or one of them unreadable."""
 
 
 def manifest_version(kept: pd.DataFrame, excluded: pd.DataFrame) -> str:
@@ -134,10 +135,20 @@ class PublishedSet:
     data_version: str
 
 
+def _recorded_version(path: Path) -> str | None:
+    """The manifest version a published table records (None: missing or unversioned)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_parquet_meta(path).get("manifest_version")
+    except Exception as exc:  # truncated or not Parquet: say which file, not a pyarrow trace
+        raise MixedSetError(f"{path} is not a readable Parquet table ({type(exc).__name__}: {exc}): "
+                            "re-materialize manifest and splits") from exc
+
+
 def published_versions(paths: DataPaths) -> dict[str, str | None]:
     """The manifest version each published table records (None: missing or unversioned)."""
-    return {t: read_parquet_meta(getattr(paths, t)).get("manifest_version") if getattr(paths, t).is_file() else None
-            for t in TABLES}
+    return {t: _recorded_version(getattr(paths, t)) for t in TABLES}
 
 
 def check_published(paths: DataPaths) -> str:

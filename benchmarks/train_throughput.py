@@ -40,18 +40,20 @@ TARGET_CUDA_IMAGES_PER_S = 30_000  # issue #12, default (deterministic) mode, ba
 class Setting:
     deterministic: bool
     amp: str  # TrainConfig.amp
+    cuda_graphs: bool = True
 
     def label(self, device: torch.device) -> str:
         dtype = autocast_dtype(self.amp, device)
         amp = "bf16" if dtype == torch.bfloat16 else "off"
-        return f"deterministic={'on' if self.deterministic else 'off':3s} amp={amp:4s}"
+        graphs = f" graphs={'on' if self.cuda_graphs else 'off':3s}" if device.type == "cuda" else ""
+        return f"deterministic={'on' if self.deterministic else 'off':3s} amp={amp:4s}{graphs}"
 
 
 def settings_for(device: torch.device) -> list[Setting]:
     """Every combination that can differ on ``device``; the default (reproducible) one first."""
     if device.type == "cpu":
         return [Setting(True, "auto")]
-    return [Setting(d, a) for d in (True, False) for a in ("auto", "off")]
+    return [Setting(d, a, g) for g in (True, False) for d in (True, False) for a in ("auto", "off")]
 
 
 def synthetic_faces(n_train: int, n_val: int, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -84,6 +86,7 @@ def measure(
         num_threads=threads,
         deterministic=setting.deterministic,
         amp=setting.amp,
+        cuda_graphs=setting.cuda_graphs,
     )
     runs = [train_model(*data, ARCHITECTURES[name], cfg) for _ in range(2)]
     ips = [h.images_per_second for r in runs for h in r.history[1:]] or [runs[0].history[0].images_per_second]

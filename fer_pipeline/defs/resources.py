@@ -76,12 +76,14 @@ class TrainSettings(dg.ConfigurableResource):
     num_threads: int = Field(default=0, description="torch CPU threads; 0 = torch default")
     amp: str = Field(default="auto", description="auto = bf16 autocast on a CUDA GPU that supports it (never on "
                      "the CPU); off = full precision everywhere")
+    cuda_graphs: bool = Field(default=True, description="On CUDA, replay each training step as one captured "
+                              "CUDA graph (about 5x faster for these small models); false = eager steps")
     macro_f1_floor: float = Field(default=0.5, description="Warn when a model's test macro-F1 is below")
 
     def config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, lr=self.lr,
                            seed=self.seed, device=self.device, num_threads=self.num_threads or None,
-                           amp=self.amp)
+                           amp=self.amp, cuda_graphs=self.cuda_graphs)
 
 
 class AnalysisSettings(dg.ConfigurableResource):

@@ -46,6 +46,7 @@ from fer_pipeline.ml.data import (
     resident_faces,
     to_unit_tensor,
 )
+from fer_pipeline.ml.graphed_step import GraphedTrainStep, TensorEMA, graphable
 from fer_pipeline.ml.inference import predict_logits, resolve_device
 from fer_pipeline.ml.metrics import macro_f1
 
@@ -75,6 +76,7 @@ class TrainConfig:
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     deterministic: bool = True  # deterministic kernels on CUDA (CPU ones already are)
     amp: Literal["auto", "off"] = "auto"  # auto: bf16 autocast on CUDA (if supported), never on CPU
+    cuda_graphs: bool = True  # on CUDA, replay each step as one captured graph (ml/graphed_step.py)
     eval_batch_size: int = 512
 
     def __post_init__(self) -> None:
@@ -196,9 +198,16 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, device: torch.device, graphed: bool = False
+) -> torch.optim.AdamW:
     """AdamW; the fused kernel on CUDA (a couple of launches per step instead of dozens),
-    torch's default implementation elsewhere, so CPU updates stay bit-identical."""
+    torch's default implementation elsewhere, so CPU updates stay bit-identical. A graphed
+    step needs the capturable variant with the learning rate in a device tensor."""
+    if graphed:
+        lr = torch.tensor(config.lr, dtype=torch.float32, device=device)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay,
+                                 fused=True, capturable=True)
     fused = True if device.type == "cuda" else None
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
@@ -221,13 +230,20 @@ class WeightEMA:
         self._src_int = [t for t in model.state_dict().values() if not t.dtype.is_floating_point]
         self._dst_int = [t for t in self.model.state_dict().values() if not t.dtype.is_floating_point]
 
+    def next_weight(self) -> float:
+        """Count one step and return its update weight ``1 - decay``."""
+        self.steps += 1
+        return 1.0 - min(self.decay, (1 + self.steps) / (10 + self.steps))
+
     @torch.no_grad()
     def update(self) -> None:
-        self.steps += 1
-        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self._dst, self._src, 1.0 - d)
+        torch._foreach_lerp_(self._dst, self._src, self.next_weight())
         if self._dst_int:
             torch._foreach_copy_(self._dst_int, self._src_int)
+
+    def on_device(self, device: torch.device) -> TensorEMA:
+        """The same update with its weight in a device tensor, for a captured step."""
+        return TensorEMA(self._dst, self._src, self._dst_int, self._src_int, device)
 
 
 def _lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
@@ -299,7 +315,8 @@ def train_model(
         model = build_model(arch, n_classes, input_size=input_size).to(device)
         model = model.to(memory_format=torch.channels_last)
         ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
-        opt = make_optimizer(model, config, device)
+        graphed = config.cuda_graphs and graphable(model, config.mixup_alpha, device)
+        opt = make_optimizer(model, config, device, graphed)
 
         n = len(train_labels)
         bs = min(config.batch_size, n)
@@ -311,6 +328,13 @@ def train_model(
         history: list[EpochStats] = []
         best: dict[str, Any] = {"f1": -1.0, "epoch": 0, "acc": 0.0, "state": None}
         stale, step, stopped_early = 0, 0, False
+        runner = None
+        if graphed:
+            def one_step(idx: torch.Tensor) -> torch.Tensor:
+                return _train_step(model, opt, to_unit_tensor(x_train[idx]), y_train[idx], w_train[idx], config,
+                                   g_aug, rng_mix, norm, amp_dtype, amp_cache=False)
+
+            runner = GraphedTrainStep(one_step, bs, opt, ema.on_device(device) if ema else None, [g_aug], device)
         t_start = time.perf_counter()
 
         for epoch in range(1, config.epochs + 1):
@@ -321,14 +345,19 @@ def train_model(
             for b in range(steps_per_epoch):
                 idx = perm[b * bs : (b + 1) * bs]
                 lr = _lr_at(step, total_steps, warmup_steps, config.lr, config.schedule)
+                step += 1
+                if runner is not None:
+                    runner(idx, lr, ema.next_weight() if ema is not None else 0.0)
+                    continue
                 for group in opt.param_groups:
                     group["lr"] = lr
                 xb = to_unit_tensor(x_train[idx])
                 loss = _train_step(model, opt, xb, y_train[idx], w_train[idx], config, g_aug, rng_mix, norm, amp_dtype)
                 loss_sum += loss
-                step += 1
                 if ema is not None:
                     ema.update()
+            if runner is not None:
+                loss_sum = runner.take_loss_sum()
             train_loss = float(loss_sum) / steps_per_epoch  # waits for the device: time after it
             train_seconds = time.perf_counter() - t0
 
@@ -401,17 +430,21 @@ def _train_step(
     rng_mix: np.random.Generator,
     norm: Normalization,
     amp_dtype: torch.dtype | None = None,
+    amp_cache: bool = True,
 ) -> torch.Tensor:
     """One optimisation step on a [0, 1] batch; returns the (detached) weighted loss.
 
     Augmentation runs where the batch is, with ``g_aug`` on that device; ``amp_dtype``
-    (see :func:`autocast_dtype`) autocasts the forward pass and loss.
+    (see :func:`autocast_dtype`) autocasts the forward pass and loss (``amp_cache=False``
+    inside a CUDA graph, which must not keep autocast's per-step weight casts).
     """
     if config.augment.enabled:
         xb = augment_batch(xb, config.augment, g_aug)
     xb = normalize(xb, norm)
     amp = (
-        torch.autocast(xb.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        torch.autocast(xb.device.type, dtype=amp_dtype, cache_enabled=amp_cache)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
     )
     with amp:
         if config.mixup_alpha > 0:

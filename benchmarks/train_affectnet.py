@@ -96,6 +96,44 @@ def load_affectnet_zip(
     return np.stack(faces)[order], np.asarray(labels, dtype=np.int64)[order], [names[i] for i in order]
 
 
+POOL_ZIP = REPO_ROOT.parent / "shared" / "datasets" / "fer2013-folders.zip"
+POOL_LABELS = ("angry", "fear", "happy", "neutral", "sad", "surprise")  # FER2013 without disgust (inflated 9x)
+
+
+def load_pool_zip(zip_path: Path = POOL_ZIP, labels: tuple[str, ...] = POOL_LABELS,
+                  size: tuple[int, int] = (48, 48)) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """FER2013 faces of ``labels`` (all three of its splits) as a pretraining pool, sorted by name."""
+    settings = PreprocessSettings(image_size=size)
+    faces, ys, names = [], [], []
+    with zipfile.ZipFile(zip_path) as zf:
+        for name in sorted(zf.namelist()):
+            parts = name.split("/")
+            if len(parts) != 3 or parts[1] not in labels or not parts[2].lower().endswith(".jpg"):
+                continue
+            decoded = decode_face(zf.read(name), settings)
+            if decoded.ok:
+                faces.append(decoded.face)
+                ys.append(labels.index(parts[1]))
+                names.append(name)
+    return np.stack(faces), np.asarray(ys, dtype=np.int64), names
+
+
+def guard_pool(pool: np.ndarray, target: np.ndarray, max_distance: int = 4,
+               min_correlation: float = 0.95) -> np.ndarray:
+    """Mask of pool faces to keep: drop every one that duplicates a target face (any split).
+
+    The pipeline's leakage guard compares the pool with the validation and test images; here
+    the split is fixed but the seeds vary, so the whole target set is the stricter reference.
+    Same rule as the manifest's de-duplication (perceptual hash, mirrored too, confirmed by
+    pixel correlation)."""
+    from fer_pipeline.dataset.dedup import duplicates_across
+    from fer_pipeline.dataset.phash import phashes
+
+    h, m = phashes(pool)
+    th, tm = phashes(target)
+    return duplicates_across(h, m, pool, th, tm, target, max_distance, min_correlation) < 0
+
+
 def stratified_split(
     labels: np.ndarray, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -121,7 +159,8 @@ def _train_one(job: dict) -> dict:
     tr, va, te = split["train"], split["validation"], split["test"]
     t0 = time.perf_counter()
     result = train_model(
-        images[tr], labels[tr], images[va], labels[va], ARCHITECTURES[name], cfg,
+        images[tr], labels[tr], images[va], labels[va], ARCHITECTURES[job.get("arch", name)], cfg,
+        init_state=job.get("init_state"),
         log=(lambda m: print(m, flush=True)) if job["verbose"] else None,
     )
     probs = predict_proba(result.build(), images[te], result.normalization, tta_flip=cfg.tta_flip)
@@ -154,12 +193,14 @@ def run_benchmark(
     config: TrainConfig,
     jobs: int = 2,
     verbose: bool = False,
+    backbones: dict[str, tuple[str, dict]] | None = None,
 ) -> pd.DataFrame:
     """Train every (model, seed) on the fixed seed-0 split; one row per run.
 
     With ``jobs > 1`` runs go to that many worker processes, one torch thread each: for
     small convolutions, one run per core scales better than two threads on one run, and it
-    degrades gracefully when other programs share the CPU.
+    degrades gracefully when other programs share the CPU. ``backbones`` adds rows named
+    after their key: (architecture, initial ``features.*`` weights) fine-tuned the same way.
     """
     split = stratified_split(labels, seed=0)
     print("split sizes: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
@@ -172,6 +213,11 @@ def run_benchmark(
         for name in order
         for seed in seeds
     ]
+    for row_name, (arch, state) in (backbones or {}).items():
+        todo += [{"images": images, "labels": labels, "split": split, "model": row_name, "arch": arch,
+                  "init_state": state, "threads": threads, "config": replace(config, seed=seed), "verbose": verbose}
+                 for seed in seeds]
+        models = [*models, row_name]
     if jobs > 1:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
@@ -181,6 +227,32 @@ def run_benchmark(
     df = pd.DataFrame(rows)
     df["model"] = pd.Categorical(df["model"], categories=models, ordered=True)
     return df.sort_values(["model", "seed"]).reset_index(drop=True)
+
+
+def pretrain_on_pool(target: np.ndarray, pool_zip: Path, arch: str, epochs: int, max_images: int,
+                     seed: int = 0, verbose: bool = False) -> dict:
+    """Guard, cap and pretrain: the FER2013 pool, minus every face that duplicates a target face,
+    at most ``max_images`` of it (stratified sample, seeded), trained on its six labels."""
+    from fer_pipeline.ml.pretrain import backbone_features, pretrain_backbone
+
+    t0 = time.perf_counter()
+    px, py, _ = load_pool_zip(pool_zip)
+    keep = guard_pool(px, target)
+    px, py = px[keep], py[keep]
+    if len(py) > max_images:
+        idx = np.sort(np.random.default_rng(seed).permutation(len(py))[:max_images])
+        px, py = px[idx], py[idx]
+    print(f"pool: {int(keep.size)} FER2013 faces ({', '.join(POOL_LABELS)}), {int((~keep).sum())} dropped as "
+          f"duplicates of target faces, {len(py)} used", flush=True)
+    t1 = time.perf_counter()
+    cfg = replace(TrainConfig(), epochs=epochs, patience=0, seed=seed)
+    result, split = pretrain_backbone(px, py, len(POOL_LABELS), ARCHITECTURES[arch], cfg,
+                                      log=(lambda m: print(m, flush=True)) if verbose else None)
+    minutes = (time.perf_counter() - t1) / 60
+    print(f"pretrained {arch} on {len(split.train)} pool faces for {epochs} epochs in {minutes:.1f} min "
+          f"({result.mean_images_per_second:.0f} images/s); pool validation macro-F1 "
+          f"{result.best_val_macro_f1:.3f} (loading + guard {(t1 - t0) / 60:.1f} min)", flush=True)
+    return {"state": backbone_features(result.state_dict), "pool_size": len(py), "minutes": minutes}
 
 
 def torch_threads() -> int:
@@ -213,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="parallel runs, one torch thread each (1: one run, all threads)")
     p.add_argument("--verbose", action="store_true", help="print every epoch")
     p.add_argument("--csv", type=Path, default=None, help="also write the per-run table here")
+    p.add_argument("--pretrain", action="store_true",
+                   help="add the main model fine-tuned from a backbone pretrained on the FER2013 pool")
+    p.add_argument("--pool-zip", type=Path, default=POOL_ZIP)
+    p.add_argument("--pretrain-epochs", type=int, default=15)
+    p.add_argument("--pool-max-images", type=int, default=24_000)
     args = p.parse_args(argv)
 
     if not args.zip.exists():
@@ -224,7 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     images, labels, _ = load_affectnet_zip(args.zip)
     print(f"main model: {MAIN_MODEL}; config: {config.to_dict()}")
-    runs = run_benchmark(images, labels, args.models, args.seeds, config, jobs=args.jobs, verbose=args.verbose)
+    backbones = None
+    if args.pretrain:
+        if not args.pool_zip.exists():
+            print(f"pool dataset not found: {args.pool_zip}", file=sys.stderr)
+            return 2
+        pre = pretrain_on_pool(images, args.pool_zip, MAIN_MODEL, args.pretrain_epochs, args.pool_max_images,
+                               verbose=args.verbose)
+        backbones = {f"{MAIN_MODEL} pretrained": (MAIN_MODEL, pre["state"])}
+    runs = run_benchmark(images, labels, args.models, args.seeds, config, jobs=args.jobs, verbose=args.verbose,
+                         backbones=backbones)
     if args.csv:
         runs.to_csv(args.csv, index=False)
     print()

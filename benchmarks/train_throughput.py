@@ -30,7 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fer_pipeline.classes import CLASSES  # noqa: E402
-from fer_pipeline.ml import ARCHITECTURES, MAIN_MODEL, TrainConfig, TrainResult, train_model  # noqa: E402
+from fer_pipeline.ml import (  # noqa: E402
+    ARCHITECTURES,
+    MAIN_MODEL,
+    TrainConfig,
+    TrainResult,
+    train_model,
+)
 from fer_pipeline.ml.train import autocast_dtype  # noqa: E402
 
 TARGET_CUDA_IMAGES_PER_S = 30_000  # issue #12, default (deterministic) mode, batch 64

@@ -5,9 +5,13 @@ parser and sets ``func`` (a callable taking the parsed args and returning an exi
 and append it to :data:`COMMANDS`. Heavy imports (torch) happen inside the handlers, so
 ``fer-pipeline --help`` stays fast.
 
-Exit status: 0 success, 1 some inputs failed, 2 usage error, no model or a broken model.
-Whatever the inputs are (hostile names, FIFOs, loops, corrupt archives), each fault is one
-error row and the output stays valid table / CSV / JSON.
+Exit status: 0 success, 1 some inputs failed (an image without a face included), 2 usage error,
+no model or a broken model. Whatever the inputs are (hostile names, FIFOs, loops, corrupt
+archives), each fault is one error row and the output stays valid table / CSV / JSON.
+
+With a model trained on detected faces (or ``--framing detect``), each row is one face: the
+outputs gain the face's index, the number of faces found, its box and the detector's score
+(in JSON, CSV and the table alike); with a crop-framed model they are exactly as before.
 """
 
 from __future__ import annotations
@@ -37,14 +41,17 @@ class NoModelError(RuntimeError):
     """No checkpoint was given and none is recorded as the best model."""
 
 
-def default_model_path(data_root: Path | None = None) -> Path:
+def default_model_path(data_root: str | Path | None = None) -> Path:
     """The best model recorded in ``<data root>/reports/metrics.json``
     (:class:`fer_pipeline.schema.MetricsReport`): its recorded checkpoint (relative paths are
     under the data root), else ``models/<best_model>.safetensors``."""
-    from fer_pipeline.paths import DataPaths, default_data_root
     from fer_pipeline.schema import MetricsReport
+    from fer_pipeline.storage import StoreError, open_data_root
 
-    paths = DataPaths(Path(data_root) if data_root else default_data_root())
+    try:  # a folder, or an object-store URL pulled into its working copy (models and reports only)
+        paths = open_data_root(data_root, trees=("models_dir", "reports_dir"))
+    except StoreError as exc:
+        raise NoModelError(str(exc)) from None
     hint = "train a model first (materialise the pipeline's model assets) or pass --model CKPT"
     if not paths.metrics_json.is_file():
         raise NoModelError(f"no trained model found: {paths.metrics_json} does not exist; {hint}")
@@ -68,26 +75,50 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _json_row(p: Prediction) -> dict[str, object]:
+BOX_SIDES = ("left", "top", "right", "bottom")
+
+
+def _box_json(p: Prediction) -> dict[str, float | None] | None:
+    return None if p.box is None else {k: _finite_or_none(round(v, 1)) for k, v in zip(BOX_SIDES, p.box)}
+
+
+def _json_row(p: Prediction, faces: bool = False, annotated: bool = False) -> dict[str, object]:
     probs = {_unicode_safe(c): _finite_or_none(v) for c, v in p.probabilities.items()} if p.probabilities else None
-    return {"input": _unicode_safe(p.input), "label": _unicode_safe(p.label) if p.label is not None else None,
-            "probabilities": probs, "error": _unicode_safe(p.error) if p.error is not None else None}
+    row: dict[str, object] = {"input": _unicode_safe(p.input)}
+    if faces:
+        score = None if p.detector_score is None else _finite_or_none(round(p.detector_score, 6))
+        row.update(face_index=p.face_index, faces_found=p.faces_found, box=_box_json(p), detector_score=score)
+    row.update(label=_unicode_safe(p.label) if p.label is not None else None, probabilities=probs,
+               error=_unicode_safe(p.error) if p.error is not None else None)
+    if annotated:
+        row["annotated"] = _unicode_safe(p.annotated) if p.annotated else None
+    return row
 
 
-def _format_json(preds: Sequence[Prediction]) -> str:
-    return json.dumps([_json_row(p) for p in preds], indent=2, allow_nan=False) + "\n"
+def _format_json(preds: Sequence[Prediction], faces: bool = False, annotated: bool = False) -> str:
+    return json.dumps([_json_row(p, faces, annotated) for p in preds], indent=2, allow_nan=False) + "\n"
 
 
-def _format_csv(preds: Sequence[Prediction], classes: Sequence[str]) -> str:
+def _format_csv(preds: Sequence[Prediction], classes: Sequence[str], faces: bool = False,
+                annotated: bool = False) -> str:
     """RFC 4180 quoting; the csv module leaves a field with a bare CR unquoted when lines end
-    in LF, so a row holding one is written fully quoted."""
+    in LF, so a row holding one is written fully quoted. Face and annotation columns come after
+    today's, so readers of the crop-model columns keep working."""
     buf = io.StringIO()
     minimal = csv.writer(buf, lineterminator="\n")
     quoted = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    rows = [["input", "prediction", *[f"p_{c}" for c in classes], "error"]]
+    header = ["input", "prediction", *[f"p_{c}" for c in classes], "error"]
+    header += ["face_index", "faces_found", *[f"box_{k}" for k in BOX_SIDES], "detector_score"] if faces else []
+    rows = [header + (["annotated"] if annotated else [])]
     for p in preds:
         probs = [_csv_number(p.probabilities[c]) for c in classes] if p.probabilities else [""] * len(classes)
-        rows.append([p.input, p.label or "", *probs, p.error or ""])
+        row = [p.input, p.label or "", *probs, p.error or ""]
+        if faces:
+            box = [f"{v:.1f}" if math.isfinite(v) else "" for v in p.box] if p.box else [""] * 4
+            score = _csv_number(p.detector_score) if p.detector_score is not None else ""
+            row += ["" if p.face_index is None else str(p.face_index),
+                    "" if p.faces_found is None else str(p.faces_found), *box, score]
+        rows.append(row + ([p.annotated or ""] if annotated else []))
     for row in rows:
         row = [_unicode_safe(v) for v in row]
         (quoted if any("\r" in v for v in row) else minimal).writerow(row)
@@ -98,40 +129,62 @@ def _csv_number(value: float) -> str:
     return f"{value:.6f}" if math.isfinite(value) else ""
 
 
-def _format_table(preds: Sequence[Prediction], classes: Sequence[str]) -> str:
-    """Aligned text for people: one line per input, whatever its name holds."""
+def _face_cells(p: Prediction) -> list[str]:
+    """The table's face and box cells: ``0 of 2`` and ``left,top,right,bottom`` in whole pixels."""
+    face = "" if p.face_index is None else f"{p.face_index} of {p.faces_found}"
+    box = "" if p.box is None else ",".join(str(round(v)) if math.isfinite(v) else "?" for v in p.box)
+    return [face, box]
+
+
+def _format_table(preds: Sequence[Prediction], classes: Sequence[str], faces: bool = False) -> str:
+    """Aligned text for people: one line per input (per face, with ``faces``), whatever its name holds."""
     names = [escape_text(c) for c in classes]
-    header = ["input", "prediction", *names]
-    rows = []
+    header = (["input", *(["face", "box"] if faces else [])], "prediction", names)
+    rows: list[tuple[list[str], str, list[str] | None]] = []
     for p in preds:
+        lead = [escape_text(p.input), *(_face_cells(p) if faces else [])]
         if p.ok and p.probabilities:
-            probs = [f"{p.probabilities[c]:.3f}" for c in classes]
-            rows.append([escape_text(p.input), escape_text(p.label or ""), *probs])
+            rows.append((lead, escape_text(p.label or ""), [f"{p.probabilities[c]:.3f}" for c in classes]))
         else:
-            rows.append([escape_text(p.input), f"ERROR: {escape_text(str(p.error))}"])
-    # Error rows (input + message only) do not widen the prediction column.
-    widths = [max(len(r[0]) for r in [header, *rows]), max(len(r[1]) for r in [header, *rows] if len(r) > 2)]
+            rows.append((lead, f"ERROR: {escape_text(str(p.error))}", None))
+    table = [header, *rows]
+    lead_widths = [max(len(r[0][i]) for r in table) for i in range(len(header[0]))]
+    pred_width = max(len(r[1]) for r in table if r[2] is not None)  # error messages do not widen it
     lines = []
-    for r in [header, *rows]:
-        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1]) if len(r) > 2 else r[1]]
-        cells += [v.rjust(max(len(c), 5)) for v, c in zip(r[2:], names)]
+    for lead, pred, probs in table:
+        cells = [v.ljust(w) for v, w in zip(lead, lead_widths)]
+        if probs is None:
+            cells.append(pred)
+        else:
+            cells.append(pred.ljust(pred_width))
+            cells += [v.rjust(max(len(c), 5)) for v, c in zip(probs, names)]
         lines.append("  ".join(cells).rstrip())
     ok = sum(p.ok for p in preds)
-    lines.append(f"\n{ok} of {len(preds)} inputs classified" + ("" if ok == len(preds) else f", {len(preds) - ok} failed"))
+    if faces:
+        inputs = sum(1 for p in preds if not p.face_index)  # one row per input has index 0 or none
+        no_face = sum(1 for p in preds if p.faces_found == 0)
+        summary = f"{ok} faces classified in {inputs} inputs" + ("" if ok == len(preds) else f", {len(preds) - ok} rows failed")
+        summary += f" ({no_face} inputs with no face found)" if no_face else ""
+    else:
+        summary = f"{ok} of {len(preds)} inputs classified" + ("" if ok == len(preds) else f", {len(preds) - ok} failed")
+    lines.append("\n" + summary)
     return "\n".join(lines) + "\n"
 
 
-def format_predictions(preds: Sequence[Prediction], fmt: str, classes: Sequence[str]) -> str:
+def format_predictions(preds: Sequence[Prediction], fmt: str, classes: Sequence[str], *, faces: bool = False,
+                       annotated: bool = False) -> str:
     """Render predictions as an aligned table, CSV or JSON text.
 
-    Every format stays valid whatever the inputs are called: the table escapes control
-    characters, CSV quotes, JSON escapes and never holds NaN/Infinity; file-name bytes that are
-    not UTF-8 become ``\\xNN`` in all three."""
+    ``faces`` adds each row's face index, faces found, box and detector score (the model's
+    framing detects faces); ``annotated`` the annotated copy's path (CSV and JSON). Every format
+    stays valid whatever the inputs are called: the table escapes control characters, CSV
+    quotes, JSON escapes and never holds NaN/Infinity; file-name bytes that are not UTF-8
+    become ``\\xNN`` in all three."""
     if fmt == "json":
-        return _format_json(preds)
+        return _format_json(preds, faces, annotated)
     if fmt == "csv":
-        return _format_csv(preds, classes)
-    return _format_table(preds, classes)
+        return _format_csv(preds, classes, faces, annotated)
+    return _format_table(preds, classes, faces)
 
 
 def _write(stream: TextIO, text: str) -> None:
@@ -150,6 +203,16 @@ def _positive_int(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {raw!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _probability(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {raw!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {raw}")
     return value
 
 
@@ -178,14 +241,51 @@ def _run_predict(args: argparse.Namespace) -> int:
         _write(sys.stderr, f"fer-pipeline predict: {escape_text(loaded)}\n")
         return EXIT_USAGE
 
-    from fer_pipeline.ml.predict import predict_images
+    annotate = _annotation_folder(args.annotate)
+    if isinstance(annotate, str):
+        _write(sys.stderr, f"fer-pipeline predict: {escape_text(annotate)}\n")
+        return EXIT_USAGE
 
-    preds = predict_images(args.paths, loaded, max_bytes=args.max_bytes)
-    _write(sys.stdout, format_predictions(preds, args.format, loaded.classes))
+    from fer_pipeline.ml.predict import (
+        detector_from_settings,
+        predict_images,
+        resolve_framing,
+    )
+
+    try:
+        framing = resolve_framing(loaded, args.framing)
+        detector = detector_from_settings(framing.detector or {}) if framing.detects else None
+    except Exception as exc:  # noqa: BLE001 -- unusable detector settings or weights: the model cannot be applied
+        _write(sys.stderr, f"fer-pipeline predict: cannot set up face detection for model {escape_text(str(model))}: "
+                           f"{escape_text(str(exc))}\n")
+        return EXIT_USAGE
+    preds = predict_images(args.paths, loaded, max_bytes=args.max_bytes, min_confidence=args.min_confidence,
+                           framing=framing, detector=detector, annotate_dir=annotate)
+    _write(sys.stdout, format_predictions(preds, args.format, loaded.classes, faces=framing.detects,
+                                          annotated=annotate is not None))
     for p in preds:
         if not p.ok and args.format != "table":
             _write(sys.stderr, f"error: {escape_text(p.input)}: {escape_text(str(p.error))}\n")
-    return EXIT_OK if all(p.ok for p in preds) else EXIT_INPUT_FAILED
+    failed_copies = {p.input: p.annotation_error for p in preds if p.annotation_error}
+    for name, error in failed_copies.items():
+        _write(sys.stderr, f"error: {escape_text(name)}: annotated copy not written: {escape_text(str(error))}\n")
+    if annotate is not None:
+        written = len({p.annotated for p in preds if p.annotated})
+        _write(sys.stderr, f"fer-pipeline predict: {written} annotated images in {escape_text(str(annotate))}\n")
+    return EXIT_OK if all(p.ok for p in preds) and not failed_copies else EXIT_INPUT_FAILED
+
+
+def _annotation_folder(raw: Path | None) -> Path | None | str:
+    """The --annotate folder, created if needed, or why it cannot be used."""
+    if raw is None:
+        return None
+    if raw.exists() and not raw.is_dir():
+        return f"--annotate: {raw} exists and is not a folder"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--annotate: cannot create {raw}: {exc}"
+    return raw
 
 
 def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
@@ -193,15 +293,25 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="classify face images, folders or .zip archives",
         description="Classify face images (files, folders searched recursively, .zip archives) "
-        "into Neutral / Focused / Tired / Angry with a trained checkpoint.",
+        "into Neutral / Focused / Tired / Angry with a trained checkpoint. Probabilities are calibrated "
+        "with the temperature fitted on the validation split and stored in the checkpoint.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or .zip archive")
     p.add_argument("--model", metavar="CKPT", help="checkpoint (.safetensors); default: best model in reports/metrics.json")
-    p.add_argument("--data-root", type=Path, default=None, help="data root (default: $FER_DATA_DIR or ./data)")
+    p.add_argument("--data-root", default=None, help="data root, a folder or s3://… URL (default: $FER_DATA_DIR or ./data)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--min-confidence", type=_probability, default=None, metavar="P",
+                   help="answer 'uncertain' (in the prediction/label column) when the top calibrated "
+                        "probability is below P; the probabilities are still printed")
     p.add_argument("--max-bytes", type=_positive_int, default=MAX_INPUT_BYTES, metavar="N",
                    help="skip (and report) any file or zip entry larger than N bytes "
                         f"(default {MAX_INPUT_BYTES}: {MAX_INPUT_BYTES >> 20} MiB)")
+    p.add_argument("--framing", choices=("auto", "detect", "crop"), default="auto",
+                   help="how to find the face in each image: detect every face (one row per face, with its box), "
+                        "or use the whole image as a face crop; auto (default): as the model's training faces were "
+                        "framed, as its checkpoint records")
+    p.add_argument("--annotate", type=Path, default=None, metavar="DIR",
+                   help="write a copy of each classified image to DIR with the boxes and predicted labels drawn")
     p.set_defaults(func=_run_predict)
 
 

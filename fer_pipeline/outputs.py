@@ -6,7 +6,7 @@ import sys
 
 import pandas as pd
 
-from fer_pipeline.paths import DataPaths
+from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
 from fer_pipeline.schema import MetricsReport
 
 
@@ -35,7 +35,15 @@ def summary(paths: DataPaths) -> str:
 
 
 def main() -> int:
-    print(summary(DataPaths.from_env()))
+    root = data_root_setting()
+    if is_store_url(root):  # an object store: summarise its working copy, pulled first (not the face store)
+        from fer_pipeline.storage import open_data_root
+
+        paths = open_data_root(root, trees=("manifest_dir", "models_dir", "reports_dir"))
+        print(f"Data root {root} (working copy {paths.root})")
+        print(summary(paths))
+    else:
+        print(summary(DataPaths.from_env()))
     return 0
 
 

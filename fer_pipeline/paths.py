@@ -26,12 +26,13 @@ REPORT_FILES: dict[str, str] = {
     # model_evaluation
     "metrics_json": "metrics.json",
     "metrics_csv": "metrics.csv",
+    "test_predictions": "test_predictions.parquet",  # + confusion_<model>.png, reliability_<model>.png
     # cross_validation
     "cv_folds": "cv_folds",  # .parquet + .csv
     "cv_folds_png": "cv_folds.png",
     "cv_oof": "cv_oof.parquet",
     "cv_summary": "cv_summary.json",
-    "cv_cache": "cv",  # folder of finished folds
+    "cv_fold_results": "cv_fold_results",  # folder: one result per cv_fold partition (fold_NN.json + _oof.parquet)
     # bias_report
     "bias_report": "bias_report",  # .parquet + .csv
     "bias_coverage": "bias_coverage.csv",
@@ -47,18 +48,36 @@ REPORT_FILES: dict[str, str] = {
     # cross_source_generalisation
     "loso": "cross_source_generalisation",  # .parquet + .csv
     "loso_png": "cross_source_generalisation.png",
-    "loso_cache": "loso",  # folder of finished held-out sources
+    "loso_results": "loso_results",  # folder: one row per loso_fold partition (<source>-<hash>.json)
     # label_issues
     "label_issues": "label_issues",  # .parquet + .csv
     "label_issues_top": "label_issues_top.png",
     "relabels_suggested": "relabels_suggested.csv",
+    # model_card
+    "model_card": "model_card.md",
 }
 """Every file (or file stem, for tables written as .parquet and .csv) under ``reports/``."""
 
 
+def data_root_setting(configured: str = "") -> str:
+    """The data root as configured, a folder or an object-store URL: ``configured``, else
+    ``$FER_DATA_DIR``, else ``data/`` at the repository root."""
+    return configured or os.environ.get(DATA_DIR_ENV) or str(REPO_ROOT / "data")
+
+
+def is_store_url(root: str | os.PathLike[str]) -> bool:
+    """An object-store data root (``s3://bucket/prefix``, ``gs://…``): the pipeline then works in a
+    local working copy that :mod:`fer_pipeline.storage` keeps in sync; anything else is a folder."""
+    return "://" in str(root)
+
+
 def default_data_root() -> Path:
-    """``$FER_DATA_DIR`` if set, else ``data/`` at the repository root."""
+    """``$FER_DATA_DIR`` if set, else ``data/`` at the repository root (a folder: an object-store
+    URL is opened with :func:`fer_pipeline.storage.open_data_root`, which pulls it first)."""
     env = os.environ.get(DATA_DIR_ENV)
+    if env and is_store_url(env):
+        raise ValueError(f"{DATA_DIR_ENV}={env!r} is an object-store URL, not a folder: open it with "
+                         "fer_pipeline.storage.open_data_root (a local working copy, pulled first)")
     return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
 
 
@@ -113,6 +132,10 @@ class DataPaths:
 
     def confusion(self, model_name: str) -> Path:
         return self.reports_dir / f"confusion_{model_name}.png"
+
+    def reliability(self, model_name: str) -> Path:
+        """The reliability diagram (test split, before/after temperature scaling) of a model."""
+        return self.reports_dir / f"reliability_{model_name}.png"
 
     def bias_table(self, attribute: str) -> Path:
         return self.reports_dir / f"bias_{attribute}.csv"

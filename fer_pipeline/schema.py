@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,42 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "image_id", "source", "source_path", "original_label", "label", "split_hint",
     "width", "height", "face_path", "face_height", "face_width", "phash", "dup_group",
     "dup_group_size", "mean_intensity", "std_intensity", "gender", "age_group", "race",
-    "sha256", "bytes",
+    "sha256", "bytes", "framing", "face_index", "faces_found", "box_left", "box_top", "box_right",
+    "box_bottom", "detector_score",
 )  # fmt: skip
-"""``manifest.parquet``: one row per kept image (the manifest asset may add ``relabelled_from``)."""
+"""``manifest.parquet``: one row per kept face (the manifest asset may add ``relabelled_from``).
+
+``framing`` is how the face was cut from its file: ``crop`` (the file is a face crop) or ``detect``
+(found by the face detector). ``face_index`` is the face's rank in its file (0 = largest; always 0
+for crops), so ``(source, source_path, face_index)`` names a row; ``faces_found`` is how many faces
+the detector found in the file, and ``box_*`` (pixels of the EXIF-oriented file, the detector's
+dataset-style box before any margin) and ``detector_score`` where it found this one: all null for
+crops."""
+
+DETECTION_COLUMNS: tuple[str, ...] = ("faces_found", "box_left", "box_top", "box_right", "box_bottom",
+                                      "detector_score")
+"""The manifest columns only detected faces fill (nullable; null for crops)."""
 
 MANIFEST_KEY_COLUMNS: tuple[str, ...] = ("image_id", "source", "source_path", "label", "face_path", "phash")
 """Manifest columns that may never be null."""
 
 EXCLUDED_COLUMNS: tuple[str, ...] = ("source", "source_path", "stage", "reason", "raw_label", "label",
-                                     "duplicate_of")
-"""``excluded.parquet``: one row per source file not kept, with the stage and the reason."""
+                                     "duplicate_of", "face_index")
+"""``excluded.parquet``: one row per source file not kept, with the stage and the reason; for a
+file with several detected faces, one row per face not kept (``face_index``; 0 otherwise)."""
 
 SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "split", "fold")
 """``splits.parquet``."""
 
 DEMOGRAPHIC_ATTRIBUTES: tuple[str, ...] = ("gender", "age_group", "race")
 """Nullable demographic columns of the inventory and the manifest."""
+
+
+TEST_PREDICTION_COLUMNS: tuple[str, ...] = ("model", "image_id", "true", "predicted", "correct", "confidence",
+                                           "calibrated_confidence")
+"""``reports/test_predictions.parquet`` (model_evaluation): one row per model and test image; then one
+``p_<class>`` column per class (calibrated probabilities, class order of :mod:`fer_pipeline.classes`).
+``confidence`` is the top raw probability, ``calibrated_confidence`` after the model's temperature."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +78,9 @@ class MetricsReport:
     majority_baseline: dict[str, Any]
     checkpoints: dict[str, str]  # model name -> checkpoint path (absolute, or relative to the data root)
     split: str = "test"
+    # model name -> the checkpoint's temperature on the test split: temperature, ece_before, ece_after,
+    # nll_before, nll_after, n_bins, reliability bins, and the validation fit it recorded ("fit")
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +95,8 @@ class MetricsReport:
             return cls(best_model=str(data["best_model"]), data_version=str(data.get("data_version", "")),
                        n_test=int(data.get("n_test", 0)), models=dict(data.get("models") or {}),
                        majority_baseline=dict(data.get("majority_baseline") or {}),
-                       checkpoints=dict(data.get("checkpoints") or {}), split=str(data.get("split", "test")))
+                       checkpoints=dict(data.get("checkpoints") or {}), split=str(data.get("split", "test")),
+                       calibration=dict(data.get("calibration") or {}))
         except KeyError as exc:
             raise ValueError(f"{path} records no {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:

@@ -26,7 +26,12 @@ from fer_pipeline.dataset.face_batch import ChunkResult, process_chunk
 from fer_pipeline.dataset.face_store import FaceStore, load_faces
 from fer_pipeline.dataset.faces import process_faces
 from fer_pipeline.dataset.inventory import build_inventory
-from fer_pipeline.dataset.manifest import build_manifest, candidates_for_decoding, check_accounting, dedup_input
+from fer_pipeline.dataset.manifest import (
+    build_manifest,
+    candidates_for_decoding,
+    check_accounting,
+    dedup_input,
+)
 from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline.dataset.source_readers import DEFAULT_MAX_FILE_BYTES, SourceBytes
 from fer_pipeline_tests.conftest import blob_pattern as pattern

@@ -11,15 +11,22 @@ from fer_pipeline.analysis.confound import (
     per_source_metrics,
     source_share_matrix,
 )
+from fer_pipeline.analysis.cross_validation import TrainingRecipe
 from fer_pipeline.analysis.generalisation import (
+    MISSING,
     NOT_APPLICABLE_ONE_SOURCE,
+    NOT_IN_DATA,
+    LosoStore,
+    collect_rows,
     eligibility,
+    held_out_row,
+    loso_table,
     run_leave_one_source_out,
 )
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml import ArchConfig, TrainConfig
 from fer_pipeline.ml.data import SplitArrays
-from fer_pipeline_tests.test_analysis_cross_validation import make_pool
+from fer_pipeline_tests.test_analysis_cross_validation import CountingTrainer, make_pool
 
 TINY = ArchConfig(name="tiny", channels=(8, 16), dropout=0.1)
 FAST = TrainConfig(epochs=1, batch_size=32, lr=5e-3, warmup_epochs=0, patience=0, num_threads=2)
@@ -85,7 +92,7 @@ def test_leave_one_source_out_tiny_training() -> None:
     assert status["a"] == "eligible" and status["b"] == "eligible" and status["c"].startswith("skipped: covers 1")
     in_domain = arrays["test"].labels.copy()  # a perfect "main model"
     logs: list[str] = []
-    result = run_leave_one_source_out(arrays, TINY, FAST, data_version="v", in_domain_pred=in_domain, log=logs.append)
+    result = run_leave_one_source_out(arrays, TINY, FAST, in_domain_pred=in_domain, log=logs.append)
     table = result.table.set_index("held_out_source")
     assert result.applicable and sorted(result.trained) == ["a", "b"]
     assert table.loc["a", "status"] == "evaluated" and table.loc["c", "status"].startswith("skipped")
@@ -98,6 +105,40 @@ def test_leave_one_source_out_tiny_training() -> None:
 def test_leave_one_source_out_not_applicable_with_one_source() -> None:
     arrays = split_arrays(make_pool(n=40))
     calls = []
-    result = run_leave_one_source_out(arrays, TINY, FAST, data_version="v", train_fn=lambda *a, **k: calls.append(1))
+    result = run_leave_one_source_out(arrays, TINY, FAST, train_fn=lambda *a, **k: calls.append(1))
     assert not result.applicable and calls == []
     assert result.table.iloc[0]["status"] == NOT_APPLICABLE_ONE_SOURCE
+
+
+def test_held_out_rows_stored_and_collected_like_one_run(tmp_path) -> None:
+    """What the partitions do (one row per source, stored with its recipe) and the aggregate
+    (collect the rows of the current recipe) gives the table of one run over every source; rows
+    of another data version are refused, sources never run are marked missing."""
+    pool = make_pool(n=160)
+    idx = np.arange(160)
+    pool.frame["source"] = np.where((idx // 16) % 5 == 3, "b", "a").astype(object)
+    pool.frame.loc[idx >= 150, "source"] = "odd/name with spaces"  # any name a catalogue allows
+    arrays = split_arrays(pool)
+    status = eligibility(arrays)
+    in_domain = arrays["test"].labels.copy()
+    fake = CountingTrainer()
+    recipe = TrainingRecipe.of("v1", TINY, FAST)
+    store = LosoStore(tmp_path)
+    assert set(status.values()) == {"eligible"}
+    for source in sorted(status, reverse=True):  # any order, as partitions finish
+        store.save(held_out_row(arrays, source, TINY, FAST, run_id=f"run-{source}", train_fn=fake), recipe)
+    assert store.path("odd/name with spaces").name.startswith("odd_name_with_spaces-")
+    collected = collect_rows(store, status, recipe)
+    assert collected.complete
+    expected = run_leave_one_source_out(arrays, TINY, FAST, in_domain_pred=in_domain, train_fn=CountingTrainer())
+    table = loso_table(collected.rows, arrays["test"], in_domain)
+    pd.testing.assert_frame_equal(table.drop(columns="run_id"), expected.table.drop(columns="run_id"))
+    assert table.set_index("held_out_source").loc["a", "run_id"] == "run-a"
+    # the data changed: the stored rows are refused, an unknown source is not in the data
+    later = collect_rows(store, status, TrainingRecipe.of("v2", TINY, FAST))
+    assert later.refused == {s: "trained on data version v1, the published data is v2" for s in status}
+    assert later.rows[0]["status"] == "refused: trained on data version v1, the published data is v2"
+    store.path("b").unlink()
+    assert collect_rows(store, {"a": "eligible", "b": "eligible"}, recipe).missing == ["b"]
+    assert collect_rows(store, {"b": "eligible"}, recipe).rows == [{"held_out_source": "b", "status": MISSING}]
+    assert held_out_row(arrays, "nowhere", TINY, FAST, train_fn=fake)["status"] == NOT_IN_DATA

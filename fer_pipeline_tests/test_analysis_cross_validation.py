@@ -1,6 +1,7 @@
 """Cross-validation core: fold plans, per-fold table with consistent mean/std, out-of-fold
-coverage, subsets and resume (a cached fold is never retrained). Training is faked (a
-deterministic linear model) except in one real tiny run."""
+coverage, folds trained one at a time (as partitions) aggregating to the same table, and folds
+of another data version or recipe refused. Training is faked (a deterministic linear model)
+except in one real tiny run."""
 
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ from torch import nn
 from fer_pipeline.analysis.cross_validation import (
     METRIC_COLUMNS,
     PROB_COLUMNS,
+    CVResult,
+    FoldRecipe,
+    FoldStore,
+    collect_folds,
     plan_folds,
     run_cross_validation,
     summarize_folds,
+    train_fold,
 )
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml import ArchConfig, TrainConfig
@@ -92,10 +98,10 @@ def test_plan_merges_stored_folds_for_fewer_cv_folds() -> None:
         plan_folds(np.array([0, 1, -1]))
 
 
-def test_fold_table_shape_and_consistent_means(tmp_path: Path) -> None:
+def test_fold_table_shape_and_consistent_means() -> None:
     pool = make_pool()
     trainer = CountingTrainer()
-    cv = run_cross_validation(pool, TINY, FAST, data_version="v1", n_cv_folds=5, cache_dir=tmp_path, train_fn=trainer)
+    cv = run_cross_validation(pool, TINY, FAST, n_cv_folds=5, train_fn=trainer)
     table = cv.table
     assert list(table["fold"]) == ["0", "1", "2", "3", "4", "mean", "std"]
     assert set(METRIC_COLUMNS) <= set(table.columns)
@@ -113,39 +119,56 @@ def test_fold_table_shape_and_consistent_means(tmp_path: Path) -> None:
     assert folds["n_test"].sum() == len(pool) and len(trainer.calls) == 5
 
 
-def test_resume_does_not_retrain_cached_folds(tmp_path: Path) -> None:
+def test_folds_trained_one_by_one_aggregate_to_the_same_table(tmp_path: Path) -> None:
+    """What the partitions do (train one fold, store it) and the aggregate (collect the stored
+    folds) gives the table of a run over all folds at once."""
     pool = make_pool()
-    first = CountingTrainer()
-    run_cross_validation(pool, TINY, FAST, data_version="v1", n_cv_folds=4, folds=[0, 2], cache_dir=tmp_path,
-                         train_fn=first)
-    assert len(first.calls) == 2
-    second = CountingTrainer()
-    logs: list[str] = []
-    cv = run_cross_validation(pool, TINY, FAST, data_version="v1", n_cv_folds=4, cache_dir=tmp_path,
-                              train_fn=second, log=logs.append)
-    assert len(second.calls) == 2  # only folds 1 and 3 were trained
-    assert cv.from_cache == [0, 2] and cv.trained == [1, 3]
-    assert sum("reused from cache" in line for line in logs) == 2
-    third = CountingTrainer()
-    again = run_cross_validation(pool, TINY, FAST, data_version="v1", n_cv_folds=4, cache_dir=tmp_path,
-                                 train_fn=third)
-    assert third.calls == [] and again.table["from_cache"].iloc[:4].all()
-    pd.testing.assert_frame_equal(again.oof, cv.oof)
-    # other inputs -> other cache key -> retrained
-    fourth = CountingTrainer()
-    run_cross_validation(pool, TINY, replace(FAST, lr=1e-3), data_version="v1", n_cv_folds=4, folds=[0],
-                         cache_dir=tmp_path, train_fn=fourth)
-    run_cross_validation(pool, TINY, FAST, data_version="v2", n_cv_folds=4, folds=[0], cache_dir=tmp_path,
-                         train_fn=fourth)
-    assert len(fourth.calls) == 2
+    recipe = FoldRecipe.of("v1", TINY, FAST, n_cv_folds=4)
+    store = FoldStore(tmp_path)
+    for fold in (3, 1, 0, 2):  # any order, as partitions finish
+        store.save(train_fold(pool, fold, TINY, FAST, n_cv_folds=4, run_id=f"run{fold}", train_fn=CountingTrainer()),
+                   recipe)
+    collected = collect_folds(store, recipe)
+    assert collected.complete and [r.fold for r in collected.used] == [0, 1, 2, 3]
+    assert [r.run_id for r in collected.used] == ["run0", "run1", "run2", "run3"]
+    together = run_cross_validation(pool, TINY, FAST, n_cv_folds=4, train_fn=CountingTrainer())
+    aggregated = CVResult(collected.used, 4)
+    columns = [c for c in together.table.columns if c not in ("train_seconds", "run_id")]
+    pd.testing.assert_frame_equal(aggregated.table[columns], together.table[columns])
+    pd.testing.assert_frame_equal(aggregated.oof, together.oof)
+    assert store.stored_identity(2) == recipe.identity(2) != recipe.identity(3)
+
+
+def test_folds_of_another_data_version_or_recipe_are_refused(tmp_path: Path) -> None:
+    pool = make_pool()
+    store = FoldStore(tmp_path)
+    old = FoldRecipe.of("v1", TINY, FAST, n_cv_folds=4)
+    for fold in (0, 1, 2):
+        store.save(train_fold(pool, fold, TINY, FAST, n_cv_folds=4, train_fn=CountingTrainer()), old)
+    current = FoldRecipe.of("v2", TINY, FAST, n_cv_folds=4)
+    store.save(train_fold(pool, 1, TINY, FAST, n_cv_folds=4, train_fn=CountingTrainer()), current)
+    store.paths(2)[0].write_text("{ truncated")  # a damaged result is refused, not trusted
+    collected = collect_folds(store, current)
+    assert [r.fold for r in collected.used] == [1] and collected.missing == [3] and not collected.complete
+    assert collected.refused[0] == "trained on data version v1, the published data is v2"
+    assert collected.refused[2].startswith("unreadable stored result (JSONDecodeError")
+    # another fold count or recipe is another cross-validation; execution settings are not
+    assert "trained with n_cv_folds 4, now 5" in collect_folds(store, FoldRecipe.of("v2", TINY, FAST,
+                                                                                     n_cv_folds=5)).refused[1]
+    refused = collect_folds(store, FoldRecipe.of("v2", TINY, replace(FAST, lr=1e-3), n_cv_folds=4)).refused[1]
+    assert refused == "trained with another recipe (lr 0.005, now 0.001)"
+    same = collect_folds(store, FoldRecipe.of("v2", TINY, replace(FAST, num_threads=1, device="cpu"), n_cv_folds=4))
+    assert [r.fold for r in same.used] == [1]
 
 
 def test_subset_of_folds_and_bad_fold() -> None:
     pool = make_pool()
-    cv = run_cross_validation(pool, TINY, FAST, data_version="v", n_cv_folds=3, folds=[1], train_fn=CountingTrainer())
+    cv = run_cross_validation(pool, TINY, FAST, n_cv_folds=3, folds=[1], train_fn=CountingTrainer())
     assert list(cv.table["fold"]) == ["1", "mean", "std"] and cv.table["accuracy"].iloc[2] != cv.table["accuracy"].iloc[2]
     with pytest.raises(ValueError, match="folds \\[5\\] do not exist"):
-        run_cross_validation(pool, TINY, FAST, data_version="v", n_cv_folds=3, folds=[5], train_fn=CountingTrainer())
+        run_cross_validation(pool, TINY, FAST, n_cv_folds=3, folds=[5], train_fn=CountingTrainer())
+    with pytest.raises(ValueError, match="fold 3 does not exist: the cross-validation has folds 0..2"):
+        train_fold(pool, 3, TINY, FAST, n_cv_folds=3, train_fn=CountingTrainer())
 
 
 def test_summarize_single_fold_std_is_nan() -> None:
@@ -155,10 +178,10 @@ def test_summarize_single_fold_std_is_nan() -> None:
     assert table.loc[1, "accuracy"] == 0.5 and np.isnan(table.loc[2, "accuracy"])
 
 
-def test_real_tiny_training_run(tmp_path: Path) -> None:
+def test_real_tiny_training_run() -> None:
     pool = make_pool(n=96)
     logs: list[str] = []
-    cv = run_cross_validation(pool, TINY, FAST, data_version="v", n_cv_folds=2, cache_dir=tmp_path, log=logs.append)
-    assert cv.trained == [0, 1] and len(cv.oof) == len(pool)
-    assert any("fold 1 (2/2) done" in line for line in logs)
+    cv = run_cross_validation(pool, TINY, FAST, n_cv_folds=2, log=logs.append)
+    assert [r.fold for r in cv.folds] == [0, 1] and len(cv.oof) == len(pool)
+    assert any("fold 1 of 2 done" in line for line in logs)
     assert (cv.table.iloc[:2]["epochs_run"] == 1).all()

@@ -1,28 +1,44 @@
 """Real Dagster materializations of the evaluation assets on a small generated dataset with a
 planted source confound (Angry only from source ``b``) and a planted label flip (applied through
-``relabels.csv``), with 1-epoch training: every asset materializes, the reports are consistent,
-the confound check warns, and a re-run reuses the cached CV folds."""
+``relabels.csv``), with 1-epoch training, run the way ``python -m fer_pipeline.defs.refresh``
+runs them: ``main``, one run per ``cv_fold`` and ``loso_fold`` partition, then the aggregates.
+Every asset materializes, the partitions are recorded by Dagster, the reports are consistent,
+the confound check warns, current partitions are not retrained, the training-work sensor chains
+main → partitions → reports, and after the data changes the folds show as stale and the
+aggregate refuses the folds of the old data."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
 import yaml
+from dagster._core.definitions.data_version import (
+    CachingStaleStatusResolver,
+    StaleStatus,
+)
+from dagster._core.loader import LoadingContextForTest
 
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.dataset.publish import publish_tables
 from fer_pipeline.dataset.synthetic_faces import generate_demo_source
-from fer_pipeline.definitions import defs
-from fer_pipeline.defs.assets.evaluation import (
-    EVALUATION_ASSETS,
-    cross_source_generalisation,
+from fer_pipeline.defs import automation
+from fer_pipeline.defs.assets.evaluation import cross_source_generalisation
+from fer_pipeline.defs.definitions import build_definitions
+from fer_pipeline.defs.jobs import (
+    CV_FOLDS_JOB,
+    HELD_OUT_SOURCE_PARTITIONS,
+    LOSO_FOLDS_JOB,
+    MAIN_JOB,
+    REPORTS_JOB,
 )
+from fer_pipeline.defs.refresh import partitions_to_run
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import MAIN_MODEL
 from fer_pipeline.paths import DataPaths
@@ -30,12 +46,16 @@ from fer_pipeline.schema import EXCLUDED_COLUMNS
 
 pytestmark = pytest.mark.slow
 
+N_FOLDS = 2
 DATA = ["raw_sources", "faces", "deduplicated_faces", "manifest", "splits"]
-EVALUATION = [a.key.path[-1] for a in EVALUATION_ASSETS]
+UNPARTITIONED = ["bias_report", "mitigated_model", "mitigation_comparison", "source_confound", "held_out_sources"]
+AGGREGATES = ["cross_validation", "cross_source_generalisation", "label_issues"]
+EVALUATION = [*UNPARTITIONED, "cv_fold", "loso_fold", *AGGREGATES]
 RUN_CONFIG = {"resources": {
     "training": {"config": {"epochs": 1, "patience": 0}},
-    "analysis": {"config": {"cv_folds": 2, "min_group_size": 5, "mitigation": "oversample", "label_issue_grid": 8}},
+    "analysis": {"config": {"min_group_size": 5, "mitigation": "oversample", "label_issue_grid": 8}},
 }}
+DEFS = build_definitions(dg.in_process_executor, n_cv_folds=N_FOLDS)
 
 
 def build_sources(root: Path) -> str:
@@ -72,73 +92,105 @@ def build_sources(root: Path) -> str:
     return flip_id
 
 
-def run(root: Path, selection: list[str], instance: dg.DagsterInstance):
+@pytest.fixture(scope="module")
+def data_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    root = tmp_path_factory.mktemp("analysis")
+    flip_id = build_sources(root)
     mp = pytest.MonkeyPatch()
     mp.setenv("FER_DATA_DIR", str(root))
-    try:
-        job = defs.resolve_implicit_global_asset_job_def()
-        return job.execute_in_process(run_config=RUN_CONFIG, instance=instance, raise_on_error=False,
-                                      asset_selection=[dg.AssetKey(k) for k in selection])
-    finally:
-        mp.undo()
+    yield root, flip_id
+    mp.undo()
+
+
+def run(job: str, instance: dg.DagsterInstance, selection: list[str] | None = None, partition: str | None = None,
+        config: dict | None = None, tags: dict[str, str] | None = None) -> dg.ExecuteInProcessResult:
+    """One run of a job of the code location (a partition of a partitioned one)."""
+    return DEFS.resolve_job_def(job).execute_in_process(
+        run_config=config or RUN_CONFIG, instance=instance, raise_on_error=False, partition_key=partition,
+        asset_selection=[dg.AssetKey(k) for k in selection] if selection else None, tags=tags)
 
 
 @pytest.fixture(scope="module")
-def materialized(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("analysis")
-    flip_id = build_sources(root)
+def materialized(data_env: tuple[Path, str]):
+    root, flip_id = data_env
     instance = dg.DagsterInstance.ephemeral()
-    result = run(root, [*DATA, f"model_{MAIN_MODEL}", *EVALUATION], instance)
-    return root, flip_id, result, instance
+    results = [run(MAIN_JOB, instance, [*DATA, f"model_{MAIN_MODEL}", *UNPARTITIONED])]
+    assert results[0].success
+    results += [run(CV_FOLDS_JOB, instance, partition=str(k)) for k in range(N_FOLDS)]
+    results += [run(LOSO_FOLDS_JOB, instance, partition=s)
+                for s in instance.get_dynamic_partitions(HELD_OUT_SOURCE_PARTITIONS)]
+    results.append(run(REPORTS_JOB, instance, AGGREGATES))
+    return root, flip_id, results, instance
 
 
-def _meta(result, key: str) -> dict:
-    return next(e for e in result.get_asset_materialization_events()
+def _meta(results, key: str) -> dict:
+    return next(e for r in reversed(results) for e in r.get_asset_materialization_events()
                 if e.asset_key.path[-1] == key).materialization.metadata
 
 
-def test_every_evaluation_asset_materializes(materialized) -> None:
-    _, _, result, _ = materialized
-    assert result.success
-    done = {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+def _checks(results) -> dict[str, dg.AssetCheckEvaluation]:
+    return {e.check_name: e for r in results for e in r.get_asset_check_evaluations()}
+
+
+def _stale(instance: dg.DagsterInstance, key: str, partition: str | None = None) -> StaleStatus:
+    """What the UI shows as the asset's (partition's) status: fresh, stale or missing."""
+    resolver = CachingStaleStatusResolver(instance, DEFS.resolve_asset_graph(), LoadingContextForTest(instance))
+    return resolver.get_status(dg.AssetKey(key), partition)
+
+
+def test_every_evaluation_asset_materializes_and_partitions_are_recorded(materialized) -> None:
+    _, _, results, instance = materialized
+    assert all(r.success for r in results)
+    done = {e.asset_key.path[-1] for r in results for e in r.get_asset_materialization_events()}
     assert set(EVALUATION) <= done
+    assert instance.get_dynamic_partitions(HELD_OUT_SOURCE_PARTITIONS) == ["a", "b"]
+    assert instance.get_materialized_partitions(dg.AssetKey("cv_fold")) == {"0", "1"}
+    assert instance.get_materialized_partitions(dg.AssetKey("loso_fold")) == {"a", "b"}
+    assert _stale(instance, "cv_fold", "1") == StaleStatus.FRESH and _stale(instance, "cross_validation") == \
+        StaleStatus.FRESH
 
 
 def test_relabel_applied_and_recorded(materialized) -> None:
-    root, flip_id, result, _ = materialized
+    root, flip_id, results, _ = materialized
     kept = pd.read_parquet(root / "manifest" / "manifest.parquet").set_index("image_id")
     assert kept.loc[flip_id, "label"] == "Angry" and kept.loc[flip_id, "relabelled_from"] == "Focused"
     assert kept["relabelled_from"].notna().sum() == 1
-    assert _meta(result, "manifest")["relabels_applied"].value == 1
+    assert _meta(results, "manifest")["relabels_applied"].value == 1
 
 
 def test_cv_table_and_out_of_fold_predictions(materialized) -> None:
-    root, _, result, _ = materialized
+    root, _, results, _ = materialized
     table = pd.read_parquet(root / "reports" / "cv_folds.parquet")
     assert list(table["fold"]) == ["0", "1", "mean", "std"]
     for col in ("accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall", "micro_precision"):
         assert table.loc[2, col] == pytest.approx(table.loc[:1, col].mean())
+    fold_runs = {r.run_id for r in results if r.job_def.name == CV_FOLDS_JOB}
+    assert set(table.loc[:1, "run_id"]) == fold_runs  # each fold from its partition's run
     splits = pd.read_parquet(root / "manifest" / "splits.parquet")
     oof = pd.read_parquet(root / "reports" / "cv_oof.parquet")
     assert sorted(oof["image_id"]) == sorted(splits.loc[splits["split"] != "test", "image_id"])
-    meta = _meta(result, "cross_validation")
-    assert meta["folds_trained_this_run"].value == [0, 1] and "cv_folds.png" in meta["files"].value["plot"]
-    assert (root / "reports" / "cv_folds.csv").is_file()
+    meta = _meta(results, "cross_validation")
+    assert meta["folds_run"].value == [0, 1] and meta["folds_missing"].value == []
+    assert "cv_folds.png" in meta["files"].value["plot"] and (root / "reports" / "cv_folds.csv").is_file()
+    assert _checks(results)["cv_folds_current"].passed
+    fold = _meta(results, "cv_fold")
+    assert fold["data_version"].value == meta["data_version"].value
+    summary = json.loads((root / "reports" / "cv_summary.json").read_text())
+    assert summary["n_cv_folds"] == N_FOLDS and summary["folds_refused"] == {}
 
 
 def test_bias_tables_add_up(materialized) -> None:
-    root, _, result, _ = materialized
+    root, _, results, _ = materialized
     bias = pd.read_csv(root / "reports" / "bias_report.csv")
     n_test = int((pd.read_parquet(root / "manifest" / "splits.parquet")["split"] == "test").sum())
     assert set(bias["attribute"]) == {"gender", "age_group"}
     assert (bias.groupby("attribute")["n"].sum() == n_test).all()
-    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert "bias_group_gap" in checks and (root / "reports" / "bias_macro_f1.png").stat().st_size > 1000
+    assert "bias_group_gap" in _checks(results) and (root / "reports" / "bias_macro_f1.png").stat().st_size > 1000
 
 
 def test_planted_confound_trips_the_check(materialized) -> None:
-    root, _, result, _ = materialized
-    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "source_confound_check")
+    root, _, results, _ = materialized
+    check = _checks(results)["source_confound_check"]
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert "Angry" in check.metadata["confounded_classes"].value
     per_source = pd.read_csv(root / "reports" / "source_metrics.csv")
@@ -146,37 +198,100 @@ def test_planted_confound_trips_the_check(materialized) -> None:
 
 
 def test_mitigation_and_loso_reports(materialized) -> None:
-    root, _, result, _ = materialized
+    root, _, results, _ = materialized
     comparison = pd.read_csv(root / "reports" / "mitigation_comparison.csv")
     assert comparison.loc[0, "scope"] == "overall" and comparison["after_macro_f1"].notna().all()
     assert (root / "models" / f"{MAIN_MODEL}_mitigated.safetensors").is_file()
-    assert _meta(result, "mitigated_model")["mode"].value == "oversample"
+    assert _meta(results, "mitigated_model")["mode"].value == "oversample"
     loso = pd.read_csv(root / "reports" / "cross_source_generalisation.csv").set_index("held_out_source")
     assert list(loso["status"]) == ["evaluated", "evaluated"]
     assert loso.loc["b", "classes_held_out"] == "Neutral, Angry" and loso["in_domain_macro_f1"].notna().all()
+    assert set(loso["run_id"]) == {r.run_id for r in results if r.job_def.name == LOSO_FOLDS_JOB}
+    assert _checks(results)["loso_sources_current"].passed
 
 
 def test_label_issue_ranking(materialized) -> None:
-    root, flip_id, result, _ = materialized
+    root, flip_id, results, _ = materialized
     ranked = pd.read_csv(root / "reports" / "label_issues.csv")
     oof = pd.read_parquet(root / "reports" / "cv_oof.parquet")
     assert len(ranked) == len(oof) and ranked["rank"].tolist() == list(range(1, len(ranked) + 1))
     splits = pd.read_parquet(root / "manifest" / "splits.parquet").set_index("image_id")
     if splits.loc[flip_id, "split"] != "test":
         assert ranked.set_index("image_id").loc[flip_id, "given_label"] == "Angry"
-    meta = _meta(result, "label_issues")
+    meta = _meta(results, "label_issues")
     assert meta["implementation"].value.startswith("cleanlab")
     assert "relabels.csv" in meta["how_to_relabel"].value
     assert (root / "reports" / "label_issues_top.png").stat().st_size > 1000
     assert list(pd.read_csv(root / "reports" / "relabels_suggested.csv").columns) == ["image_id", "label", "note"]
 
 
-def test_rerun_reuses_cached_folds(materialized) -> None:
+def test_current_partitions_are_not_retrained(materialized) -> None:
+    """Resume: with the same data and recipe every partition is current; another recipe (more
+    epochs) or --force retrains them."""
+    _, _, _, instance = materialized
+    for job, keys in ((CV_FOLDS_JOB, ["0", "1"]), (LOSO_FOLDS_JOB, ["a", "b"])):
+        todo, current = partitions_to_run(instance, job, RUN_CONFIG, keys=keys)
+        assert todo == [] and [o.partition for o in current] == keys and {o.status for o in current} == {"current"}
+        assert partitions_to_run(instance, job, RUN_CONFIG, keys=keys, force=True)[0] == keys
+    more = {"resources": {**RUN_CONFIG["resources"], "analysis": {"config": {"cv_epochs": 2}}}}
+    assert partitions_to_run(instance, CV_FOLDS_JOB, more, keys=["0", "1"])[0] == ["0", "1"]
+
+
+def test_training_work_sensor_chains_main_partitions_reports(materialized) -> None:
+    """After main: one run request per partition that is not current (the sensor's own config
+    is the full recipe, so all are), tagged with the batch; the reports once all succeeded."""
+    _, _, results, instance = materialized
+    sensor = DEFS.get_sensor_def(automation.TRAINING_SENSOR_NAME)
+    repo = DEFS.get_repository_def()
+
+    def evaluate(run_id: str):
+        run = instance.get_run_by_id(run_id)
+        event = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_SUCCESS)[0].dagster_event
+        return sensor(dg.build_run_status_sensor_context(sensor_name=sensor.name, dagster_event=event,
+                                                         dagster_instance=instance, dagster_run=run,
+                                                         repository_def=repo))
+
+    main_run = results[0].run_id
+    requests = evaluate(main_run)
+    assert sorted((r.job_name, r.partition_key) for r in requests) == [
+        (CV_FOLDS_JOB, "0"), (CV_FOLDS_JOB, "1"), (LOSO_FOLDS_JOB, "a"), (LOSO_FOLDS_JOB, "b")]
+    assert {r.tags[automation.BATCH_TAG] for r in requests} == {main_run}
+    assert len({r.run_key for r in requests}) == 4
+    done = [run(r.job_name, instance, partition=r.partition_key, tags=r.tags) for r in requests[:3]]
+    assert all(r.success for r in done)
+    waiting = evaluate(done[-1].run_id)
+    assert isinstance(waiting, dg.SkipReason) and "3 of 4 partition runs succeeded" in waiting.skip_message
+    last = run(requests[3].job_name, instance, partition=requests[3].partition_key, tags=requests[3].tags)
+    (reports,) = evaluate(last.run_id)
+    assert reports.job_name == REPORTS_JOB and reports.run_key == f"{main_run}:{REPORTS_JOB}"
+    outside = evaluate(results[1].run_id)  # a fold run of no batch (a manual backfill): nothing to chain
+    assert isinstance(outside, dg.SkipReason)
+
+
+def test_changed_data_makes_folds_stale_and_refused(materialized) -> None:
+    """New splits (another seed): Dagster shows the folds as stale, the aggregate refuses folds
+    of the old data, and with one fold retrained it uses that one and flags the other."""
     root, _, _, instance = materialized
-    again = run(root, ["cross_validation", "label_issues"], instance)
-    assert again.success
-    meta = _meta(again, "cross_validation")
-    assert meta["folds_trained_this_run"].value == [] and meta["folds_from_cache"].value == [0, 1]
+    before = json.loads((root / "reports" / "cv_summary.json").read_text())["data_version"]
+    reseed = {"resources": {**RUN_CONFIG["resources"], "fer": {"config": {"split_seed": 1}}}}
+    assert run(MAIN_JOB, instance, ["splits"], config=reseed).success
+    assert _stale(instance, "cv_fold", "0") == StaleStatus.STALE == _stale(instance, "cv_fold", "1")
+    refused = run(REPORTS_JOB, instance, ["cross_validation"])
+    assert not refused.success
+    failure = next(e for e in refused.all_events if e.is_step_failure).step_failure_data.user_failure_data
+    assert "no fold of the 2-fold cross-validation is materialized for the published data" in failure.description
+    assert json.loads((root / "reports" / "cv_summary.json").read_text())["data_version"] == before  # untouched
+    assert run(CV_FOLDS_JOB, instance, partition="0").success
+    assert _stale(instance, "cv_fold", "0") == StaleStatus.FRESH and _stale(instance, "cv_fold", "1") == \
+        StaleStatus.STALE
+    partial = run(REPORTS_JOB, instance, ["cross_validation"])
+    assert partial.success
+    meta = _meta([partial], "cross_validation")
+    assert meta["folds_run"].value == [0] and meta["data_version"].value != before
+    assert meta["folds_refused"].value == {"1": f"trained on data version {before}, the published data is "
+                                                 f"{meta['data_version'].value}"}
+    check = _checks([partial])["cv_folds_current"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
 
 
 def test_one_source_loso_is_not_applicable_without_training(tmp_path: Path) -> None:
@@ -192,7 +307,7 @@ def test_one_source_loso_is_not_applicable_without_training(tmp_path: Path) -> N
     result = dg.materialize([cross_source_generalisation], resources={
         "fer": FerSettings(data_root=str(tmp_path)), "training": TrainSettings(), "analysis": AnalysisSettings()})
     assert result.success
-    meta = _meta(result, "cross_source_generalisation")
+    meta = _meta([result], "cross_source_generalisation")
     assert meta["status"].value == "not applicable: only one source (demo)"
     table = pd.read_csv(tmp_path / "reports" / "cross_source_generalisation.csv")
     assert table.loc[0, "status"] == "not applicable: only one source"

@@ -58,9 +58,9 @@ class Ticker:
         self.cursor: str | None = None
 
     def tick(self) -> dg.SensorExecutionData:
-        ctx = dg.build_sensor_context(instance=self.instance, cursor=self.cursor,
-                                      resources={"fer": FerSettings(data_root=str(self.root))})
-        data = self.sensor.evaluate_tick(ctx)
+        with dg.build_sensor_context(instance=self.instance, cursor=self.cursor,  # fer has a setup/teardown
+                                     resources={"fer": FerSettings(data_root=str(self.root))}) as ctx:
+            data = self.sensor.evaluate_tick(ctx)
         if data.cursor is not None:
             self.cursor = data.cursor
         return data
@@ -232,8 +232,8 @@ def test_sensor_zip_source(data_root: Path) -> None:
 
 def test_sensor_data_root_from_environment(folder_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FER_DATA_DIR", str(folder_root))
-    ctx = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={"fer": FerSettings()})
-    data = automation.source_files_sensor.evaluate_tick(ctx)
+    with dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={"fer": FerSettings()}) as ctx:
+        data = automation.source_files_sensor.evaluate_tick(ctx)
     assert len(data.run_requests) == 1
 
 
@@ -264,6 +264,28 @@ def test_definitions_load_with_sensor_and_schedule() -> None:
     assert sensor.job_name == ("main" if automation.auto_retrain_enabled() else "data_pipeline")
     assert schedule.job_name == "data_pipeline"
     assert repo.has_job("data_pipeline") and repo.has_job("main")
+    # the training work: fold partitions (FER_CV_FOLDS, default 10), held-out sources (dynamic)
+    assert repo.get_job("cv_folds").partitions_def.get_partition_keys() == \
+        [str(k) for k in range(int(os.environ.get("FER_CV_FOLDS") or 10))]
+    assert isinstance(repo.get_job("loso_folds").partitions_def, dg.DynamicPartitionsDefinition)
+    main = {k.to_user_string() for k in repo.get_job("main").asset_layer.executable_asset_keys}
+    reports = {k.to_user_string() for k in repo.get_job("training_reports").asset_layer.executable_asset_keys}
+    assert "held_out_sources" in main and not main & {"cv_fold", "loso_fold", "cross_validation", "label_issues"}
+    assert {"cross_validation", "cross_source_generalisation", "label_issues"} <= reports
+    training = repo.get_sensor_def("training_work_sensor")
+    assert training.default_status == (dg.DefaultSensorStatus.RUNNING if automation.auto_retrain_enabled()
+                                       else dg.DefaultSensorStatus.STOPPED)
+
+
+def test_fold_count_setting_fails_fast_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fer_pipeline.defs.jobs import PartitionSettingError, cv_fold_count
+
+    assert cv_fold_count({}) == 10 and cv_fold_count({"FER_CV_FOLDS": " 3 "}) == 3
+    for bad, why in (("three", "expected a whole number"), ("1", "cross-validation needs at least 2 folds")):
+        with pytest.raises(PartitionSettingError, match=f"FER_CV_FOLDS='{bad}': {why}"):
+            cv_fold_count({"FER_CV_FOLDS": bad})
+    monkeypatch.setenv("FER_AUTO_RETRAIN", "1")
+    assert automation.build_training_work_sensor().default_status == dg.DefaultSensorStatus.RUNNING
 
 
 # ---------------------------------------------------------------- the schedule

@@ -10,7 +10,10 @@
   persistent temporary instance; the test asks the workers for their PIDs and checks that the
   steps' events came from both (never from this process) and that the three independent model
   steps were spread over both, then that the published tables and the checkpoints' validation
-  metrics equal those of an in-process run of the same catalogue in another data root.
+  metrics equal those of an in-process run of the same catalogue in another data root. Then the
+  training work: the two ``cv_fold`` partitions, one run each, launched at the same time from two
+  processes (as a backfill launches them), train on the two workers at once, and the fold table
+  the aggregate publishes equals the one from in-process fold runs.
 
 Run it alone: ``.venv/bin/python -m pytest -q fer_pipeline_tests/test_dask_executor.py``.
 """
@@ -31,6 +34,7 @@ import pytest
 import yaml
 
 from fer_pipeline.defs import executors
+from fer_pipeline.defs.jobs import CV_FOLDS_ENV, CV_FOLDS_JOB, REPORTS_JOB
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
 from fer_pipeline.paths import DataPaths
 from fer_pipeline_tests.servers import LOOPBACK, ServerProcess, free_port, start_server
@@ -45,6 +49,8 @@ MODELS = {"model_cnn4": "cnn4", "model_cnn3": "cnn3", "model_cnn4_k5": "cnn4_k5"
 # OMP_NUM_THREADS=1, and CPU results are reproducible for a given thread count).
 RUN_CONFIG = {"resources": {"training": {"config": {"epochs": 1, "patience": 1, "num_threads": 1}}}}
 SELECTION = [dg.AssetKey(k) for k in [*DATA_KEYS, *MODELS]]
+N_FOLDS = 2  # FER_CV_FOLDS here and on the workers
+FOLD_TABLE_RUN_COLUMNS = ["run_id", "train_seconds"]  # which run, how long: the rest must be equal
 
 
 def fer_asset_job() -> dg.JobDefinition:
@@ -174,7 +180,7 @@ def dask_cluster(tmp_path: Path) -> Iterator[tuple[str, Path, list[ServerProcess
     port = free_port()
     address = f"tcp://{LOOPBACK}:{port}"
     env = {**os.environ, "FER_DATA_DIR": str(data), "FER_EXECUTOR": "dask", "FER_DASK_ADDRESS": address,
-           "DAGSTER_HOME": str(tmp_path / "dagster_home"), "PYTHONPATH": str(REPO),
+           "DAGSTER_HOME": str(tmp_path / "dagster_home"), "PYTHONPATH": str(REPO), CV_FOLDS_ENV: str(N_FOLDS),
            "GX_ANALYTICS_ENABLED": "false", "DAGSTER_DISABLE_TELEMETRY": "1",
            # worker processes may start their own (faces decoding pool on large sources)
            "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
@@ -197,8 +203,18 @@ def dask_cluster(tmp_path: Path) -> Iterator[tuple[str, Path, list[ServerProcess
             server.stop()
 
 
+def _fold_table(root: Path, instance: dg.DagsterInstance) -> pd.DataFrame:
+    """The aggregate of the stored folds (in this process: it trains nothing)."""
+    from fer_pipeline.defs.definitions import build_definitions
+
+    job = build_definitions(dg.in_process_executor, n_cv_folds=N_FOLDS).resolve_job_def(REPORTS_JOB)
+    assert job.execute_in_process(instance=instance, run_config=RUN_CONFIG,
+                                  asset_selection=[dg.AssetKey("cross_validation")]).success
+    return pd.read_parquet(DataPaths(root).report("cv_folds").with_suffix(".parquet"))
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_steps_run_on_two_dask_workers_and_match_in_process(
         dask_cluster: tuple[str, Path, list[ServerProcess]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,13 +224,20 @@ def test_steps_run_on_two_dask_workers_and_match_in_process(
 
     address, dask_data, servers = dask_cluster
     monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv(CV_FOLDS_ENV, str(N_FOLDS))
 
     # Reference: the same catalogue in another data root, in this process (while the workers start).
     ref_data = _data_root(tmp_path / "ref-data")
     monkeypatch.setenv("FER_DATA_DIR", str(ref_data))
-    ref = build_definitions(dg.in_process_executor).resolve_job_def("main").execute_in_process(
-        instance=dg.DagsterInstance.ephemeral(), run_config=RUN_CONFIG, asset_selection=SELECTION)
+    ref_defs = build_definitions(dg.in_process_executor, n_cv_folds=N_FOLDS)
+    ref_instance = dg.DagsterInstance.ephemeral()
+    ref = ref_defs.resolve_job_def("main").execute_in_process(
+        instance=ref_instance, run_config=RUN_CONFIG, asset_selection=SELECTION)
     assert ref.success
+    for fold in range(N_FOLDS):
+        assert ref_defs.resolve_job_def(CV_FOLDS_JOB).execute_in_process(
+            instance=ref_instance, run_config=RUN_CONFIG, partition_key=str(fold)).success
+    ref_folds = _fold_table(ref_data, ref_instance)
 
     # Through Dask: a persistent instance (the workers write their events into it).
     home = tmp_path / "dagster_home"
@@ -262,3 +285,25 @@ def test_steps_run_on_two_dask_workers_and_match_in_process(
     for name, table in expected["tables"].items():
         pd.testing.assert_frame_equal(got["tables"][name], table, obj=name)
     assert got["validation"] == expected["validation"]
+
+    # The training work: one run per fold partition, both launched at once from two processes
+    # (each its own execute_job, as a backfill's runs), their steps on the Dask workers.
+    from fer_pipeline.defs.refresh import run_partitions
+
+    keys = [str(k) for k in range(N_FOLDS)]
+    outcomes = run_partitions(CV_FOLDS_JOB, keys, RUN_CONFIG, concurrency=N_FOLDS)
+    assert [(o.partition, o.status) for o in outcomes] == [(k, "SUCCESS") for k in keys], outcomes
+    with dg.DagsterInstance.get() as instance:
+        fold_pid = {o.partition: instance.all_logs(o.run_id, of_type=dg.DagsterEventType.STEP_START)[0]
+                    .dagster_event.pid for o in outcomes}
+        records = [instance.get_run_record_by_id(o.run_id) for o in outcomes]
+        assert instance.get_materialized_partitions(dg.AssetKey("cv_fold")) == set(keys)
+        folds = _fold_table(dask_data, instance)
+    print("fold partition -> worker pid:", fold_pid)
+    assert set(fold_pid.values()) <= set(worker_pids.values()), (fold_pid, worker_pids)
+    assert len(set(fold_pid.values())) == N_FOLDS, fold_pid  # side by side, one per worker
+    first, second = sorted(records, key=lambda r: r.start_time)
+    assert second.start_time < first.end_time  # the two runs were in flight at the same time
+    assert len(set(folds["run_id"].iloc[:N_FOLDS])) == N_FOLDS  # each fold from its own run
+    pd.testing.assert_frame_equal(folds.drop(columns=FOLD_TABLE_RUN_COLUMNS),
+                                  ref_folds.drop(columns=FOLD_TABLE_RUN_COLUMNS))

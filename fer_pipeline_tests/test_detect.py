@@ -37,6 +37,7 @@ from fer_pipeline.dataset.detect import (
 from fer_pipeline.dataset.preprocess import preprocess_image
 from fer_pipeline.dataset.scenes import (
     box_iou,
+    clutter,
     is_false_positive,
     match_boxes,
     scrambled_face,
@@ -66,38 +67,6 @@ def cartoon(index: int, size: int = 128) -> Image.Image:
     params = sample_face_params(("Angry", "Focused", "Neutral", "Tired")[index % 4], ("male", "female")[index % 2],
                                 ("young", "middle", "senior")[index % 3], rng)
     return render_face(params, size, rng)
-
-
-def clutter(rng: np.random.Generator, w: int = 640, h: int = 480) -> Image.Image:
-    """Face-free clutter: value noise or a gradient, then shapes, lines and text."""
-    if rng.random() < 0.5:
-        acc = np.zeros((h, w, 3), np.float32)
-        for cells, weight in ((4, 1.0), (12, 0.5), (40, 0.25), (120, 0.12)):
-            grid = (rng.random((max(2, cells * h // w), cells, 3)) * 255).astype(np.uint8)
-            acc += weight * np.asarray(Image.fromarray(grid, "RGB").resize((w, h), Image.BICUBIC), np.float32)
-        base = acc / 1.87
-    else:
-        c0, c1, t = rng.random(3) * 255, rng.random(3) * 255, rng.uniform(0, 2 * np.pi)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        r = xx / w * np.cos(t) + yy / h * np.sin(t)
-        r = (r - r.min()) / (np.ptp(r) + 1e-6)
-        base = c0 * (1 - r[..., None]) + c1 * r[..., None] + rng.normal(0, 6, (h, w, 3))
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 25))):
-        col = tuple(int(c) for c in rng.integers(0, 256, 3))
-        x0, y0 = int(rng.integers(-50, w)), int(rng.integers(-50, h))
-        x1, y1 = x0 + int(rng.integers(10, 220)), y0 + int(rng.integers(10, 220))
-        kind = int(rng.integers(0, 4))
-        if kind == 0:
-            draw.rectangle((x0, y0, x1, y1), fill=col)
-        elif kind == 1:
-            draw.ellipse((x0, y0, x1, y1), fill=col)
-        elif kind == 2:
-            draw.line((x0, y0, x1, y1), fill=col, width=int(rng.integers(1, 12)))
-        else:
-            draw.text((x0, y0), "".join(chr(int(c)) for c in rng.integers(65, 91, 8)), fill=col)
-    return img
 
 
 # --------------------------------------------------------------------------------------------

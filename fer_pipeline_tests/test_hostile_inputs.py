@@ -26,9 +26,20 @@ import pytest
 import yaml
 
 from fer_pipeline.dataset import source_readers
-from fer_pipeline.dataset.catalog import CatalogError, SourceSpec, load_catalog, parse_catalog
+from fer_pipeline.dataset.catalog import (
+    CatalogError,
+    SourceSpec,
+    load_catalog,
+    parse_catalog,
+)
 from fer_pipeline.dataset.inventory import build_inventory
-from fer_pipeline.dataset.source_readers import DEFAULT_MAX_FILE_BYTES, FolderReader, Member, MemberError, ZipReader
+from fer_pipeline.dataset.source_readers import (
+    DEFAULT_MAX_FILE_BYTES,
+    FolderReader,
+    Member,
+    MemberError,
+    ZipReader,
+)
 from fer_pipeline_tests import hostile
 from fer_pipeline_tests.conftest import face_png, write
 from fer_pipeline_tests.hostile import KEPT, run_core

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from fer_pipeline.dataset.preprocess import PreprocessSettings
-from fer_pipeline.ml import ArchConfig, TrainConfig
-from fer_pipeline.ml import workflow
+from fer_pipeline.ml import ArchConfig, TrainConfig, workflow
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.paths import DataPaths
 

@@ -1,4 +1,4 @@
-"""K-fold cross-validation of the main model over train+validation, resumable fold by fold.
+"""K-fold cross-validation of the main model over train+validation, one fold at a time.
 
 Folds come from ``splits.parquet`` (the ``fold`` column, stratified by class with whole
 duplicate groups inside one fold), so the cross-validation never puts two copies of a face on
@@ -12,10 +12,12 @@ For CV fold ``f``:
   held out; with k = number of stored folds that is simply fold ``(f + 1) % k``;
 * training: every other row.
 
-Each finished fold is cached under ``cache_dir/<arch>-<key>/`` (metrics JSON + out-of-fold
-probabilities), keyed by the data version, the fold assignment, the number of CV folds, the
-architecture and the training config, so a re-run (or a run interrupted after some folds)
-does not retrain finished folds for the same inputs.
+One fold is one unit of work, :func:`train_fold` (in the pipeline: one partition of the
+``cv_fold`` asset, so folds can run on different machines and Dagster's partition status says
+which are done). A fold's result is stored with the :class:`FoldRecipe` it was trained with
+(data version, number of CV folds, architecture, training recipe) by :class:`FoldStore`, and
+:func:`collect_folds` gathers the stored folds for the aggregate, refusing any trained with
+another recipe: a table mixing data versions would describe no model anyone trained.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pandas as pd
@@ -48,6 +50,11 @@ TrainFn = Callable[..., Any]
 METRIC_COLUMNS: tuple[str, ...] = ("accuracy", "macro_precision", "macro_recall", "macro_f1",
                                    "micro_precision", "micro_recall", "micro_f1")
 PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{c}" for c in CLASSES)
+NOT_MATERIALIZED = "not materialized"
+#: Training settings that say how a model is computed (device, threads, kernels), not what it
+#: learns: two folds that differ only in these were trained with the same recipe.
+EXECUTION_FIELDS: tuple[str, ...] = ("device", "num_threads", "deterministic", "amp", "cuda_graphs",
+                                     "eval_batch_size")
 
 
 def metrics_row(m: ClassificationMetrics) -> dict[str, float]:
@@ -60,8 +67,13 @@ def metrics_row(m: ClassificationMetrics) -> dict[str, float]:
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:
-    """Short SHA-256 of a JSON-able object (sorted keys), for cache keys."""
+    """Short SHA-256 of a JSON-able object (sorted keys): a version string for recipes."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def recipe_dict(config: TrainConfig) -> dict[str, Any]:
+    """The training recipe without its execution settings (:data:`EXECUTION_FIELDS`)."""
+    return {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
 
 
 def combine_arrays(parts: Sequence[SplitArrays]) -> SplitArrays:
@@ -128,8 +140,57 @@ def plan_folds(stored_fold: np.ndarray | Sequence[int], n_cv_folds: int | None =
 
 
 # --------------------------------------------------------------------------------------------
-# Results and cache
+# What a fold was trained with, and its result
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Everything a trained unit's result depends on besides the unit itself (a fold, a
+    held-out source): two results may be aggregated only when their recipes are equal."""
+
+    data_version: str
+    architecture: dict[str, Any]
+    train_config: dict[str, Any]
+
+    @classmethod
+    def of(cls, data_version: str, arch: ArchConfig, config: TrainConfig, **extra: Any) -> Self:
+        return cls(data_version=data_version, architecture=arch.to_dict(), train_config=recipe_dict(config), **extra)
+
+    def identity(self, unit: object) -> str:
+        """Version string of ``unit`` trained with this recipe (the partition's data version)."""
+        return stable_hash({"unit": str(unit), **self.to_json()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Self:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+    def mismatch(self, current: TrainingRecipe) -> str | None:
+        """Why a result trained with this recipe does not belong to ``current`` (None: it does)."""
+        if self.data_version != current.data_version:
+            return f"trained on data version {self.data_version}, the published data is {current.data_version}"
+        for f in fields(self):
+            if f.name not in ("data_version", "architecture", "train_config") and \
+                    getattr(self, f.name) != getattr(current, f.name):
+                return f"trained with {f.name} {getattr(self, f.name)}, now {getattr(current, f.name)}"
+        if self.architecture != current.architecture:
+            return f"trained with another architecture ({self.architecture.get('name')})"
+        changed = sorted(k for k in {*self.train_config, *current.train_config}
+                         if self.train_config.get(k) != current.train_config.get(k))
+        if changed:
+            return "trained with another recipe (" + ", ".join(
+                f"{k} {self.train_config.get(k)!r}, now {current.train_config.get(k)!r}" for k in changed) + ")"
+        return None
+
+
+@dataclass(frozen=True)
+class FoldRecipe(TrainingRecipe):
+    """A CV fold's recipe: also the number of CV folds (fold k of 3 is not fold k of 10)."""
+
+    n_cv_folds: int = 0
 
 
 @dataclass
@@ -145,75 +206,102 @@ class FoldResult:
     epochs_run: int
     train_seconds: float
     oof: pd.DataFrame  # image_id, label, fold, p_<class>..., predicted
-    cached: bool = False
+    run_id: str = ""  # the Dagster run that trained it ("" outside a run)
 
     def row(self) -> dict[str, Any]:
         return {"fold": str(self.fold), "n_train": self.n_train, "n_inner_validation": self.n_inner_validation,
                 "n_test": self.n_test, **self.metrics, "best_epoch": self.best_epoch,
                 "epochs_run": self.epochs_run, "train_seconds": round(self.train_seconds, 2),
-                "from_cache": self.cached}
+                "run_id": self.run_id}
 
     def to_json(self) -> dict[str, Any]:
         return {"fold": self.fold, "held_out_stored_folds": list(self.held_out_stored_folds),
                 "inner_stored_fold": self.inner_stored_fold, "n_train": self.n_train,
                 "n_inner_validation": self.n_inner_validation, "n_test": self.n_test, "metrics": self.metrics,
-                "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "train_seconds": self.train_seconds}
+                "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "train_seconds": self.train_seconds,
+                "run_id": self.run_id}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], oof: pd.DataFrame) -> FoldResult:
+        return cls(fold=int(d["fold"]), held_out_stored_folds=tuple(d["held_out_stored_folds"]),
+                   inner_stored_fold=int(d["inner_stored_fold"]), n_train=int(d["n_train"]),
+                   n_inner_validation=int(d["n_inner_validation"]), n_test=int(d["n_test"]),
+                   metrics={k: float(v) for k, v in d["metrics"].items()}, best_epoch=int(d["best_epoch"]),
+                   epochs_run=int(d["epochs_run"]), train_seconds=float(d["train_seconds"]), oof=oof,
+                   run_id=str(d.get("run_id", "")))
 
 
-class FoldCache:
-    """Finished folds of one CV configuration: ``fold_NN.json`` (written last) + ``fold_NN_oof.parquet``."""
+class FoldStore:
+    """Stored fold results, one pair per fold: ``fold_NN_oof.parquet``, then ``fold_NN.json``
+    (written last: its presence marks the fold complete) with the fold's recipe."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
 
-    def _paths(self, fold: int) -> tuple[Path, Path]:
+    def paths(self, fold: int) -> tuple[Path, Path]:
         return self.dir / f"fold_{fold:02d}.json", self.dir / f"fold_{fold:02d}_oof.parquet"
 
-    def load(self, fold: int) -> FoldResult | None:
-        meta_path, oof_path = self._paths(fold)
-        if not (meta_path.is_file() and oof_path.is_file()):
+    def save(self, result: FoldResult, recipe: FoldRecipe) -> dict[str, str]:
+        meta_path, oof_path = self.paths(result.fold)
+        write_parquet(oof_path, result.oof)
+        write_json(meta_path, {**result.to_json(), "recipe": recipe.to_json(),
+                               "identity": recipe.identity(result.fold)})
+        return {"result": str(meta_path), "oof": str(oof_path)}
+
+    def stored_identity(self, fold: int) -> str | None:
+        """The identity (:meth:`TrainingRecipe.identity`) the stored fold records, None if none."""
+        try:
+            return str(json.loads(self.paths(fold)[0].read_text())["identity"])
+        except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def load(self, fold: int) -> tuple[FoldResult, FoldRecipe] | str:
+        """The stored fold and its recipe, or why there is none usable."""
+        meta_path, oof_path = self.paths(fold)
+        if not meta_path.is_file():
+            return NOT_MATERIALIZED
         try:
             d = json.loads(meta_path.read_text())
-            oof = pd.read_parquet(oof_path)
-        except (OSError, ValueError):
-            return None  # a damaged cache entry is retrained, not trusted
-        return FoldResult(fold=int(d["fold"]), held_out_stored_folds=tuple(d["held_out_stored_folds"]),
-                          inner_stored_fold=int(d["inner_stored_fold"]), n_train=int(d["n_train"]),
-                          n_inner_validation=int(d["n_inner_validation"]), n_test=int(d["n_test"]),
-                          metrics={k: float(v) for k, v in d["metrics"].items()}, best_epoch=int(d["best_epoch"]),
-                          epochs_run=int(d["epochs_run"]), train_seconds=float(d["train_seconds"]), oof=oof,
-                          cached=True)
-
-    def save(self, result: FoldResult, extra: dict[str, Any] | None = None) -> None:
-        meta_path, oof_path = self._paths(result.fold)
-        write_parquet(oof_path, result.oof)
-        write_json(meta_path, {**result.to_json(), **(extra or {})})  # last: marks the fold complete
+            return FoldResult.from_json(d, pd.read_parquet(oof_path)), FoldRecipe.from_json(d["recipe"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"unreadable stored result ({type(exc).__name__}: {exc})"
 
 
-def cv_cache_key(data_version: str, pool_folds: pd.DataFrame, n_cv_folds: int, arch: ArchConfig,
-                 config: TrainConfig) -> str:
-    """Key of one CV configuration: same key = same inputs, so cached folds are valid."""
-    folds = pool_folds[["image_id", "fold"]].sort_values("image_id").astype(str).agg(":".join, axis=1)
-    return stable_hash({"data_version": data_version, "folds": hashlib.sha256("\n".join(folds).encode()).hexdigest(),
-                        "n_cv_folds": n_cv_folds, "arch": arch.to_dict(), "train_config": config.to_dict()})
+@dataclass
+class FoldCollection:
+    """The stored folds of one cross-validation: usable ones, missing ones, refused ones (why)."""
+
+    used: list[FoldResult]
+    missing: list[int]
+    refused: dict[int, str]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.refused
+
+
+def collect_folds(store: FoldStore, current: FoldRecipe) -> FoldCollection:
+    """Folds 0..k-1 of ``current`` from ``store``: a fold stored with another recipe (another
+    data version above all) is refused with the reason, never mixed in."""
+    used, missing, refused = [], [], {}
+    for fold in range(current.n_cv_folds):
+        loaded = store.load(fold)
+        if loaded == NOT_MATERIALIZED:
+            missing.append(fold)
+            continue
+        why = loaded if isinstance(loaded, str) else loaded[1].mismatch(current)
+        if why:
+            refused[fold] = why
+        else:
+            used.append(loaded[0])
+    return FoldCollection(used, missing, refused)
 
 
 @dataclass
 class CVResult:
     folds: list[FoldResult]
     n_cv_folds: int
-    key: str
-    cache_dir: Path | None
-    seconds: float
-
-    @property
-    def trained(self) -> list[int]:
-        return [r.fold for r in self.folds if not r.cached]
-
-    @property
-    def from_cache(self) -> list[int]:
-        return [r.fold for r in self.folds if r.cached]
+    seconds: float = 0.0
 
     @cached_property  # read by the writer, the plot and the asset's metadata
     def table(self) -> pd.DataFrame:
@@ -244,8 +332,8 @@ def summarize_folds(rows: pd.DataFrame) -> pd.DataFrame:
     for col in ("n_train", "n_inner_validation", "n_test", "best_epoch", "epochs_run"):
         if col in out:
             out[col] = out[col].astype("float64")
-    if "from_cache" in out:
-        out["from_cache"] = out["from_cache"].astype("boolean")
+    if "run_id" in out:
+        out["run_id"] = out["run_id"].fillna("").astype(str)
     return out
 
 
@@ -263,71 +351,72 @@ def oof_frame(image_ids: Sequence[str], labels: np.ndarray, fold: int, probs: np
 # --------------------------------------------------------------------------------------------
 
 
+def train_fold(
+    pool: SplitArrays,
+    fold: int,
+    arch: ArchConfig,
+    config: TrainConfig,
+    *,
+    n_cv_folds: int | None = None,
+    run_id: str = "",
+    log: LogFn | None = None,
+    train_log: LogFn | None = None,
+    train_fn: TrainFn = train_model,
+) -> FoldResult:
+    """Train CV fold ``fold`` (0-based) of ``n_cv_folds`` and evaluate it on its held-out rows.
+
+    ``pool`` is train+validation with a ``fold`` column in ``pool.frame``. ``train_fn`` has
+    :func:`fer_pipeline.ml.train.train_model`'s signature (injectable for tests).
+    """
+    log = log or (lambda _m: None)
+    plans = plan_folds(pool.frame["fold"].to_numpy(), n_cv_folds)
+    k = len(plans)
+    if not 0 <= int(fold) < k:
+        raise ValueError(f"fold {fold} does not exist: the cross-validation has folds 0..{k - 1}")
+    plan = plans[int(fold)]
+    train, inner, test = subset(pool, plan.train_rows), subset(pool, plan.inner_rows), subset(pool, plan.test_rows)
+    log(f"fold {fold} of {k}: training {arch.name} on {len(train)} images, early stopping on stored fold "
+        f"{plan.inner_stored_fold} ({len(inner)} images), testing on stored folds "
+        f"{list(plan.held_out_stored_folds)} ({len(test)} images)")
+    t0 = time.perf_counter()
+    prefix = f"[cv fold {fold}] "
+    result = train_fn(train.images, train.labels, inner.images, inner.labels, arch, config,
+                      log=(lambda m: train_log(prefix + m)) if train_log else None)
+    probs = predict_proba(result.build(), test.images, result.normalization, tta_flip=config.tta_flip,
+                          batch_size=config.eval_batch_size)
+    metrics = evaluate_predictions(test.labels, probs.argmax(1), probs)
+    fr = FoldResult(fold=int(fold), held_out_stored_folds=plan.held_out_stored_folds,
+                    inner_stored_fold=plan.inner_stored_fold, n_train=len(train), n_inner_validation=len(inner),
+                    n_test=len(test), metrics=metrics_row(metrics), best_epoch=int(result.best_epoch),
+                    epochs_run=len(result.history), train_seconds=time.perf_counter() - t0,
+                    oof=oof_frame(test.image_ids, test.labels, int(fold), probs), run_id=run_id)
+    log(f"fold {fold} of {k} done in {fr.train_seconds:.1f}s: accuracy {fr.metrics['accuracy']:.4f}, "
+        f"macro-F1 {fr.metrics['macro_f1']:.4f}")
+    return fr
+
+
 def run_cross_validation(
     pool: SplitArrays,
     arch: ArchConfig,
     config: TrainConfig,
     *,
-    data_version: str,
     n_cv_folds: int | None = None,
     folds: Sequence[int] | None = None,
-    cache_dir: Path | None = None,
     log: LogFn | None = None,
     train_log: LogFn | None = None,
     train_fn: TrainFn = train_model,
 ) -> CVResult:
-    """Train and evaluate the selected CV folds (all by default), reusing cached folds.
-
-    ``pool`` is train+validation with a ``fold`` column in ``pool.frame``; ``folds`` selects a
-    subset of CV folds (0-based); ``cache_dir`` None disables caching. ``train_fn`` has
-    :func:`fer_pipeline.ml.train.train_model`'s signature (injectable for tests).
-    """
-    log = log or (lambda _m: None)
+    """Every selected fold (all by default) one after the other, in this process: for scripts
+    and tests. The pipeline runs each fold as a partition of ``cv_fold`` instead."""
     start = time.perf_counter()
-    plans = plan_folds(pool.frame["fold"].to_numpy(), n_cv_folds)
-    k = len(plans)
+    k = len(plan_folds(pool.frame["fold"].to_numpy(), n_cv_folds))
     selected = sorted(set(range(k) if folds is None else (int(f) for f in folds)))
     bad = [f for f in selected if not 0 <= f < k]
     if bad:
         raise ValueError(f"folds {bad} do not exist: the cross-validation has folds 0..{k - 1}")
-    key = cv_cache_key(data_version, pool.frame, k, arch, config)
-    cache = FoldCache(Path(cache_dir) / f"{arch.name}-{key}") if cache_dir is not None else None
-    log(f"cross-validation of {arch.name}: {k} folds over {len(pool)} train+validation images, "
-        f"running folds {selected}; cache {cache.dir if cache else 'off'}")
-    results: list[FoldResult] = []
-    for i, f in enumerate(selected, 1):
-        plan = plans[f]
-        cached = cache.load(f) if cache else None
-        if cached is not None:
-            results.append(cached)
-            log(f"fold {f} ({i}/{len(selected)}): reused from cache, macro-F1 {cached.metrics['macro_f1']:.4f}")
-            continue
-        train, inner, test = subset(pool, plan.train_rows), subset(pool, plan.inner_rows), subset(pool, plan.test_rows)
-        log(f"fold {f} ({i}/{len(selected)}): training on {len(train)} images, early stopping on stored fold "
-            f"{plan.inner_stored_fold} ({len(inner)} images), testing on stored folds "
-            f"{list(plan.held_out_stored_folds)} ({len(test)} images)")
-        t0 = time.perf_counter()
-        prefix = f"[cv fold {f}] "
-        result = train_fn(train.images, train.labels, inner.images, inner.labels, arch, config,
-                          log=(lambda m: train_log(prefix + m)) if train_log else None)
-        probs = predict_proba(result.build(), test.images, result.normalization, tta_flip=config.tta_flip,
-                              batch_size=config.eval_batch_size)
-        metrics = evaluate_predictions(test.labels, probs.argmax(1), probs)
-        fr = FoldResult(fold=f, held_out_stored_folds=plan.held_out_stored_folds,
-                        inner_stored_fold=plan.inner_stored_fold, n_train=len(train), n_inner_validation=len(inner),
-                        n_test=len(test), metrics=metrics_row(metrics), best_epoch=int(result.best_epoch),
-                        epochs_run=len(result.history), train_seconds=time.perf_counter() - t0,
-                        oof=oof_frame(test.image_ids, test.labels, f, probs))
-        if cache:
-            cache.save(fr, {"key": key, "data_version": data_version, "arch": arch.to_dict(),
-                            "train_config": config.to_dict()})
-        results.append(fr)
-        done = time.perf_counter() - start
-        remaining = len(selected) - i
-        eta = f", about {done / i * remaining:.0f}s left" if remaining else ""
-        log(f"fold {f} ({i}/{len(selected)}) done in {fr.train_seconds:.1f}s: accuracy {fr.metrics['accuracy']:.4f}, "
-            f"macro-F1 {fr.metrics['macro_f1']:.4f}{eta}")
-    return CVResult(results, k, key, cache.dir if cache else None, time.perf_counter() - start)
+    results = [train_fold(pool, f, arch, config, n_cv_folds=k, log=log, train_log=train_log, train_fn=train_fn)
+               for f in selected]
+    return CVResult(results, k, time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,15 +425,18 @@ def run_cross_validation(
 
 
 def write_cv_outputs(paths: DataPaths, cv: CVResult, arch: ArchConfig, config: TrainConfig, *,
-                     data_version: str, n_pool: int) -> dict[str, str]:
+                     data_version: str, n_pool: int, missing: Sequence[int] = (),
+                     refused: dict[int, str] | None = None) -> dict[str, str]:
     """Publish a cross-validation: per-fold table, out-of-fold probabilities, summary, plot."""
     from fer_pipeline.analysis.plots import plot_cv_folds
 
     files = write_table(paths.report("cv_folds"), cv.table)
     files["oof"] = str(write_parquet(paths.report("cv_oof"), cv.oof))
     files["summary"] = str(write_json(paths.report("cv_summary"), {
-        "data_version": data_version, "cache_key": cv.key, "architecture": arch.name, "n_cv_folds": cv.n_cv_folds,
-        "folds_run": [r.fold for r in cv.folds], "trained_this_run": cv.trained, "from_cache": cv.from_cache,
+        "data_version": data_version, "architecture": arch.name, "n_cv_folds": cv.n_cv_folds,
+        "folds_run": [r.fold for r in cv.folds], "folds_missing": list(missing),
+        "folds_refused": {str(k): v for k, v in (refused or {}).items()},
+        "fold_runs": {str(r.fold): r.run_id for r in cv.folds},
         "train_config": config.to_dict(), "n_pool": n_pool, "n_oof": len(cv.oof)}))
     files["plot"] = str(plot_cv_folds(cv.table, paths.report("cv_folds_png"),
                                       title=f"{cv.n_cv_folds}-fold CV of {arch.name} ({config.epochs} epochs max)"))

@@ -8,16 +8,21 @@ the in-domain score: the main model on the held-out source's own test rows. On r
 gap is often large -- a number measured inside one hand-assembled set says little about
 another -- and a user must see it before trusting a number.
 
+One held-out source is one unit of work, :func:`held_out_row` (in the pipeline: one partition
+of the ``loso_fold`` asset). Its row is stored with the :class:`TrainingRecipe` it was trained
+with (:class:`LosoStore`); :func:`collect_rows` refuses rows of another recipe (another data
+version above all) and :func:`loso_table` adds the in-domain columns.
+
 Macro scores average the classes present in the evaluated rows (a source may lack a class).
-Finished sources are cached (JSON) under ``cache_dir`` keyed by data version, source,
-architecture and training config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +34,8 @@ from fer_pipeline.analysis.bias import group_metrics
 from fer_pipeline.analysis.cross_validation import (
     LogFn,
     TrainFn,
+    TrainingRecipe,
     combine_arrays,
-    stable_hash,
     subset,
 )
 from fer_pipeline.atomic import write_json
@@ -42,11 +47,20 @@ from fer_pipeline.ml.train import TrainConfig, train_model
 from fer_pipeline.schema import SPLITS
 
 STATUS_DONE = "evaluated"
+ELIGIBLE = "eligible"
 NOT_APPLICABLE_ONE_SOURCE = "not applicable: only one source"
+NOT_IN_DATA = "skipped: no image of this source in the published data"
+MISSING = "missing: not trained on the published data yet"
 
 COLUMNS = ["held_out_source", "status", "classes_held_out", "n_train", "n_early_stopping", "n_held_out",
            "loso_accuracy", "loso_macro_f1", "in_domain_n", "in_domain_accuracy", "in_domain_macro_f1",
-           "gap_macro_f1_pts", "loso_model_other_sources_test_macro_f1", "from_cache"]
+           "gap_macro_f1_pts", "loso_model_other_sources_test_macro_f1", "run_id"]
+TEXT_COLUMNS = ("held_out_source", "status", "classes_held_out", "run_id")
+
+
+def sources_of(arrays: dict[str, SplitArrays]) -> list[str]:
+    """The sources of the published data, sorted."""
+    return sorted({s for name in SPLITS if name in arrays for s in arrays[name].frame["source"].astype(str)})
 
 
 def eligibility(arrays: dict[str, SplitArrays], min_classes: int = 2) -> dict[str, str]:
@@ -66,8 +80,168 @@ def eligibility(arrays: dict[str, SplitArrays], min_classes: int = 2) -> dict[st
         elif tr.sum() < 2 or va.sum() < 1:
             out[source] = "skipped: the other sources have too few training/validation rows"
         else:
-            out[source] = "eligible"
+            out[source] = ELIGIBLE
     return out
+
+
+def held_out_row(
+    arrays: dict[str, SplitArrays],
+    source: str,
+    arch: ArchConfig,
+    config: TrainConfig,
+    *,
+    min_classes: int = 2,
+    run_id: str = "",
+    log: LogFn | None = None,
+    train_log: LogFn | None = None,
+    train_fn: TrainFn = train_model,
+) -> dict[str, Any]:
+    """Train without ``source`` and test on all of it: its row of the LOSO table (without the
+    in-domain columns), or a row saying why it is skipped. ``arrays`` hold every split."""
+    log = log or (lambda _m: None)
+    all_sources = sources_of(arrays)
+    if source not in all_sources:
+        return {"held_out_source": source, "status": NOT_IN_DATA, "run_id": run_id}
+    if len(all_sources) < 2:
+        return {"held_out_source": source, "status": NOT_APPLICABLE_ONE_SOURCE, "run_id": run_id}
+    status = eligibility(arrays, min_classes)[source]
+    if status != ELIGIBLE:
+        log(f"held-out source {source}: {status}")
+        return {"held_out_source": source, "status": status, "run_id": run_id}
+    everything = combine_arrays([arrays[s] for s in SPLITS])
+    test = arrays["test"]
+    tr_mask = arrays["train"].frame["source"].astype(str).to_numpy() != source
+    va_mask = arrays["validation"].frame["source"].astype(str).to_numpy() != source
+    held_mask = everything.frame["source"].astype(str).to_numpy() == source
+    train = subset(arrays["train"], np.flatnonzero(tr_mask))
+    val = subset(arrays["validation"], np.flatnonzero(va_mask))
+    held = subset(everything, np.flatnonzero(held_mask))
+    other_test = subset(test, np.flatnonzero(test.frame["source"].astype(str).to_numpy() != source))
+    log(f"held-out source {source}: training on {len(train)} images of the other sources, early stopping on "
+        f"{len(val)}, testing on all {len(held)} images of {source}")
+    t0 = time.perf_counter()
+    result = train_fn(train.images, train.labels, val.images, val.labels, arch, config,
+                      log=(lambda m: train_log(f"[loso {source}] {m}")) if train_log else None)
+    model = result.build()
+    held_pred = predict_proba(model, held.images, result.normalization, tta_flip=config.tta_flip).argmax(1)
+    loso = group_metrics(held.labels, held_pred)
+    other = (group_metrics(other_test.labels, predict_proba(model, other_test.images, result.normalization,
+                                                            tta_flip=config.tta_flip).argmax(1))
+             if len(other_test) else {"macro_f1": np.nan})
+    log(f"held-out source {source} done in {time.perf_counter() - t0:.1f}s: macro-F1 {loso['macro_f1']:.4f} "
+        f"on unseen source (other sources' test: {other['macro_f1']:.4f})")
+    return {
+        "held_out_source": source, "status": STATUS_DONE,
+        "classes_held_out": ", ".join(CLASSES[c] for c in sorted(set(held.labels.tolist()))),
+        "n_train": len(train), "n_early_stopping": len(val), "n_held_out": len(held),
+        "loso_accuracy": loso["accuracy"], "loso_macro_f1": loso["macro_f1"],
+        "loso_model_other_sources_test_macro_f1": other["macro_f1"], "run_id": run_id,
+    }
+
+
+class LosoStore:
+    """Stored rows, one JSON file per held-out source (name made safe for a file, plus a hash of
+    the exact name), with the recipe the row was trained with."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    def path(self, source: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", source)[:60].lstrip(".") or "source"
+        return self.dir / f"{safe}-{hashlib.sha256(source.encode()).hexdigest()[:8]}.json"
+
+    def save(self, row: dict[str, Any], recipe: TrainingRecipe) -> Path:
+        source = row["held_out_source"]
+        return write_json(self.path(source), {"row": row, "recipe": recipe.to_json(),
+                                              "identity": recipe.identity(source)})
+
+    def stored_identity(self, source: str) -> str | None:
+        """The identity (:meth:`TrainingRecipe.identity`) the stored row records, None if none."""
+        try:
+            return str(json.loads(self.path(source).read_text())["identity"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def load(self, source: str) -> tuple[dict[str, Any], TrainingRecipe] | str:
+        """The stored row and its recipe, or why there is none usable."""
+        path = self.path(source)
+        if not path.is_file():
+            return MISSING
+        try:
+            d = json.loads(path.read_text())
+            if d["row"]["held_out_source"] != source:
+                raise ValueError(f"holds source {d['row']['held_out_source']!r}")
+            return dict(d["row"]), TrainingRecipe.from_json(d["recipe"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"refused: unreadable stored result ({type(exc).__name__}: {exc})"
+
+
+@dataclass
+class RowCollection:
+    rows: list[dict[str, Any]]  # one per source, in the order asked: stored, skipped, missing or refused
+    missing: list[str]
+    refused: dict[str, str]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.refused
+
+
+def collect_rows(store: LosoStore, status: dict[str, str], current: TrainingRecipe) -> RowCollection:
+    """The row of every source in ``status`` (its eligibility): skipped ones from the status,
+    eligible ones from ``store`` when trained with ``current``, else a missing/refused row."""
+    rows, missing, refused = [], [], {}
+    for source, state in status.items():
+        if state != ELIGIBLE:
+            rows.append({"held_out_source": source, "status": state})
+            continue
+        loaded = store.load(source)
+        if loaded == MISSING:
+            missing.append(source)
+            rows.append({"held_out_source": source, "status": MISSING})
+            continue
+        why = loaded if isinstance(loaded, str) else loaded[1].mismatch(current)
+        if why:
+            refused[source] = why
+            rows.append({"held_out_source": source, "status": why if why.startswith("refused") else f"refused: {why}"})
+        else:
+            rows.append(loaded[0])
+    return RowCollection(rows, missing, refused)
+
+
+def not_applicable_table(sources: Sequence[str]) -> pd.DataFrame:
+    """The table with a single source: nothing to hold out."""
+    row: dict[str, Any] = {c: np.nan for c in COLUMNS}
+    row.update(held_out_source=sources[0] if sources else "", status=NOT_APPLICABLE_ONE_SOURCE,
+               classes_held_out="", run_id="")
+    return _typed(pd.DataFrame([row], columns=COLUMNS))
+
+
+def loso_table(rows: Iterable[dict[str, Any]], test: SplitArrays | None = None,
+               in_domain_pred: np.ndarray | None = None) -> pd.DataFrame:
+    """The LOSO table from per-source rows, with the in-domain columns when ``in_domain_pred``
+    (the main model's predicted class indices for ``test``, same order) is given."""
+    table = pd.DataFrame(list(rows), columns=COLUMNS)
+    if in_domain_pred is not None and test is not None:
+        in_domain_pred = np.asarray(in_domain_pred)
+        test_sources = test.frame["source"].astype(str).to_numpy()
+        for idx, source in table["held_out_source"].items():
+            mask = test_sources == source
+            gm = group_metrics(test.labels[mask], in_domain_pred[mask])
+            table.loc[idx, ["in_domain_n", "in_domain_accuracy", "in_domain_macro_f1"]] = \
+                [gm["n"], gm["accuracy"], gm["macro_f1"]]
+        table["gap_macro_f1_pts"] = 100 * (pd.to_numeric(table["loso_macro_f1"], errors="coerce")
+                                           - pd.to_numeric(table["in_domain_macro_f1"], errors="coerce"))
+    return _typed(table)
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    for col in COLUMNS:
+        if col in TEXT_COLUMNS:
+            table[col] = table[col].astype(object).where(table[col].notna(), "" if col == "run_id" else None)
+        else:
+            table[col] = pd.to_numeric(table[col], errors="coerce").astype("float64")
+    return table.reset_index(drop=True)
 
 
 @dataclass
@@ -76,7 +250,6 @@ class LosoResult:
     sources: list[str]
     applicable: bool
     trained: list[str]
-    from_cache: list[str]
     seconds: float
 
 
@@ -85,96 +258,28 @@ def run_leave_one_source_out(
     arch: ArchConfig,
     config: TrainConfig,
     *,
-    data_version: str,
     in_domain_pred: np.ndarray | None = None,
     min_classes: int = 2,
     sources: Sequence[str] | None = None,
-    cache_dir: Path | None = None,
     log: LogFn | None = None,
     train_log: LogFn | None = None,
     train_fn: TrainFn = train_model,
 ) -> LosoResult:
-    """LOSO over the eligible sources (or the given subset). ``in_domain_pred`` are the main
-    model's predicted class indices for ``arrays["test"]`` (same order), for the in-domain column."""
+    """Every source (or the given subset) one after the other, in this process: for scripts and
+    tests. The pipeline runs each held-out source as a partition of ``loso_fold`` instead.
+    ``in_domain_pred`` are the main model's predicted class indices for ``arrays["test"]``."""
     log = log or (lambda _m: None)
     start = time.perf_counter()
-    everything = combine_arrays([arrays[s] for s in SPLITS])
-    all_sources = sorted(set(everything.frame["source"].astype(str)))
+    all_sources = sources_of(arrays)
     if len(all_sources) < 2:
-        row = {c: np.nan for c in COLUMNS}
-        row.update(held_out_source=all_sources[0] if all_sources else "", status=NOT_APPLICABLE_ONE_SOURCE,
-                   classes_held_out="", from_cache=False)
         log(f"leave-one-source-out: {NOT_APPLICABLE_ONE_SOURCE} ({', '.join(all_sources) or 'none'})")
-        return LosoResult(pd.DataFrame([row], columns=COLUMNS), all_sources, False, [], [], 0.0)
-    status = eligibility(arrays, min_classes)
+        return LosoResult(not_applicable_table(all_sources), all_sources, False, [], 0.0)
     wanted = list(all_sources if sources is None else sources)
     unknown = sorted(set(wanted) - set(all_sources))
     if unknown:
         raise ValueError(f"unknown sources {unknown}; the manifest has {all_sources}")
-    test = arrays["test"]
-    test_sources = test.frame["source"].astype(str).to_numpy()
-    rows, trained, cached = [], [], []
-    eligible = [s for s in wanted if status[s] == "eligible"]
-    for s in wanted:
-        if status[s] != "eligible":
-            rows.append({"held_out_source": s, "status": status[s], "from_cache": False})
-    for i, source in enumerate(eligible, 1):
-        key = stable_hash({"data_version": data_version, "source": source, "arch": arch.to_dict(),
-                           "train_config": config.to_dict(), "min_classes": min_classes})
-        cache_file = Path(cache_dir) / f"{arch.name}-{source}-{key}.json" if cache_dir else None
-        if cache_file is not None and cache_file.is_file():
-            try:
-                rows.append({**json.loads(cache_file.read_text()), "from_cache": True})
-                cached.append(source)
-                log(f"held-out source {source} ({i}/{len(eligible)}): reused from cache")
-                continue
-            except (OSError, ValueError):
-                pass
-        tr_mask = arrays["train"].frame["source"].astype(str).to_numpy() != source
-        va_mask = arrays["validation"].frame["source"].astype(str).to_numpy() != source
-        held_mask = everything.frame["source"].astype(str).to_numpy() == source
-        train = subset(arrays["train"], np.flatnonzero(tr_mask))
-        val = subset(arrays["validation"], np.flatnonzero(va_mask))
-        held = subset(everything, np.flatnonzero(held_mask))
-        other_test = subset(test, np.flatnonzero(test_sources != source))
-        log(f"held-out source {source} ({i}/{len(eligible)}): training on {len(train)} images of the other "
-            f"sources, early stopping on {len(val)}, testing on all {len(held)} images of {source}")
-        t0 = time.perf_counter()
-        result = train_fn(train.images, train.labels, val.images, val.labels, arch, config,
-                          log=(lambda m, s=source: train_log(f"[loso {s}] {m}")) if train_log else None)
-        model = result.build()
-        held_pred = predict_proba(model, held.images, result.normalization, tta_flip=config.tta_flip).argmax(1)
-        loso = group_metrics(held.labels, held_pred)
-        other = (group_metrics(other_test.labels, predict_proba(model, other_test.images, result.normalization,
-                                                                tta_flip=config.tta_flip).argmax(1))
-                 if len(other_test) else {"macro_f1": np.nan})
-        row: dict[str, Any] = {
-            "held_out_source": source, "status": STATUS_DONE,
-            "classes_held_out": ", ".join(CLASSES[c] for c in sorted(set(held.labels.tolist()))),
-            "n_train": len(train), "n_early_stopping": len(val), "n_held_out": len(held),
-            "loso_accuracy": loso["accuracy"], "loso_macro_f1": loso["macro_f1"],
-            "loso_model_other_sources_test_macro_f1": other["macro_f1"],
-        }
-        if cache_file is not None:
-            write_json(cache_file, row)
-        rows.append({**row, "from_cache": False})
-        trained.append(source)
-        log(f"held-out source {source} done in {time.perf_counter() - t0:.1f}s: macro-F1 {loso['macro_f1']:.4f} "
-            f"on unseen source (other sources' test: {other['macro_f1']:.4f})")
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    # in-domain: the main model on each source's own test rows
-    if in_domain_pred is not None:
-        in_domain_pred = np.asarray(in_domain_pred)
-        for idx, source in table["held_out_source"].items():
-            mask = test_sources == source
-            gm = group_metrics(test.labels[mask], in_domain_pred[mask])
-            table.loc[idx, ["in_domain_n", "in_domain_accuracy", "in_domain_macro_f1"]] = \
-                [gm["n"], gm["accuracy"], gm["macro_f1"]]
-        table["gap_macro_f1_pts"] = 100 * (table["loso_macro_f1"].astype(float) - table["in_domain_macro_f1"].astype(float))
-    table["from_cache"] = table["from_cache"].fillna(False).astype(bool)
-    for col in COLUMNS:
-        if col not in ("held_out_source", "status", "classes_held_out", "from_cache"):
-            table[col] = pd.to_numeric(table[col], errors="coerce").astype("float64")
-    order = {s: i for i, s in enumerate(wanted)}
-    table = table.sort_values("held_out_source", key=lambda c: c.map(order)).reset_index(drop=True)
-    return LosoResult(table, all_sources, True, trained, cached, time.perf_counter() - start)
+    rows = [held_out_row(arrays, s, arch, config, min_classes=min_classes, log=log, train_log=train_log,
+                         train_fn=train_fn) for s in wanted]
+    trained = [r["held_out_source"] for r in rows if r["status"] == STATUS_DONE]
+    return LosoResult(loso_table(rows, arrays["test"], in_domain_pred), all_sources, True, trained,
+                      time.perf_counter() - start)

@@ -5,10 +5,15 @@ field, before any image is touched, so a typo never surfaces as a crash halfway 
 Nothing ambiguous is guessed: labels equal after case-folding (``angry`` and ``ANGRY``), label
 keys YAML reads as numbers, booleans or null (``1:``, ``yes:``, ``~:``; quote them), a key
 repeated in one mapping, and two demographic attributes read from one CSV column are refused.
+
+Each source also says how its images frame a face (``faces``): ``crop`` (default: the images are
+face crops, centre-cropped and resized) or ``detect`` (photos: faces are found, aligned and cut
+out; options under ``detect``, see :class:`DetectSpec`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +25,9 @@ from fer_pipeline.classes import CLASSES
 from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES
 
 KINDS = ("image_folders", "fer2013_csv", "synthetic")
+FRAMINGS = ("crop", "detect")
+KEEP = ("largest", "all")
+SYNTHETIC_OPTIONS = ("n_images", "seed", "image_size", "scenes")
 
 FER2013_EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 _CLASS_BY_LOWER = {c.lower(): c for c in CLASSES}
@@ -40,6 +48,22 @@ class DemographicsSpec:
 
 
 @dataclass(frozen=True)
+class DetectSpec:
+    """How a ``faces: detect`` source's photos become faces (the ``detect:`` mapping).
+
+    ``keep``: ``largest`` (one face per image, the largest) or ``all`` (every face is its own
+    item, with its face index); ``margin``: extra border on each side of the detector's
+    dataset-style box, as a fraction of its width/height; ``min_score``: the detector score a
+    face must exceed (0.99 suits real photos; drawn faces score lower); ``min_face_size``:
+    the smallest face searched, in pixels."""
+
+    keep: str = "largest"
+    margin: float = 0.0
+    min_score: float = 0.99
+    min_face_size: int = 40
+
+
+@dataclass(frozen=True)
 class SourceSpec:
     """One catalogued source. ``label_map`` keys are lower-cased source label names."""
 
@@ -49,6 +73,9 @@ class SourceSpec:
     label_map: dict[str, str]
     demographics: DemographicsSpec | None = None
     options: dict[str, Any] = field(default_factory=dict)  # kind-specific (e.g. synthetic n_images)
+    faces: str = "crop"  # FRAMINGS: how an image frames its face
+    detect: DetectSpec | None = None  # set when faces == "detect"
+    licence: str | None = None  # as the catalogue declares it (the model card shows it; None: not declared)
 
     def map_label(self, raw_label: str | None) -> str | None:
         """The target class for a source label (case-insensitive), or None when unmapped."""
@@ -170,6 +197,57 @@ def _parse_demographics(name: str, raw: Any) -> DemographicsSpec | None:
                             columns={str(k): str(v) for k, v in columns.items()})
 
 
+def _number(name: str, field_name: str, value: Any, lo: float, hi: float, hi_open: bool = False,
+            integer: bool = False) -> float:
+    """``value`` as a number in [lo, hi] (or [lo, hi)), else the catalogue error for the field."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or math.isnan(value):
+        raise _err(name, field_name, f"must be {kind}, not {value!r}")
+    if value < lo or value > hi or (hi_open and value >= hi):
+        raise _err(name, field_name, f"must be between {lo} and {hi}{' (exclusive)' if hi_open else ''}, "
+                                     f"not {value}")
+    return value
+
+
+def _parse_framing(name: str, entry: dict[str, Any]) -> tuple[str, DetectSpec | None]:
+    """``faces`` (crop | detect) and, for detect, the ``detect`` options."""
+    faces = entry.get("faces", "crop")
+    if faces not in FRAMINGS:
+        raise _err(name, "faces", f"must be {' or '.join(repr(f) for f in FRAMINGS)}, not {faces!r}")
+    raw = entry.get("detect")
+    if faces == "crop":
+        if raw is not None:
+            raise _err(name, "detect", "only applies to sources with 'faces: detect'")
+        return faces, None
+    if raw is None:
+        return faces, DetectSpec()
+    if not isinstance(raw, dict):
+        raise _err(name, "detect", "must be a mapping (keep, margin, min_score, min_face_size)")
+    unknown = sorted(set(map(str, raw)) - {"keep", "margin", "min_score", "min_face_size"})
+    if unknown:
+        raise _err(name, f"detect.{unknown[0]}", "unknown field (detect takes keep, margin, min_score, min_face_size)")
+    keep = raw.get("keep", DetectSpec.keep)
+    if keep not in KEEP:
+        raise _err(name, "detect.keep", f"must be {' or '.join(repr(k) for k in KEEP)}, not {keep!r}")
+    margin = _number(name, "detect.margin", raw.get("margin", DetectSpec.margin), 0.0, 1.0)
+    min_score = _number(name, "detect.min_score", raw.get("min_score", DetectSpec.min_score), 0.0, 1.0, hi_open=True)
+    min_face = _number(name, "detect.min_face_size", raw.get("min_face_size", DetectSpec.min_face_size), 12, 4096,
+                       integer=True)
+    return faces, DetectSpec(keep=keep, margin=float(margin), min_score=float(min_score), min_face_size=int(min_face))
+
+
+def _parse_synthetic_options(name: str, options: dict[str, Any]) -> None:
+    for opt, value in options.items():
+        if opt not in SYNTHETIC_OPTIONS:
+            raise _err(name, opt, f"unknown field (synthetic takes {', '.join(SYNTHETIC_OPTIONS)})")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 and opt != "seed":
+            raise _err(name, opt, "must be a positive integer")
+    if "scenes" in options and ("n_images" in options or "image_size" in options):
+        clash = "n_images" if "n_images" in options else "image_size"
+        raise _err(name, clash, "does not apply with 'scenes' (the scene generator draws its own sizes)")
+
+
 def parse_catalog(data: Any, data_root: Path, origin: Path | None = None) -> Catalog:
     """Validate a loaded YAML document and resolve paths against ``data_root``."""
     if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
@@ -207,18 +285,19 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None) -> Cat
         if kind == "synthetic" and demographics is None:  # the generator writes this CSV
             demographics = DemographicsSpec(csv="demographics.csv", key="file",
                                             columns={"gender": "gender", "age_group": "age_group"})
-        known = {"name", "kind", "path", "label_map", "demographics"}
+        licence = entry.get("licence")
+        if licence is not None and (not isinstance(licence, str) or not licence.strip()):
+            raise _err(name, "licence", f"must be text naming the licence (e.g. 'CC BY-NC 4.0'), not {licence!r}")
+        known = {"name", "kind", "path", "label_map", "demographics", "licence", "faces", "detect"}
         options = {k: v for k, v in entry.items() if k not in known}
         if kind != "synthetic" and options:
-            raise _err(name, sorted(options)[0], "unknown field")
+            raise _err(name, min(map(str, options)), "unknown field")
         if kind == "synthetic":
-            for opt in options:
-                if opt not in ("n_images", "seed", "image_size"):
-                    raise _err(name, opt, "unknown field (synthetic takes n_images, seed, image_size)")
-                if not isinstance(options[opt], int) or options[opt] <= 0 and opt != "seed":
-                    raise _err(name, opt, "must be a positive integer")
+            _parse_synthetic_options(name, options)
+        faces, detect = _parse_framing(name, entry)
         specs.append(SourceSpec(name=name, kind=kind, path=path, label_map=label_map,
-                                demographics=demographics, options=options))
+                                demographics=demographics, options=options,
+                                licence=licence.strip() if licence else None, faces=faces, detect=detect))
     return Catalog(sources=tuple(specs), path=origin)
 
 

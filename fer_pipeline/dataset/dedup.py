@@ -390,3 +390,48 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
         NearLinkCache(shas, a, b, corr).save(cache_path)
     report.seconds = time.perf_counter() - start
     return report, IncrementalStats(int(len(new)), int(len(old)), int(len(new_a)))
+
+
+def duplicates_across(hashes: np.ndarray, mirrored: np.ndarray | None, pixels: np.ndarray | None,
+                      ref_hashes: np.ndarray, ref_mirrored: np.ndarray | None, ref_pixels: np.ndarray | None,
+                      max_distance: int = 4, min_correlation: float = 0.95) -> np.ndarray:
+    """For each row of one set, the index of a row of a reference set it duplicates, else -1.
+
+    The manifest's rule, applied across two sets instead of within one (what keeps a
+    pretraining pool from holding a copy of a validation or test face): perceptual hashes
+    within ``max_distance`` bits, also against either side's mirror image, confirmed by pixel
+    correlation >= ``min_correlation`` when both pixel arrays are given. Exact copies have
+    identical hashes, so they are found too. Among several matches the closest by
+    correlation (then the lowest index) is named.
+    """
+    h = np.ascontiguousarray(hashes, dtype=np.uint64)
+    r = np.ascontiguousarray(ref_hashes, dtype=np.uint64)
+    out = np.full(len(h), -1, dtype=np.int64)
+    if not len(h) or not len(r) or max_distance < 0:
+        return out
+    sides = [(h, r)]
+    if mirrored is not None and ref_mirrored is not None:
+        sides += [(h, np.ascontiguousarray(ref_mirrored, dtype=np.uint64)),
+                  (np.ascontiguousarray(mirrored, dtype=np.uint64), r)]
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for left, right in sides:
+        if max_distance > MIH_MAX_DISTANCE:
+            close = np.bitwise_count(left[:, None] ^ right[None, :]) <= max_distance
+            parts.append(np.nonzero(close))
+        else:
+            parts.append(_band_join(left, right, max_distance))
+    i = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    j = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    key = np.unique(i * len(r) + j)
+    i, j = key // len(r), key % len(r)
+    score = np.ones(len(i), dtype=np.float32)
+    if pixels is not None and ref_pixels is not None and len(i) and min_correlation > 0:
+        both = np.concatenate([pixels, ref_pixels])
+        jj = j + len(pixels)
+        score = np.maximum(pixel_correlation(both, i, jj), pixel_correlation(both, i, jj, mirrored=True))
+        i, j, score = i[score >= min_correlation], j[score >= min_correlation], score[score >= min_correlation]
+    order = np.lexsort((j, -score, i))  # per row: best correlation first, then lowest reference index
+    i, j = i[order], j[order]
+    first = np.r_[True, i[1:] != i[:-1]] if len(i) else np.zeros(0, bool)
+    out[i[first]] = j[first]
+    return out

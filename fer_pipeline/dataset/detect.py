@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import statistics
 from collections.abc import Iterable, Iterator
@@ -290,10 +291,21 @@ class MTCNNDetector:
 
     def settings(self) -> dict[str, Any]:
         """What changes the output (for a cache key or a manifest)."""
-        cal = self.calibration
-        return {"detector": self.name, "min_face_size": self.min_face_size,
-                "score_threshold": self.score_threshold, "max_side": self.max_side,
-                "stage_thresholds": list(self.stage_thresholds), "factor": self.factor,
+        return self.describe(min_face_size=self.min_face_size, score_threshold=self.score_threshold,
+                             max_side=self.max_side, calibration=self.calibration,
+                             stage_thresholds=self.stage_thresholds, factor=self.factor)
+
+    @classmethod
+    def describe(cls, **options: Any) -> dict[str, Any]:
+        """:meth:`settings` of ``MTCNNDetector(**options)``, without loading the networks (and
+        without torch): what a cache key needs. Options not given take the constructor's defaults."""
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        o = {**defaults, **options}
+        cal = o["calibration"]
+        return {"detector": cls.name, "min_face_size": float(o["min_face_size"]),
+                "score_threshold": float(o["score_threshold"]), "max_side": o["max_side"],
+                "stage_thresholds": list(o["stage_thresholds"]), "factor": o["factor"],
                 "calibration": None if cal is None else dataclasses.asdict(cal)}
 
     def _kernels(self) -> contextlib.AbstractContextManager[Any]:

@@ -3,9 +3,13 @@
 Processed faces are kept per preprocessing-settings fingerprint under
 ``<data root>/faces/<settings_key>/``:
 
-* ``index.parquet``: one row per *raw content hash* (SHA-256 of the source file bytes) with the
-  decode outcome (accepted or the rejection reason), original size, hashes and intensity
-  statistics, and where the face's pixels are;
+* ``index.parquet``: one row per *raw content hash* (SHA-256 of the source file bytes) and
+  framing with the decode outcome (accepted or the rejection reason), original size, hashes and
+  intensity statistics, and where the face's pixels are. A face crop has one row (framing
+  ``crop``); a photo framed by the face detector has one row per face found (``face_index``,
+  with its box and score; framing ``detect-<fingerprint of the detector settings and margin>``),
+  or one row saying why there is none (e.g. ``no face found``). Detection is therefore cached by
+  content hash + detector settings like decoding;
 * ``shards/<id>.npy``: uint8 arrays of shape (N, H, W) holding the accepted faces.
 
 A face is referred to by ``faces/<key>/shards/<id>.npy#<row>`` (relative to the data root).
@@ -28,7 +32,11 @@ from fer_pipeline.atomic import atomic_path, write_parquet
 from fer_pipeline.paths import FACES_DIR
 
 INDEX_COLUMNS = ["sha256", "reason", "width", "height", "face_ref", "pixel_sha",
-                 "phash", "phash_mirror", "mean_intensity", "std_intensity"]
+                 "phash", "phash_mirror", "mean_intensity", "std_intensity",
+                 "framing", "face_index", "faces_found", "box_left", "box_top", "box_right", "box_bottom",
+                 "detector_score"]
+ITEM_KEY = ["sha256", "framing"]  # one decoding unit: these bytes framed this way (one or more rows)
+_DEFAULTS = {"framing": "crop", "face_index": 0}  # what an index written before detection existed means
 
 
 class FaceStore:
@@ -42,7 +50,11 @@ class FaceStore:
 
     def load_index(self) -> pd.DataFrame:
         if self.index_path.exists():
-            return pd.read_parquet(self.index_path)
+            index = pd.read_parquet(self.index_path)
+            for col in INDEX_COLUMNS:  # an index from before face detection: all crops
+                if col not in index.columns:
+                    index[col] = _DEFAULTS.get(col)
+            return index
         return pd.DataFrame({c: pd.Series(dtype="object") for c in INDEX_COLUMNS})
 
     def save_index(self, index: pd.DataFrame) -> None:

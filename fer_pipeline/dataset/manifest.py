@@ -1,8 +1,11 @@
 """The manifest: one row per kept image, and the excluded table: one row per file not kept.
 
 Every file of every source lands in exactly one of the two, with the stage that excluded it
-and a reason (junk, not an image, unmapped label, rejected by decoding, duplicate of a named
-kept image, label conflict). ``check_accounting`` proves it.
+and a reason (junk, not an image, unmapped label, rejected by decoding, no face found, duplicate
+of a named kept image, label conflict). ``check_accounting`` proves it. A photo of a ``faces:
+detect`` source with ``keep: all`` may give several faces: each is one *item*, named by
+``(source, source_path, face_index)``, and it is items that are accounted for
+(:func:`accounting_items`).
 """
 
 from __future__ import annotations
@@ -10,17 +13,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.dataset.face_batch import CROP, NO_FACE
 from fer_pipeline.dataset.inventory import CANDIDATE, UNMAPPED
 from fer_pipeline.paths import RELABELS_FILE
-from fer_pipeline.schema import EXCLUDED_COLUMNS, MANIFEST_COLUMNS
+from fer_pipeline.schema import DETECTION_COLUMNS, EXCLUDED_COLUMNS, MANIFEST_COLUMNS
+
+ITEM = ["source", "source_path", "face_index"]  # what one manifest or excluded row stands for
+_FACE_COLUMNS = ["face_ref", "pixel_sha", "phash", "phash_mirror", "mean_intensity", "std_intensity", "width",
+                 "height", "framing", "face_index", *DETECTION_COLUMNS, "face_key"]
 
 
-def image_id_for(sha256: pd.Series) -> pd.Series:
-    """Content-addressed id: the same bytes get the same id wherever they are found."""
-    return sha256.str.slice(0, 16)
+def image_id_for(key: pd.Series) -> pd.Series:
+    """Content-addressed id from an item's face key (:func:`fer_pipeline.dataset.faces.face_keys`): the
+    same bytes framed the same way get the same id wherever they are found. For a crop the key is
+    the file's SHA-256 (ids as before face detection existed); for a detected face it is a hash of
+    the file's SHA-256, the framing fingerprint and the face index, so each face of a photo, and the
+    same photo under another framing, has its own id."""
+    return key.str.slice(0, 16)
 
 
 def candidates_for_decoding(inventory: pd.DataFrame) -> pd.DataFrame:
@@ -29,12 +42,26 @@ def candidates_for_decoding(inventory: pd.DataFrame) -> pd.DataFrame:
 
 
 def dedup_input(inventory: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
-    """Accepted faces joined with their inventory rows: what de-duplication groups."""
-    ok = faces[faces["reason"].isna()][["source", "source_path", "face_ref", "pixel_sha", "phash",
-                                        "phash_mirror", "mean_intensity", "std_intensity", "width", "height"]]
+    """Accepted faces joined with their inventory rows (one row per face): what de-duplication groups.
+
+    De-duplication tells faces apart by ``sha256``; here that column holds each face's key (the
+    file's hash for a crop), and ``file_sha256`` the file's own hash, which :func:`build_manifest`
+    puts back."""
+    ok = faces[faces["reason"].isna()][["source", "source_path", *_FACE_COLUMNS]]
     df = inventory.merge(ok, on=["source", "source_path"], how="inner")
-    df["image_id"] = image_id_for(df["sha256"])
+    df["file_sha256"] = df["sha256"]
+    df["sha256"] = df["face_key"]
+    df["image_id"] = image_id_for(df["face_key"])
     return df
+
+
+def accounting_items(inventory: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
+    """Every item the manifest and excluded tables must account for, once: each inventory file as
+    face 0, plus each further face the faces stage kept of it (``keep: all`` photos with several
+    faces). A candidate the faces stage lost still appears (as face 0), so the check would see it."""
+    files = inventory[["source", "source_path"]].assign(face_index=0)
+    more = faces.loc[faces["face_index"] > 0, ITEM] if len(faces) else files.iloc[0:0]
+    return pd.concat([files, more], ignore_index=True)
 
 
 def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataFrame,
@@ -46,10 +73,11 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
     inv_excl["stage"] = inv_excl["status"].map(lambda s: "label_mapping" if s == UNMAPPED else "inventory")
     excluded_parts.append(inv_excl)
     # stage 2: decoding/validation rejects
-    rejected = faces[faces["reason"].notna()][["source", "source_path", "reason"]]
+    rejected = faces[faces["reason"].notna()][ITEM + ["reason"]]
     rej = inventory.drop(columns=["reason"]).merge(rejected, on=["source", "source_path"], how="inner")
     rej["stage"] = "faces"
-    rej["reason"] = "rejected: " + rej["reason"].astype(str)
+    no_face = rej["reason"] == NO_FACE  # not a defect of the file: said as it is
+    rej["reason"] = ("rejected: " + rej["reason"].astype(str)).where(~no_face, NO_FACE)
     excluded_parts.append(rej)
     # stage 3: duplicates and label conflicts
     rep_path = dedup[dedup["is_representative"]].set_index("dup_group")[["source", "source_path"]]
@@ -68,22 +96,32 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
         dups["stage"] = "deduplication"
         excluded_parts.append(dups)
     excluded = pd.concat([p.reindex(columns=list(EXCLUDED_COLUMNS)) for p in excluded_parts], ignore_index=True)
-    excluded = excluded.sort_values(["source", "source_path"], kind="mergesort").reset_index(drop=True)
+    excluded["face_index"] = excluded["face_index"].fillna(0).astype("int64")
+    excluded = excluded.sort_values(ITEM, kind="mergesort").reset_index(drop=True)
 
     kept = dedup[dedup["is_representative"] & ~dedup["conflict"]].copy()
     kept = kept.rename(columns={"raw_label": "original_label", "face_ref": "face_path"})
+    if "file_sha256" in kept.columns:  # dedup_input lent `sha256` to the face key
+        kept["sha256"] = kept["file_sha256"]
     kept["face_height"], kept["face_width"] = image_size
     for col in ("width", "height", "face_height", "face_width", "dup_group", "dup_group_size", "bytes"):
         kept[col] = kept[col].astype("int64")
     for col in ("mean_intensity", "std_intensity"):
         kept[col] = kept[col].astype("float64")
-    manifest = kept[list(MANIFEST_COLUMNS)].sort_values(["source", "source_path"], kind="mergesort").reset_index(drop=True)
+    kept = kept.reindex(columns=list(dict.fromkeys([*kept.columns, *MANIFEST_COLUMNS])))
+    kept["framing"] = np.where(kept["framing"].fillna(CROP) == CROP, CROP, "detect")  # not the fingerprint
+    kept["face_index"] = kept["face_index"].fillna(0).astype("int64")
+    kept["faces_found"] = kept["faces_found"].astype("Int64")
+    for col in DETECTION_COLUMNS[1:]:
+        kept[col] = kept[col].astype("Float64")
+    manifest = kept[list(MANIFEST_COLUMNS)].sort_values(ITEM, kind="mergesort").reset_index(drop=True)
     return manifest, excluded
 
 
 def check_accounting(inventory: pd.DataFrame, manifest: pd.DataFrame, excluded: pd.DataFrame) -> dict[str, object]:
-    """Inputs = kept + not kept, with no file in both tables or twice in one."""
-    key = ["source", "source_path"]
+    """Inputs = kept + not kept, with no file in both tables or twice in one. ``inventory`` may be
+    :func:`accounting_items` (items, with ``face_index``): then faces are what is counted."""
+    key = ITEM if all("face_index" in t.columns for t in (inventory, manifest, excluded)) else ITEM[:2]
     inputs = set(map(tuple, inventory[key].to_numpy()))
     kept = list(map(tuple, manifest[key].to_numpy()))
     excl = list(map(tuple, excluded[key].to_numpy()))

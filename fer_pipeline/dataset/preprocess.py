@@ -106,35 +106,58 @@ def _decode_one(data: bytes, settings: PreprocessSettings) -> DecodedFace:
 
     Never raises: whatever a hostile file makes Pillow raise is that file's reason. The pixel
     count is checked from the header, before the pixels are decoded."""
-    if not data:
-        return DecodedFace(None, None, None, "empty file (0 bytes)")
     try:
         return _decode_checked(data, settings)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop a batch
         return DecodedFace(None, None, None, f"unreadable or truncated ({type(exc).__name__}: {exc})")
 
 
-def _decode_checked(data: bytes, settings: PreprocessSettings) -> DecodedFace:
-    h, w = settings.image_size
+@dataclass(frozen=True)
+class OpenedImage:
+    """A file's image, loaded and checked (pixel bomb, readable, not too small), or why not."""
+
+    image: Image.Image | None
+    width: int | None  # original size, before orientation
+    height: int | None
+    reason: str | None  # None when ``image`` is usable
+
+
+def open_checked(data: bytes, settings: PreprocessSettings, draft: tuple[str, tuple[int, int]] | None = None
+                 ) -> OpenedImage:
+    """Open and load ``data`` with the checks every file gets; never raises for bad input.
+
+    The pixel count is checked from the header, before the pixels are decoded. ``draft`` (mode,
+    size) lets a JPEG decode at a reduced scale no smaller than ``size`` (width, height)."""
+    if not data:
+        return OpenedImage(None, None, None, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > settings.max_pixels:
-                return DecodedFace(None, width, height,
+                return OpenedImage(None, width, height,
                                    f"decompression bomb ({width}x{height} > {settings.max_pixels} pixels)")
-            if img.format == "JPEG":
-                img.draft("L", (max(w, settings.min_side), max(h, settings.min_side)))
+            if img.format == "JPEG" and draft is not None:
+                img.draft(*draft)
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return DecodedFace(None, None, None, f"decompression bomb ({exc})")
+        return OpenedImage(None, None, None, f"decompression bomb ({exc})")
     except UnidentifiedImageError:
-        return DecodedFace(None, None, None, "not an image (unrecognised format)")
+        return OpenedImage(None, None, None, "not an image (unrecognised format)")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return DecodedFace(None, None, None, f"unreadable or truncated ({exc})")
+        return OpenedImage(None, None, None, f"unreadable or truncated ({exc})")
     if min(width, height) < settings.min_side:
-        return DecodedFace(None, width, height, f"too small ({width}x{height} < {settings.min_side}px)")
+        return OpenedImage(None, width, height, f"too small ({width}x{height} < {settings.min_side}px)")
+    return OpenedImage(img, width, height, None)
+
+
+def _decode_checked(data: bytes, settings: PreprocessSettings) -> DecodedFace:
+    h, w = settings.image_size
+    opened = open_checked(data, settings, ("L", (max(w, settings.min_side), max(h, settings.min_side))))
+    if opened.image is None:
+        return DecodedFace(None, opened.width, opened.height, opened.reason)
+    img, width, height = opened.image, opened.width, opened.height
     try:
         face = preprocess_image(img, settings.image_size)
     except OSError as exc:
@@ -149,7 +172,11 @@ def decode_faces(datas: Sequence[bytes], settings: PreprocessSettings) -> list[D
 
     The near-constant check runs once over the whole batch (a vectorised standard deviation
     per face instead of one NumPy call per image)."""
-    out = [_decode_one(data, settings) for data in datas]
+    return reject_blank([_decode_one(data, settings) for data in datas], settings)
+
+
+def reject_blank(out: list[DecodedFace], settings: PreprocessSettings) -> list[DecodedFace]:
+    """``out`` with near-constant faces (pixel std below ``min_std``) turned into rejections."""
     ok = [i for i, d in enumerate(out) if d.ok]
     if ok:
         stack = np.stack([out[i].face for i in ok])  # type: ignore[misc]

@@ -234,8 +234,11 @@ def validate_accounting(
 ) -> ValidationOutcome:
     """Every input file is either kept or excluded, exactly once. Each argument is a count or the
     table (inventory, manifest, excluded): counts must add up; with kept and excluded tables, no file
-    is in both or twice in one; with all three, each input is accounted for once and no other file."""
+    is in both or twice in one; with all three, each input is accounted for once and no other file.
+    When every table given has ``face_index``, the unit is a face of a file (a photo may give several)."""
     tables = {"inputs": inputs, "kept": kept, "excluded": excluded}
+    frames = [t for t in tables.values() if isinstance(t, pd.DataFrame) and len(t.columns)]
+    key = [*_KEY, "face_index"] if frames and all("face_index" in t.columns for t in frames) else _KEY
     numbers = {f"n_{k}": len(v) if isinstance(v, pd.DataFrame) else int(v) for k, v in tables.items()}
     numbers["n_kept_plus_excluded"] = numbers["n_kept"] + numbers["n_excluded"]
     pair = _gxe.ExpectColumnPairValuesToBeEqual(column_A="n_inputs", column_B="n_kept_plus_excluded")
@@ -243,33 +246,34 @@ def validate_accounting(
     details: dict[str, Any] = dict(numbers)
     keys: dict[str, pd.DataFrame] = {}
     for name, table in tables.items():
-        if isinstance(table, pd.DataFrame) and len(table) and _missing(table, _KEY):
-            parts.append(_columns_check(table, _KEY))
-            details[f"{name}_missing_columns"] = _missing(table, _KEY)
+        if isinstance(table, pd.DataFrame) and len(table) and _missing(table, key):
+            parts.append(_columns_check(table, key))
+            details[f"{name}_missing_columns"] = _missing(table, key)
         elif isinstance(table, pd.DataFrame):  # an empty table may come without columns
-            keys[name] = table.reindex(columns=_KEY)
+            keys[name] = table.reindex(columns=key)
     if "kept" in keys and "excluded" in keys:
         outputs = pd.concat([keys["kept"].assign(table="kept"), keys["excluded"].assign(table="excluded")],
                             ignore_index=True)
         details["in_both_tables"] = len(keys["kept"].drop_duplicates().merge(keys["excluded"].drop_duplicates()))
         exps = [_gxe.ExpectColumnValuesToNotBeNull(column="source_path"),
-                _gxe.ExpectCompoundColumnsToBeUnique(column_list=_KEY)]
+                _gxe.ExpectCompoundColumnsToBeUnique(column_list=key)]
         if "inputs" in keys:
-            parts.append(_inputs_accounted(keys["inputs"], outputs, details))
-            outputs = outputs.merge(keys["inputs"].drop_duplicates().assign(in_inputs=1), on=_KEY, how="left")
+            parts.append(_inputs_accounted(keys["inputs"], outputs, details, key))
+            outputs = outputs.merge(keys["inputs"].drop_duplicates().assign(in_inputs=1), on=key, how="left")
             outputs["in_inputs"] = outputs["in_inputs"].fillna(0).astype(int)
             exps.append(_gxe.ExpectColumnValuesToBeInSet(column="in_inputs", value_set=[1]))
-        parts.append((outputs, exps, ("table", *_KEY)))
+        parts.append((outputs, exps, ("table", *key)))
     return _run("accounting", parts, details)
 
 
-def _inputs_accounted(inputs: pd.DataFrame, outputs: pd.DataFrame, details: dict[str, Any]) -> _Part:
+def _inputs_accounted(inputs: pd.DataFrame, outputs: pd.DataFrame, details: dict[str, Any],
+                      key: list[str]) -> _Part:
     """Each input file appears exactly once among kept + excluded."""
-    seen = outputs.groupby(_KEY, dropna=False).size().rename("times_accounted").reset_index()
-    per_input = inputs.merge(seen, on=_KEY, how="left").fillna({"times_accounted": 0})
+    seen = outputs.groupby(key, dropna=False).size().rename("times_accounted").reset_index()
+    per_input = inputs.merge(seen, on=key, how="left").fillna({"times_accounted": 0})
     per_input["times_accounted"] = per_input["times_accounted"].astype(int)
     details["inputs_not_accounted"] = int((per_input["times_accounted"] == 0).sum())
-    return per_input, [_gxe.ExpectColumnValuesToBeInSet(column="times_accounted", value_set=[1])], _KEY
+    return per_input, [_gxe.ExpectColumnValuesToBeInSet(column="times_accounted", value_set=[1])], key
 
 
 def validate_split_proportions(

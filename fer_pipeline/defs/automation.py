@@ -17,9 +17,17 @@
   variable ``FER_AUTO_RETRAIN=1`` (read when the code location loads: restart ``make ui`` after
   changing it) the sensor requests the ``main`` job (data and models) instead of
   ``data_pipeline``.
+* ``training_work_sensor`` keeps the partitioned training work (:mod:`fer_pipeline.defs.jobs`)
+  in step with ``main``: after each successful ``main`` run it requests one run per CV-fold and
+  held-out-source partition that is not current (tagged with that ``main`` run as their batch),
+  and once every run of the batch has succeeded, one ``training_reports`` run (the aggregates,
+  label issues). Run keys make each request happen once. On by default when
+  ``FER_AUTO_RETRAIN=1`` (so new data refreshes data, models, folds and reports), else off
+  until a user turns it on.
 * ``full_rebuild_schedule`` reprocesses everything from scratch (no decode cache, no reused
   hashes, no cached duplicate links) daily at ``FER_REBUILD_CRON`` (default ``0 3 * * *``, in
-  ``FER_REBUILD_TIMEZONE``, default UTC) as a safety net. Off until a user turns it on.
+  ``FER_REBUILD_TIMEZONE``, default UTC) as a safety net. Off until a user turns it on. It
+  rebuilds the data half only; models and training work follow through the sensors above.
 
 Environment knobs (all optional): ``FER_SENSOR_INTERVAL_SECONDS`` (default 30),
 ``FER_AUTO_RETRAIN``, ``FER_REBUILD_CRON``, ``FER_REBUILD_TIMEZONE``.
@@ -39,11 +47,22 @@ except ImportError:  # pragma: no cover - then ScheduleDefinition's own validati
 
 from fer_pipeline.dataset import source_watch
 from fer_pipeline.dataset.catalog import CatalogError
+from fer_pipeline.defs.jobs import (
+    DATA_JOB,
+    MAIN_JOB,
+    PARTITIONED_JOBS,
+    REPORTS_JOB,
+    cv_folds_job,
+    loso_folds_job,
+    main_job,
+    training_reports_job,
+)
 from fer_pipeline.defs.resources import FerSettings
 
-DATA_JOB = "data_pipeline"
-MAIN_JOB = "main"
 SENSOR_NAME = "source_files_sensor"
+TRAINING_SENSOR_NAME = "training_work_sensor"
+BATCH_TAG = "fer/batch"  # the main run a partition run refreshes after
+BATCH_SIZE_TAG = "fer/batch_size"  # how many partition runs that batch has
 SCHEDULE_NAME = "full_rebuild_schedule"
 
 INTERVAL_ENV = "FER_SENSOR_INTERVAL_SECONDS"
@@ -133,6 +152,70 @@ def build_source_sensor(job_name: str | None = None, minimum_interval_seconds: i
     return _sensor
 
 
+def build_training_work_sensor(name: str = TRAINING_SENSOR_NAME,
+                               default_status: dg.DefaultSensorStatus | None = None) -> dg.SensorDefinition:
+    """After a successful ``main`` run: one run per partition that is not current, then (when
+    all of them succeeded) one ``training_reports`` run. Default status: running when
+    ``FER_AUTO_RETRAIN`` is on, else stopped."""
+    if default_status is None:
+        default_status = dg.DefaultSensorStatus.RUNNING if auto_retrain_enabled() else dg.DefaultSensorStatus.STOPPED
+
+    @dg.run_status_sensor(
+        name=name,
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[main_job, cv_folds_job, loso_folds_job],
+        request_jobs=[cv_folds_job, loso_folds_job, training_reports_job],
+        minimum_interval_seconds=sensor_interval_seconds(),
+        default_status=default_status,
+        description=(f"After each successful '{MAIN_JOB}' run, requests one run per CV-fold and held-out-source "
+                     f"partition that is not current, then '{REPORTS_JOB}' once they all succeeded "
+                     f"(on by default with {RETRAIN_ENV}=1)."),
+    )
+    def _sensor(context: dg.RunStatusSensorContext) -> list[dg.RunRequest] | dg.SkipReason:
+        # imported here: it reads the loaded code location
+        from fer_pipeline.defs.refresh import partitions_to_run
+
+        run = context.dagster_run
+        if run.job_name == MAIN_JOB:
+            batch = run.run_id
+            todo: dict[str, list[str]] = {}
+            for job in PARTITIONED_JOBS:
+                keys = _static_keys(context, job)
+                todo[job] = partitions_to_run(context.instance, job, {}, keys=keys)[0]
+            size = sum(map(len, todo.values()))
+            if not size:
+                return [dg.RunRequest(run_key=f"{batch}:{REPORTS_JOB}", job_name=REPORTS_JOB,
+                                      tags={BATCH_TAG: batch, "fer/trigger": "training_work"})]
+            context.log.info(f"main run {batch[:8]} succeeded: {size} partition run(s) " +
+                             ", ".join(f"{job} {keys}" for job, keys in todo.items() if keys))
+            return [dg.RunRequest(run_key=f"{batch}:{job}:{key}", job_name=job, partition_key=key,
+                                  tags={BATCH_TAG: batch, BATCH_SIZE_TAG: str(size), "fer/trigger": "training_work"})
+                    for job, keys in todo.items() for key in keys]
+        batch = run.tags.get(BATCH_TAG)
+        if not batch or BATCH_SIZE_TAG not in run.tags:
+            return dg.SkipReason(f"run {run.run_id[:8]} of {run.job_name} is not part of a refresh after main")
+        runs = context.instance.get_runs(filters=dg.RunsFilter(tags={BATCH_TAG: batch}))
+        succeeded = {(r.job_name, r.tags.get("dagster/partition")) for r in runs
+                     if r.job_name in PARTITIONED_JOBS and r.status == dg.DagsterRunStatus.SUCCESS}
+        size = int(run.tags[BATCH_SIZE_TAG])
+        if len(succeeded) < size:
+            return dg.SkipReason(f"batch {batch[:8]}: {len(succeeded)} of {size} partition runs succeeded so far")
+        return [dg.RunRequest(run_key=f"{batch}:{REPORTS_JOB}", job_name=REPORTS_JOB,
+                              tags={BATCH_TAG: batch, "fer/trigger": "training_work"})]
+
+    return _sensor
+
+
+def _static_keys(context: dg.RunStatusSensorContext, job: str) -> list[str] | None:
+    """The partition keys of a static partitioned job from the loaded code location (None: ask
+    the definitions module, or the instance for dynamic partitions)."""
+    repo = context.repository_def
+    if repo is None or not repo.has_job(job):
+        return None
+    partitions = repo.get_job(job).partitions_def
+    return None if isinstance(partitions, dg.DynamicPartitionsDefinition) else list(partitions.get_partition_keys())
+
+
 def build_rebuild_schedule(cron: str | None = None, job_name: str = DATA_JOB) -> dg.ScheduleDefinition:
     """Daily from-scratch reprocessing (``rebuild: true``); off until a user turns it on."""
     cron = cron or rebuild_cron()
@@ -150,7 +233,8 @@ def build_rebuild_schedule(cron: str | None = None, job_name: str = DATA_JOB) ->
 
 
 source_files_sensor = build_source_sensor()
+training_work_sensor = build_training_work_sensor()
 full_rebuild_schedule = build_rebuild_schedule()
 
-SENSORS: list[dg.SensorDefinition] = [source_files_sensor]
+SENSORS: list[dg.SensorDefinition] = [source_files_sensor, training_work_sensor]
 SCHEDULES: list[dg.ScheduleDefinition] = [full_rebuild_schedule]

@@ -19,6 +19,8 @@ import dagster as dg
 import pandas as pd
 
 from fer_pipeline.dataset import validation
+from fer_pipeline.dataset.faces import framing_shares
+from fer_pipeline.defs.metadata import md_table
 from fer_pipeline.defs.resources import FerSettings
 
 
@@ -131,4 +133,26 @@ def rejection_rate(fer: FerSettings) -> dg.AssetCheckResult:
                                metadata={"rejected_share": round(rate, 4)})
 
 
-DATA_CHECKS = [sources_have_images, rejection_rate]
+@dg.asset_check(asset="faces", description="Warn when a 'faces: detect' source looks framed the wrong way: more "
+                "than framing_max_share of its images with no face, with several faces (unless it keeps all "
+                "faces), or with a face that fills the frame (crops configured as photos).")
+def face_framing(fer: FerSettings) -> dg.AssetCheckResult:
+    shares = framing_shares(pd.read_parquet(fer.paths.faces_table))
+    limit = fer.framing_max_share
+    keep_all = {s.name for s in fer.catalog().sources if s.detect is not None and s.detect.keep == "all"}
+    columns = ["no_face_share", "several_faces_share", "fills_frame_share"]
+    flagged = {row.source: {c: float(getattr(row, c)) for c in columns if getattr(row, c) > limit
+                            and not (c == "several_faces_share" and row.source in keep_all)}  # expected there
+               for row in shares.itertuples(index=False)}
+    flagged = {source: over for source, over in flagged.items() if over}
+    return dg.AssetCheckResult(passed=not flagged, severity=dg.AssetCheckSeverity.WARN, metadata={
+        "sources_flagged": dg.MetadataValue.json(flagged),
+        "per_source": md_table(shares),
+        "detect_sources": len(shares),
+        "framing_max_share": limit,
+        "hint": "a flagged source is probably configured with the wrong framing: 'faces: crop' for face crops, "
+                "'detect: {keep: all}' for photos of several people",
+    })
+
+
+DATA_CHECKS = [sources_have_images, rejection_rate, face_framing]

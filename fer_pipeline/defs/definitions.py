@@ -1,7 +1,8 @@
 """The Dagster code location: ``dagster dev`` (via workspace.yaml) and
 ``dagster asset materialize -m fer_pipeline.definitions`` load ``defs`` from here. The executor
-(which engine runs the steps) is the ``FER_EXECUTOR`` setting, read when this module loads
-(:mod:`fer_pipeline.defs.executors`)."""
+(which engine runs the steps) is the ``FER_EXECUTOR`` setting and the number of CV folds (the
+``cv_fold`` partitions) is ``FER_CV_FOLDS``, both read when this module loads
+(:mod:`fer_pipeline.defs.executors`, :mod:`fer_pipeline.defs.jobs`)."""
 
 from __future__ import annotations
 
@@ -11,30 +12,25 @@ import dagster as dg
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
+from fer_pipeline.defs.assets.card import model_card  # noqa: E402
 from fer_pipeline.defs.assets.data import DATA_ASSETS  # noqa: E402
-from fer_pipeline.defs.assets.evaluation import EVALUATION_ASSETS  # noqa: E402
+from fer_pipeline.defs.assets.evaluation import evaluation_assets  # noqa: E402
 from fer_pipeline.defs.assets.models import MODEL_ASSETS, model_evaluation  # noqa: E402
 from fer_pipeline.defs.automation import SCHEDULES, SENSORS  # noqa: E402
 from fer_pipeline.defs.checks import DATA_CHECKS  # noqa: E402
 from fer_pipeline.defs.executors import executor_from_env  # noqa: E402
+from fer_pipeline.defs.jobs import JOBS, cv_fold_count  # noqa: E402
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings  # noqa: E402
 
-data_pipeline_job = dg.define_asset_job(
-    "data_pipeline", selection=dg.AssetSelection.groups("data"),
-    description="Every data asset: sources → faces → de-duplicated → manifest → splits → plots.")
 
-main_job = dg.define_asset_job(
-    "main", selection=dg.AssetSelection.all(),
-    description="Everything: the data half, then models, evaluation and analysis.")
-
-
-def build_definitions(executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
+def build_definitions(executor: dg.ExecutorDefinition | None = None, n_cv_folds: int | None = None) -> dg.Definitions:
     """The code location; ``executor`` defaults to the one ``FER_EXECUTOR`` selects
-    (:mod:`fer_pipeline.defs.executors`)."""
+    (:mod:`fer_pipeline.defs.executors`), ``n_cv_folds`` to ``FER_CV_FOLDS`` (:mod:`fer_pipeline.defs.jobs`)."""
     return dg.Definitions(
-        assets=[*DATA_ASSETS, *MODEL_ASSETS, model_evaluation, *EVALUATION_ASSETS],
+        assets=[*DATA_ASSETS, *MODEL_ASSETS, model_evaluation, *evaluation_assets(n_cv_folds or cv_fold_count()),
+                model_card],
         asset_checks=[*DATA_CHECKS],
-        jobs=[data_pipeline_job, main_job],
+        jobs=JOBS,
         sensors=SENSORS,
         schedules=SCHEDULES,
         resources={"fer": FerSettings(), "training": TrainSettings(), "analysis": AnalysisSettings()},
@@ -46,5 +42,5 @@ def build_definitions(executor: dg.ExecutorDefinition | None = None) -> dg.Defin
     )
 
 
-# FER_EXECUTOR is read here, when the code location loads.
+# FER_EXECUTOR and FER_CV_FOLDS are read here, when the code location loads.
 defs = build_definitions()

@@ -10,6 +10,8 @@
 * ``dask``: each step is a task on an existing ``dask.distributed`` cluster (``dagster-dask``),
   whose scheduler is at ``FER_DASK_ADDRESS`` (e.g. ``tcp://127.0.0.1:8786``); the workers may be
   on other hosts. Needs the ``dask`` extra (``pip install -e '.[dask]'``) here and on the workers.
+  Task keys carry the run id (:mod:`fer_pipeline.defs.dask_executor`), so runs of one job in
+  flight at once (fold partitions) stay apart.
 * ``k8s``: each step is a Kubernetes Job (``dagster-k8s``' ``k8s_job_executor``; image, namespace
   and environment come from the ``K8sRunLauncher`` of the instance unless the run config says
   otherwise). Needs the ``k8s`` extra. The model assets ask for a GPU through their op tags
@@ -75,11 +77,11 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> dg.ExecutorDe
             raise ExecutorSettingError(
                 f"{EXECUTOR_ENV}=dask needs {DASK_ADDRESS_ENV}, the address of the Dask scheduler "
                 f"(e.g. tcp://127.0.0.1:8786)")
-        try:
-            from dagster_dask import dask_executor
+        try:  # dagster-dask's executor, its task keys scoped to the run (concurrent partition runs)
+            from fer_pipeline.defs.dask_executor import run_scoped_dask_executor
         except ImportError as exc:
             raise _missing_extra(name, "dask", exc) from exc
-        return dask_executor.configured({"cluster": {"existing": {"address": address}}}, name="dask")
+        return run_scoped_dask_executor.configured({"cluster": {"existing": {"address": address}}}, name="dask")
     # k8s
     try:
         from dagster_k8s import k8s_job_executor

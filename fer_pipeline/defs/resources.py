@@ -7,22 +7,26 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from fer_pipeline.analysis.bias import ATTRIBUTES
-from fer_pipeline.dataset.catalog import Catalog, load_catalog
+from fer_pipeline.dataset.catalog import Catalog, CatalogError, load_catalog
 from fer_pipeline.dataset.preprocess import PreprocessSettings
+from fer_pipeline.dataset.publish import KEEP_REJECTED
 from fer_pipeline.ml.train import TrainConfig
-from fer_pipeline.paths import DataPaths, default_data_root
+from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
+from fer_pipeline.storage import ObjectStore
 
 
 class FerSettings(dg.ConfigurableResource):
     """Settings of the data half (defaults match the README)."""
 
-    data_root: str = Field(default="", description="Data root; empty = $FER_DATA_DIR or ./data")
+    data_root: str = Field(default="", description="Data root: a folder, or an object-store URL (s3://bucket/prefix, "
+                           "gs://...) mirrored into a local working copy; empty = $FER_DATA_DIR or ./data")
+    working_copy: str = Field(default="", description="Local working copy of an object-store data root; empty = "
+                              "$FER_WORKING_COPY or a folder per URL under ~/.cache/fer-pipeline")
     image_size: int = Field(default=48, description="Processed faces are image_size × image_size grayscale")
     min_side: int = Field(default=32, description="Reject images smaller than this (pixels)")
     max_pixels: int = Field(default=40_000_000, description="Larger images are rejected as decompression bombs")
@@ -45,10 +49,57 @@ class FerSettings(dg.ConfigurableResource):
     workers: int = Field(default=0, description="Decoding processes; 0 = one per CPU core")
     rebuild: bool = Field(default=False, description="Reprocess everything from scratch: hash, decode and "
                           "compare every file again instead of reusing caches (the nightly safety net)")
+    framing_max_share: float = Field(default=0.3, description="Warning check face_framing: a 'faces: detect' "
+                                     "source warns when more than this share of its images has no face, several "
+                                     "faces, or a face filling the frame (it is probably crops, or photos of groups)")
+
+    _store: ObjectStore | None = PrivateAttr(default=None)
+    _sources_pulled: bool = PrivateAttr(default=False)
+
+    @property
+    def store(self) -> ObjectStore | None:
+        """The object store behind an URL data root (None for a folder)."""
+        root = data_root_setting(self.data_root)
+        if self._store is None and is_store_url(root):
+            self._store = ObjectStore(root, self.working_copy or None)
+        return self._store
 
     @property
     def paths(self) -> DataPaths:
-        return DataPaths(Path(self.data_root).expanduser().resolve() if self.data_root else default_data_root())
+        """Where the stages read and write: the data root, or the working copy of an URL data root."""
+        if self.store is not None:
+            return self.store.paths
+        return DataPaths(Path(data_root_setting(self.data_root)).expanduser().resolve())
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """URL data root: check the store (a bad URL or bucket fails here, before any step), then
+        pull what steps read; outside a run (the sensor) the catalogue and its sources instead."""
+        if self.store is None:
+            return
+        log = context.log.info if context.log else None
+        self.store.open()
+        if context.run is not None:
+            report = self.store.pull_published(run_id=context.run.run_id, log=log)
+        else:
+            report, self._sources_pulled = self.store.pull_sources(log=log), True
+        if log:
+            log(f"pulled {self.store.url} into {self.store.local}: {report.summary()}")
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Push what the step wrote. The local publish already keeps the published set one run's
+        set (a failed blocking check publishes nothing), so pushing its files is safe. Dagster
+        records a failed teardown as an engine event, not a failed step: say it as an error too."""
+        if self._store is None or context.run is None:
+            return
+        try:
+            self._store.push(run_id=context.run.run_id, keep_candidates=KEEP_REJECTED,
+                             log=context.log.info if context.log else None)
+        except Exception as exc:
+            if context.log:
+                context.log.error(f"outputs NOT pushed to {self._store.url}: {exc}. They stay in the working copy "
+                                  f"{self._store.local}; the next push from it sends them, unless the store changed "
+                                  "them meanwhile (then the next pull takes the store's version)")
+            raise
 
     @property
     def preprocess(self) -> PreprocessSettings:
@@ -61,6 +112,11 @@ class FerSettings(dg.ConfigurableResource):
 
     def catalog(self) -> Catalog:
         paths = self.paths
+        if self.store is not None and not self._sources_pulled:  # only the steps that read sources fetch them
+            self.store.pull_sources()
+            self._sources_pulled = True
+        if self.store is not None and not paths.catalog.is_file():
+            raise CatalogError(f"{paths.catalog.name} not found in the data root {self.store.url}")
         return load_catalog(paths.catalog, paths.root)
 
 
@@ -88,16 +144,14 @@ class TrainSettings(dg.ConfigurableResource):
 
 class AnalysisSettings(dg.ConfigurableResource):
     """Knobs of the evaluation assets. Defaults are the full settings; ``configs/demo.yaml``
-    shrinks the budget ones (folds, epochs) for the five-minute demo."""
+    shrinks the budget ones (epochs) for the five-minute demo. The number of CV folds is not
+    here: it sizes the ``cv_fold`` partitions, fixed when the code location loads (``FER_CV_FOLDS``,
+    :mod:`fer_pipeline.defs.jobs`); which folds or held-out sources run is which partitions
+    are materialized."""
 
     # cross-validation
-    cv_folds: int = Field(default=0, description="CV folds; 0 = every fold in splits.parquet (fer.n_folds, "
-                          "default 10). Fewer merges stored folds (CV fold = stored fold mod cv_folds)")
-    folds: Optional[list[int]] = Field(default=None, description="Run only these CV folds (0-based); "
-                                       "null = all. Finished folds are cached and never retrained")
     cv_epochs: int = Field(default=0, description="Max epochs per CV fold; 0 = training.epochs")
     cv_patience: int = Field(default=-1, description="Early-stopping patience per fold; -1 = training.patience")
-    cv_cache: bool = Field(default=True, description="Reuse finished folds cached under reports/cv/")
     # bias
     bias_attributes: list[str] = Field(default=list(ATTRIBUTES),
                                        description="Demographic attributes to analyse (those present)")
@@ -118,8 +172,6 @@ class AnalysisSettings(dg.ConfigurableResource):
     loso_epochs: int = Field(default=0, description="Max epochs per held-out source; 0 = training.epochs")
     loso_min_classes: int = Field(default=2, description="Hold out only sources covering at least this many "
                                   "classes")
-    loso_sources: Optional[list[str]] = Field(default=None, description="Hold out only these sources; "
-                                              "null = all eligible")
     # label issues
     label_issue_ranking: str = Field(default="self_confidence", description="self_confidence | normalized_margin")
     label_issue_grid: int = Field(default=24, description="Top suspects shown in the thumbnail grid")

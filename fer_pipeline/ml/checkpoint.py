@@ -5,6 +5,10 @@ pickle-based ``torch.save``). Everything needed to rebuild and use the model -- 
 class order, input size, normalisation, the data version it was trained on, its metrics and
 training config -- travels in the same file, so weights and description cannot get separated.
 
+The description also records how the training faces were *framed* (:class:`Framing`): dataset
+crops used whole ("crop"), faces found by a detector in photos ("detect"), or both ("mixed"), with
+the detector's settings and the crop margin, so prediction frames its inputs the same way.
+
 A broken model is refused when it is loaded (``ValueError`` naming the problem), not discovered
 later as NaN probabilities: non-finite weights (a diverged training run) or a normalisation whose
 std is not a finite positive number (every face would become NaN or infinite).
@@ -30,13 +34,68 @@ from fer_pipeline.atomic import write_bytes
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline.ml.architectures import ArchConfig, build_model
+from fer_pipeline.ml.calibration import softmax
 from fer_pipeline.ml.data import Normalization
-from fer_pipeline.ml.inference import predict_proba
+from fer_pipeline.ml.inference import predict_logits
 from fer_pipeline.ml.train import TrainResult
 
 FORMAT = "fer-pipeline-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "fer_pipeline"
+
+FRAMINGS = ("crop", "detect", "mixed")  # how a model's training faces were cut out of their images
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How the training faces were framed, so prediction frames its inputs the same way.
+
+    ``mode``: "crop" (each image is a face crop, centre-cropped and resized: what checkpoints
+    written before this was recorded did), "detect" (faces found by a detector and aligned) or
+    "mixed" (both; prediction detects). ``detector`` is the detector's ``settings()`` (its name
+    under ``"detector"``) and ``margin`` the margin given to ``align_face``; both are ``None`` for
+    "crop". ``rows`` counts the training rows per framing (for people reading the metadata)."""
+
+    mode: str = "crop"
+    detector: dict[str, Any] | None = None
+    margin: float | None = None
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from fer_pipeline.dataset.detect import DETECTORS
+
+        if self.mode not in FRAMINGS:
+            raise ValueError(f"framing mode must be one of {', '.join(FRAMINGS)}, got {self.mode!r}")
+        if self.detector is not None:
+            if not isinstance(self.detector, dict) or not isinstance(self.detector.get("detector"), str):
+                raise ValueError(f"framing detector must be a settings object naming its detector, got {self.detector!r}")
+            if self.detector["detector"] not in DETECTORS:
+                raise ValueError(f"framing detector {self.detector['detector']!r} is unknown; "
+                                 f"known: {', '.join(sorted(DETECTORS))}")
+        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, (int, float))
+                                        or not math.isfinite(self.margin) or self.margin < 0):
+            raise ValueError(f"framing margin must be a finite number >= 0, got {self.margin!r}")
+        if self.detects and (self.detector is None or self.margin is None):
+            raise ValueError(f"framing {self.mode!r} needs the detector's settings and the margin")
+
+    @property
+    def detects(self) -> bool:
+        """Whether inputs go through face detection ("detect" and "mixed")."""
+        return self.mode != "crop"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "detector": self.detector, "margin": self.margin, "rows": dict(self.rows)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Framing:
+        """A recorded framing (``ValueError`` when it is malformed; unknown keys are ignored)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"framing must be an object, got {data!r}")  # noqa: TRY004 -- bad metadata, one error type
+        rows = data.get("rows") or {}
+        if not isinstance(rows, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows.values()):
+            raise ValueError(f"framing rows must map framings to counts, got {rows!r}")
+        return cls(mode=data.get("mode", "crop"), detector=data.get("detector"), margin=data.get("margin"),
+                   rows={str(k): int(v) for k, v in rows.items()})
 
 
 @dataclass
@@ -52,17 +111,29 @@ class LoadedModel:
     preprocess: PreprocessSettings  # how the training faces were prepared: prediction does the same
     metadata: dict[str, Any] = field(repr=False)
     path: Path | None = None
+    framing: Framing = field(default_factory=Framing)  # how the training faces were framed: prediction does the same
 
     @property
     def name(self) -> str:
         return str(self.metadata.get("model_name") or self.arch.name)
 
-    def predict_proba(self, faces: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """Probabilities (N, len(classes)) for preprocessed uint8 faces (N, H, W)."""
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted on the validation split (1.0: none recorded)."""
+        return float((self.metadata.get("calibration") or {}).get("temperature", 1.0))
+
+    def predict_logits(self, faces: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """Raw logits (N, len(classes)), float64, for preprocessed uint8 faces (N, H, W)."""
         faces = np.asarray(faces)
         if faces.ndim != 3 or tuple(faces.shape[1:]) != self.input_size:
             raise ValueError(f"expected faces of shape (N, {self.input_size[0]}, {self.input_size[1]}), got {faces.shape}")
-        return predict_proba(self.model, faces, self.normalization, tta_flip=self.tta_flip, batch_size=batch_size)
+        return predict_logits(self.model, faces, self.normalization, tta_flip=self.tta_flip,
+                              batch_size=batch_size).double().numpy()
+
+    def predict_proba(self, faces: np.ndarray, batch_size: int = 512, calibrated: bool = True) -> np.ndarray:
+        """Probabilities (N, len(classes)) for preprocessed uint8 faces (N, H, W): calibrated
+        with the recorded :attr:`temperature` unless ``calibrated`` is False."""
+        return softmax(self.predict_logits(faces, batch_size), self.temperature if calibrated else 1.0)
 
 
 def save_checkpoint(
@@ -75,13 +146,18 @@ def save_checkpoint(
     model_name: str | None = None,
     classes: tuple[str, ...] = CLASSES,
     extra: dict[str, Any] | None = None,
+    framing: Framing | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``result``'s best weights and description atomically to ``path`` (.safetensors).
 
     ``data_version`` identifies the manifest/splits the model was trained on (e.g. a hash);
     ``preprocess`` the settings the training faces were prepared with (default: the defaults at
-    the model's input size), applied again at prediction time; ``metrics`` is any JSON-able dict
-    (validation/test metrics); ``extra`` is stored as is.
+    the model's input size), applied again at prediction time; ``framing`` how they were cut out
+    of their images (default: dataset crops); ``metrics`` is any JSON-able dict
+    (validation/test metrics); ``calibration`` the temperature scaling fitted on the validation
+    split (:meth:`fer_pipeline.ml.calibration.Calibration.to_dict`; without it T = 1); ``extra``
+    is stored as is.
     """
     if len(classes) != result.n_classes:
         raise ValueError(f"{len(classes)} class names for a {result.n_classes}-class model")
@@ -98,6 +174,8 @@ def save_checkpoint(
         "in_channels": 1,
         "normalization": result.normalization.to_dict(),
         "preprocess": {**preprocess.to_dict(), "key": preprocess.key},
+        "framing": (framing or Framing()).to_dict(),
+        "calibration": calibration or {},
         "tta_flip": result.config.tta_flip,
         "data_version": data_version,
         "train_config": result.config.to_dict(),
@@ -138,6 +216,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     norm = meta["normalization"]
     normalization = Normalization(mean=float(norm["mean"]), std=float(norm["std"]))
     check_normalization(normalization, str(path))
+    check_temperature(meta, str(path))
     model = build_model(arch, len(classes), in_channels=int(meta.get("in_channels", 1)), input_size=input_size)
     state = st_load(path.read_bytes())
     check_weights(state, str(path))
@@ -153,6 +232,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         preprocess=_preprocess_settings(meta, input_size),
         metadata=meta,
         path=path,
+        framing=_framing(meta, str(path)),
     )
 
 
@@ -162,6 +242,16 @@ def check_normalization(norm: Normalization, origin: str) -> None:
         raise ValueError(f"{origin}: broken model: normalisation mean is {norm.mean!r} (must be a finite number)")
     if not (math.isfinite(norm.std) and norm.std > 0):
         raise ValueError(f"{origin}: broken model: normalisation std is {norm.std!r} (must be a finite number > 0)")
+
+
+def check_temperature(meta: Mapping[str, Any], origin: str) -> None:
+    """Refuse a recorded calibration temperature that is not a finite number > 0 (it divides the logits)."""
+    calibration = meta.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise ValueError(f"{origin}: broken model: calibration metadata is {calibration!r} (must be an object)")
+    t = calibration.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+        raise ValueError(f"{origin}: broken model: calibration temperature is {t!r} (must be a finite number > 0)")
 
 
 def check_weights(state: Mapping[str, torch.Tensor], origin: str) -> None:
@@ -176,6 +266,7 @@ def check_model(loaded: LoadedModel) -> None:
     """The load-time checks for a model built in memory (``ValueError`` when it is broken)."""
     origin = str(loaded.path or loaded.name)
     check_normalization(loaded.normalization, origin)
+    check_temperature(loaded.metadata, origin)
     check_weights(loaded.model.state_dict(), origin)
 
 
@@ -188,6 +279,17 @@ def _preprocess_settings(meta: dict[str, Any], input_size: tuple[int, int]) -> P
     if settings.image_size != input_size:
         raise ValueError(f"checkpoint preprocessing makes {settings.image_size} faces, the model takes {input_size}")
     return settings
+
+
+def _framing(meta: dict[str, Any], origin: str) -> Framing:
+    """The recorded framing (checkpoints written before it was recorded: dataset crops)."""
+    recorded = meta.get("framing")
+    if recorded is None:
+        return Framing()
+    try:
+        return Framing.from_dict(recorded)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{origin}: malformed framing metadata: {exc}") from None
 
 
 def _json_default(o: Any) -> Any:

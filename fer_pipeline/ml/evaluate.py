@@ -1,16 +1,23 @@
 """Evaluate trained models on a labelled split: one :class:`Evaluation` per model, and the
 comparison of every model on the held-out test split that picks the best one (what
-``model_evaluation`` publishes as ``reports/metrics.json``)."""
+``model_evaluation`` publishes as ``reports/metrics.json``).
+
+Metrics are computed on the raw probabilities (as they always were); calibration is reported
+beside them: the temperature each checkpoint recorded (fitted on the validation split when the
+model was trained) applied to the test logits, ECE before/after (:mod:`fer_pipeline.ml.calibration`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from fer_pipeline.ml.calibration import CalibrationEffect, apply_temperature, softmax
 from fer_pipeline.ml.checkpoint import LoadedModel, load_checkpoint
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.metrics import (
@@ -21,7 +28,7 @@ from fer_pipeline.ml.metrics import (
     majority_baseline,
 )
 from fer_pipeline.paths import DataPaths
-from fer_pipeline.schema import MetricsReport
+from fer_pipeline.schema import TEST_PREDICTION_COLUMNS, MetricsReport
 
 BASELINE_NAME = "majority_baseline"
 
@@ -33,8 +40,20 @@ class Evaluation:
     metrics: ClassificationMetrics
     y_true: np.ndarray
     y_pred: np.ndarray
-    probabilities: np.ndarray  # (N, C)
+    probabilities: np.ndarray  # (N, C), uncalibrated: softmax(logits)
     loaded: LoadedModel
+    logits: np.ndarray | None = None  # (N, C) raw
+
+    @cached_property
+    def calibration(self) -> CalibrationEffect:
+        """The checkpoint's recorded temperature applied to these logits: ECE/NLL before and after."""
+        logits = self.logits if self.logits is not None else np.log(np.clip(self.probabilities, 1e-300, None))
+        return apply_temperature(logits, self.y_true, self.loaded.temperature)
+
+    @property
+    def calibration_recorded(self) -> bool:
+        """Whether the checkpoint records a fitted temperature (older ones do not: T = 1)."""
+        return "temperature" in (self.loaded.metadata.get("calibration") or {})
 
     @property
     def name(self) -> str:
@@ -60,10 +79,12 @@ class Evaluation:
 
 def evaluate_model(model: LoadedModel, images: np.ndarray, labels: np.ndarray) -> Evaluation:
     """Run ``model`` (with its recorded test-time flip setting) on uint8 faces and score it."""
-    probs = model.predict_proba(images)
+    logits = model.predict_logits(images)
+    probs = softmax(logits)
     y_true = np.asarray(labels, dtype=np.int64)
     y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
-    return Evaluation(evaluate_predictions(y_true, y_pred, probs, classes=model.classes), y_true, y_pred, probs, model)
+    return Evaluation(evaluate_predictions(y_true, y_pred, probs, classes=model.classes), y_true, y_pred, probs, model,
+                      logits)
 
 
 def evaluate_checkpoint(checkpoint: Path, split: SplitArrays) -> Evaluation:
@@ -90,7 +111,8 @@ class ModelComparison:
     table: pd.DataFrame  # one row per model + the baseline (compare_models)
     best: str
     report: MetricsReport
-    warnings: list[str]  # stale models
+    warnings: list[str]  # stale models, models without a fitted temperature
+    image_ids: list[str] = field(default_factory=list)  # the test rows, in evaluation order
 
     def below(self, floor: float) -> dict[str, float]:
         """Models whose test macro-F1 is under ``floor``."""
@@ -104,25 +126,93 @@ def compare_checkpoints(paths: DataPaths, names: Iterable[str], train: SplitArra
     evaluations = {name: evaluate_checkpoint(paths.checkpoint(name), test) for name in names}
     warnings = [w for n, e in evaluations.items()
                 if (w := staleness(n, e.trained_on, data_version, "re-materialize the model"))]
+    warnings += [f"{n} records no calibration temperature (trained before temperature scaling): its probabilities "
+                 f"are uncalibrated (T = 1); re-materialize the model" for n, e in evaluations.items()
+                 if not e.calibration_recorded]
     baseline = majority_baseline(train.labels, test.labels)
     table = compare_models({**{n: e.metrics for n, e in evaluations.items()}, BASELINE_NAME: baseline})
+    calibration = {n: calibration_summary(e) for n, e in evaluations.items()}
+    for column, key in (("ece", "ece_before"), ("ece_calibrated", "ece_after"), ("temperature", "temperature")):
+        table[column] = table["model"].map(lambda m, key=key: (calibration.get(m) or {}).get(key)).astype(float)
     best = best_model_name(table[table["model"] != BASELINE_NAME].reset_index(drop=True))
     report = MetricsReport(best_model=best, data_version=data_version, n_test=int(len(test)),
                            models={n: e.metrics.to_dict() for n, e in evaluations.items()},
                            majority_baseline=baseline.to_dict(),
-                           checkpoints={n: str(paths.checkpoint(n)) for n in evaluations})
-    return ModelComparison(evaluations, baseline, table, best, report, warnings)
+                           checkpoints={n: str(paths.checkpoint(n)) for n in evaluations},
+                           calibration=calibration)
+    return ModelComparison(evaluations, baseline, table, best, report, warnings, list(test.image_ids))
+
+
+def calibration_summary(ev: Evaluation) -> dict[str, Any]:
+    """What ``metrics.json`` records under ``calibration.<model>``: the test split before/after
+    the checkpoint's temperature (ECE, NLL, reliability bins) and the validation fit it recorded."""
+    recorded = ev.loaded.metadata.get("calibration") or {}
+    return {**ev.calibration.to_dict(), "split": "test", "recorded": ev.calibration_recorded,
+            "fitted_on": recorded.get("fitted_on"), "fit": recorded}
+
+
+def prediction_table(comparison: ModelComparison) -> pd.DataFrame:
+    """One row per (model, test image): true and predicted class, raw and calibrated confidence,
+    calibrated class probabilities (``schema.TEST_PREDICTION_COLUMNS`` + ``p_<class>``)."""
+    frames = []
+    for name, ev in comparison.evaluations.items():
+        classes = ev.metrics.classes
+        calibrated = softmax(ev.logits, ev.loaded.temperature) if ev.logits is not None else ev.probabilities
+        df = pd.DataFrame({"model": name, "image_id": comparison.image_ids or [""] * len(ev.y_true),
+                           "true": [classes[i] for i in ev.y_true], "predicted": [classes[i] for i in ev.y_pred],
+                           "correct": ev.y_true == ev.y_pred,
+                           "confidence": ev.probabilities.max(axis=1) if len(ev.y_true) else [],
+                           "calibrated_confidence": calibrated.max(axis=1) if len(ev.y_true) else []},
+                          columns=list(TEST_PREDICTION_COLUMNS))
+        for j, c in enumerate(classes):
+            df[f"p_{c}"] = calibrated[:, j]
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(TEST_PREDICTION_COLUMNS))
+
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_intervals(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, n_classes: int,
+                        n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                        level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of accuracy and macro-F1 (test images resampled with
+    replacement, ``n_resamples`` times, seeded: the same predictions give the same interval).
+
+    Macro-F1 per resample averages all ``n_classes`` (a class absent from a resample scores 0),
+    as :func:`fer_pipeline.ml.metrics.evaluate_predictions` does on the full set."""
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    if not len(t):
+        return {"accuracy": (float("nan"), float("nan")), "macro_f1": (float("nan"), float("nan"))}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(t), size=(n_resamples, len(t)))
+    cells = (t * n_classes + p)[idx] + (np.arange(n_resamples) * n_classes * n_classes)[:, None]
+    cm = np.bincount(cells.ravel(), minlength=n_resamples * n_classes * n_classes).reshape(
+        n_resamples, n_classes, n_classes).astype(np.float64)
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    denom = cm.sum(axis=1) + cm.sum(axis=2)  # predicted + true per class
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    scores = {"accuracy": tp.sum(axis=1) / len(t), "macro_f1": f1.mean(axis=1)}
+    alpha = (1.0 - level) / 2.0
+    return {k: (float(np.quantile(v, alpha)), float(np.quantile(v, 1.0 - alpha))) for k, v in scores.items()}
 
 
 def write_comparison(paths: DataPaths, comparison: ModelComparison) -> dict[str, Path]:
-    """Publish a comparison: ``metrics.csv``, ``metrics.json`` and one confusion plot per model."""
-    from fer_pipeline.atomic import write_csv, write_json
-    from fer_pipeline.ml.plots import plot_confusion_matrix
+    """Publish a comparison: ``metrics.csv``, ``metrics.json``, the test predictions and, per
+    model, a confusion plot and a reliability diagram."""
+    from fer_pipeline.atomic import write_csv, write_json, write_parquet
+    from fer_pipeline.ml.plots import plot_confusion_matrix, plot_reliability_diagram
 
     files = {"metrics_csv": write_csv(paths.report("metrics_csv"), comparison.table),
-             "metrics_json": write_json(paths.metrics_json, comparison.report.to_json())}
+             "metrics_json": write_json(paths.metrics_json, comparison.report.to_json()),
+             "test_predictions": write_parquet(paths.report("test_predictions"), prediction_table(comparison),
+                                               meta={"data_version": comparison.report.data_version})}
     for name, ev in comparison.evaluations.items():
         files[f"confusion_{name}"] = plot_confusion_matrix(
             ev.metrics.confusion, ev.metrics.classes, paths.confusion(name),
             title=f"{name} — test split (n={ev.metrics.n})")
+        files[f"reliability_{name}"] = plot_reliability_diagram(
+            ev.calibration, paths.reliability(name), title=f"{name} — test split (n={ev.metrics.n})")
     return files

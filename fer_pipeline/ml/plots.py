@@ -1,11 +1,11 @@
-"""PNG figures for reports: training curves and confusion matrices (written atomically)."""
+"""PNG figures for reports: training curves, confusion matrices, reliability diagrams (written atomically)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import matplotlib.pyplot as plt  # headless runs fall back to the Agg backend by themselves
 import numpy as np
@@ -13,6 +13,9 @@ import pandas as pd
 
 from fer_pipeline.atomic import save_figure
 from fer_pipeline.ml.metrics import normalize_confusion
+
+if TYPE_CHECKING:
+    from fer_pipeline.ml.calibration import CalibrationEffect
 
 
 def _history_frame(history: Any) -> pd.DataFrame:
@@ -76,6 +79,33 @@ def plot_confusion_matrix(
                     color="white" if value > 0.6 * vmax else "black",
                 )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(out_png, fig)
+
+
+def plot_reliability_diagram(effect: "CalibrationEffect", out_png: str | Path, title: str = "") -> Path:
+    """Reliability diagram before and after temperature scaling: per equal-width confidence bin,
+    accuracy against mean confidence (the diagonal is perfect calibration), with the samples per
+    bin below. ``effect`` is :func:`fer_pipeline.ml.calibration.apply_temperature`'s result."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.2, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = 1.0 / effect.n_bins
+    series = ((effect.before, f"uncalibrated (ECE {effect.ece_before:.3f})", "tab:grey", -0.2),
+              (effect.after, f"T = {effect.temperature:.2f} (ECE {effect.ece_after:.3f})", "tab:blue", 0.2))
+    for table, label, color, shift in series:
+        used = table[table["n"] > 0]
+        centres = (used["lower"] + used["upper"]) / 2 + shift * width
+        ax.bar(centres, used["accuracy"], width=0.4 * width, color=color, alpha=0.8, label=label)
+        ax.plot(used["confidence"], used["accuracy"], "o", color=color, markersize=3)
+        ax_n.bar(centres, used["n"], width=0.4 * width, color=color, alpha=0.8)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set(ylabel="accuracy in bin", xlim=(0, 1), ylim=(0, 1),
+           title=f"top-label reliability, {effect.n_bins} equal-width bins")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    ax_n.set(xlabel="confidence (top class probability)", ylabel="images")
+    ax_n.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,7 +1,14 @@
 """Application mode: classify image files, folders (recursively) and .zip archives.
 
-Every input is decoded with the pipeline's own :func:`fer_pipeline.dataset.preprocess.decode_face`,
-so a face is prepared for prediction exactly as training faces were.
+Every input is prepared for prediction exactly as the model's training faces were, as its
+checkpoint records (:class:`fer_pipeline.ml.checkpoint.Framing`): a model trained on face crops
+gets each image through the pipeline's own :func:`fer_pipeline.dataset.preprocess.decode_face`
+(centre crop, grayscale, resize); a model trained on detected faces ("detect" or "mixed") gets
+every face the detector finds in each image, aligned with the recorded margin
+(:func:`fer_pipeline.dataset.detect.align_face`) and then the same grayscale/resize
+(``preprocess_image``): one :class:`Prediction` per face, with its box, and one saying
+"no face found" for an image without any. ``annotate_dir`` writes a copy of each image with the
+boxes and labels drawn (:mod:`fer_pipeline.ml.annotate`).
 
 Unattended on hostile data: one bad input yields one :class:`Prediction` whose ``error`` says
 what is wrong, and never stops the others. Inputs are listed and read by the pipeline's own
@@ -16,8 +23,8 @@ the last is classified and each earlier one is an error row (``duplicate entry n
 from __future__ import annotations
 
 import stat
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,23 +46,44 @@ from fer_pipeline.dataset.source_readers import (
     read_regular,
     stat_path,
 )
-from fer_pipeline.ml.checkpoint import LoadedModel, check_model, load_checkpoint
+from fer_pipeline.ml.checkpoint import (
+    Framing,
+    LoadedModel,
+    check_model,
+    load_checkpoint,
+)
 
 if TYPE_CHECKING:
+    from fer_pipeline.dataset.detect import FaceDetector
     from fer_pipeline.dataset.preprocess import PreprocessSettings
 
 ZIP_SEPARATOR = "::"  # "photos.zip::folder/face.jpg" names a zip member
 MAX_INPUT_BYTES = 64 * 1024 * 1024  # no face image is this large; anything above is not read
+FRAMING_CHOICES = ("auto", "detect", "crop")  # auto: what the checkpoint records
+NO_FACE = "no face found"
+UNCERTAIN = "uncertain"  # the label of a face whose top calibrated probability is below min_confidence
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One input's outcome: a class and probabilities, or an error message."""
+    """One input's outcome (one face's, with detection): a class and probabilities, or an error.
+
+    With detection, ``face_index`` (0 = the largest face), ``faces_found``, ``box`` (left, top,
+    right, bottom in pixels of the EXIF-oriented image; it may reach past the border) and
+    ``detector_score`` say which face; an image without a face is one row with ``faces_found``
+    0 and the error :data:`NO_FACE`. ``annotated`` is the annotated copy written for the input
+    (``annotation_error`` when that failed)."""
 
     input: str
     label: str | None = None
     probabilities: dict[str, float] | None = None
     error: str | None = None
+    face_index: int | None = None
+    faces_found: int | None = None
+    box: tuple[float, float, float, float] | None = None
+    detector_score: float | None = None
+    annotated: str | None = None
+    annotation_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -167,29 +195,139 @@ def iter_sources(paths: Sequence[str | Path], max_bytes: int = MAX_INPUT_BYTES) 
             yield _Source(str(path), lambda path=path: read_regular(path, max_bytes))
 
 
+# ---------------------------------------------------------------- framing
+
+
+def detector_from_settings(settings: Mapping[str, Any]) -> FaceDetector:
+    """The detector a checkpoint's recorded ``settings()`` describe (``ValueError`` when they
+    do not make one)."""
+    from fer_pipeline.dataset.detect import BoxCalibration, make_detector
+
+    options = dict(settings)
+    name = options.pop("detector", None)
+    if isinstance(options.get("calibration"), dict):
+        options["calibration"] = BoxCalibration(**options["calibration"])
+    if isinstance(options.get("stage_thresholds"), list):
+        options["stage_thresholds"] = tuple(options["stage_thresholds"])
+    try:
+        return make_detector(str(name), **options)
+    except TypeError as exc:  # a setting this detector does not take
+        raise ValueError(f"recorded detector settings do not make a {name!r} detector: {exc}") from None
+
+
+def resolve_framing(loaded: LoadedModel, choice: str = "auto") -> Framing:
+    """The framing to apply: the checkpoint's ("auto"), or forced to "crop" or "detect" (a crop
+    model forced to detect uses the default detector and margin)."""
+    if choice not in FRAMING_CHOICES:
+        raise ValueError(f"framing must be one of {', '.join(FRAMING_CHOICES)}, got {choice!r}")
+    if choice == "crop":
+        return Framing("crop")
+    if choice == "detect" and not loaded.framing.detects:
+        from fer_pipeline.dataset.detect import DETECTORS
+        from fer_pipeline.dataset.face_batch import Detection
+
+        default = Detection()  # a catalogue's `faces: detect` without options
+        return Framing("detect", DETECTORS[default.detector].describe(**default.detector_options()), default.margin)
+    return loaded.framing
+
+
 # ---------------------------------------------------------------- prediction
 
 
-def _read_and_decode(src: _Source, settings: PreprocessSettings) -> np.ndarray | str:
-    """The decoded face, or the reason this input cannot be classified."""
-    from fer_pipeline.dataset.preprocess import decode_face
-
+def _read(src: _Source) -> bytes | str:
+    """The input's bytes, or why they cannot be read."""
     if src.read is None:
         return str(src.error)
     try:
-        decoded = decode_face(src.read(), settings)
+        return src.read()
     except MemberError as exc:
         return exc.problem.reason
     except Exception as exc:  # noqa: BLE001 -- one bad input must not stop the rest
         return f"{type(exc).__name__}: {exc}"
+
+
+def _decode(data: bytes, settings: PreprocessSettings) -> np.ndarray | str:
+    """The decoded face ("crop" framing), or the reason this input cannot be classified."""
+    from fer_pipeline.dataset.preprocess import decode_face
+
+    try:
+        decoded = decode_face(data, settings)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
     return decoded.face if decoded.ok else str(decoded.reason)
 
 
-def _prediction(name: str, probs: np.ndarray, classes: Sequence[str]) -> Prediction:
+def _prediction(template: Prediction, probs: np.ndarray, classes: Sequence[str],
+                min_confidence: float | None = None) -> Prediction:
     if not np.all(np.isfinite(probs)):  # refused models cannot get here; keep outputs valid anyway
-        return Prediction(name, error="the model produced non-finite probabilities (NaN or infinity)")
-    return Prediction(name, label=classes[int(np.argmax(probs))],
-                      probabilities={c: float(v) for c, v in zip(classes, probs)})
+        return replace(template, error="the model produced non-finite probabilities (NaN or infinity)")
+    sure = min_confidence is None or float(np.max(probs)) >= min_confidence
+    return replace(template, label=classes[int(np.argmax(probs))] if sure else UNCERTAIN,
+                   probabilities={c: float(v) for c, v in zip(classes, probs)})
+
+
+@dataclass
+class _Input:
+    """One source's rows: templates (detection fields, or an error) and faces still to classify."""
+
+    rows: list[Prediction]
+    faces: dict[int, np.ndarray]  # row position -> face
+
+
+def _crop_input(src: _Source, data: bytes, settings: PreprocessSettings) -> _Input:
+    face = _decode(data, settings)  # exactly what the training faces went through
+    if isinstance(face, str):
+        return _Input([Prediction(src.name, error=face)], {})
+    return _Input([Prediction(src.name)], {0: face})
+
+
+def _detect_input(src: _Source, data: bytes, settings: PreprocessSettings, framing: Framing,
+                  detector: FaceDetector) -> _Input:
+    """Every face in the image, through ingestion's own per-file steps (decode, detect, align with
+    the margin, normalise, the near-constant check), so a face is what the model trained on."""
+    from fer_pipeline.dataset.face_batch import Detection, _detect_one
+    from fer_pipeline.dataset.preprocess import reject_blank
+
+    items, _ = _detect_one(data, settings, Detection(margin=float(framing.margin or 0.0)), detector)
+    decoded = reject_blank([item[4] for item in items], settings)
+    rows, ready = [], {}
+    for pos, ((index, found, box, score, _), face) in enumerate(zip(items, decoded)):
+        rows.append(Prediction(src.name, error=face.reason, face_index=index if found else None, faces_found=found,
+                               box=None if box is None else tuple(float(v) for v in box),
+                               detector_score=score))
+        if face.ok:
+            ready[pos] = face.face
+    return _Input(rows, ready)
+
+
+def _annotate(rows: list[Prediction], data: bytes, index: int, name: str, folder: Path, framing: Framing,
+              settings: PreprocessSettings) -> list[Prediction]:
+    """Write the annotated copy of one input; its rows say where it went (or why it did not).
+    Inputs that could not be decoded get none."""
+    from fer_pipeline.dataset.detect import to_rgb
+    from fer_pipeline.dataset.preprocess import open_checked
+    from fer_pipeline.ml.annotate import Mark, centre_crop_box, write_annotated
+
+    if all(r.error is not None and r.faces_found is None for r in rows):
+        return rows  # unreadable, not an image, too small, ...: nothing to draw on
+    try:
+        opened = open_checked(data, settings)
+        if opened.image is None:
+            return rows
+        rgb = to_rgb(opened.image)
+        marks = []
+        for row in rows:
+            text = f"{row.label} {row.confidence:.2f}" if row.ok else ("?" if row.error != NO_FACE else NO_FACE)
+            if framing.detects and row.face_index is not None:
+                marks.append(Mark(row.box, f"{row.face_index}: {text}", row.ok))
+            elif framing.detects:
+                marks.append(Mark(None, text, row.ok))
+            else:
+                marks.append(Mark(centre_crop_box(rgb.width, rgb.height, settings.image_size), text, row.ok))
+        path = write_annotated(rgb, marks, folder, index, name, opened.image.format)
+    except Exception as exc:  # noqa: BLE001 -- a failed copy is reported, the predictions stand
+        return [replace(r, annotation_error=f"{type(exc).__name__}: {exc}") for r in rows]
+    return [replace(r, annotated=str(path)) for r in rows]
 
 
 def predict_images(
@@ -197,34 +335,59 @@ def predict_images(
     checkpoint: str | Path | LoadedModel,
     batch_size: int = 256,
     max_bytes: int = MAX_INPUT_BYTES,
+    *,
+    framing: str | Framing = "auto",
+    detector: FaceDetector | None = None,
+    annotate_dir: str | Path | None = None,
+    min_confidence: float | None = None,
 ) -> list[Prediction]:
     """Classify every image in ``paths`` (files, folders, .zip archives) with a checkpoint.
 
-    Returns one :class:`Prediction` per image found (in input order), plus one with an
-    ``error`` for each unreadable file, missing path, bad archive or entry, or image-less
-    folder. Raises ``ValueError`` for a broken model (non-finite weights, bad normalisation).
+    Returns one :class:`Prediction` per image found (per face found, when the framing detects
+    faces: ``framing`` "auto" follows the checkpoint, "crop"/"detect" force one, a
+    :class:`Framing` is applied as it is), in input
+    order, plus one with an ``error`` for each unreadable file, missing path, bad archive or
+    entry, image-less folder or face-less image. ``detector`` replaces the one the checkpoint
+    records (tests, a GPU detector). With ``annotate_dir``, a copy of each classified image with
+    boxes and labels goes there. Probabilities are calibrated with the checkpoint's temperature;
+    a face whose top probability is below ``min_confidence`` is labelled :data:`UNCERTAIN`
+    (its probabilities are still given). Raises ``ValueError`` for a broken model (non-finite weights,
+    bad normalisation) or recorded detector settings that do not make a detector.
     """
     if isinstance(checkpoint, LoadedModel):
         check_model(checkpoint)
         loaded = checkpoint
     else:
         loaded = load_checkpoint(checkpoint)
-    results: list[Prediction | None] = []
-    pending: list[tuple[int, str, np.ndarray]] = []
+    plan = framing if isinstance(framing, Framing) else resolve_framing(loaded, framing)
+    if plan.detects and detector is None:
+        detector = detector_from_settings(plan.detector or {})
+    folder = Path(annotate_dir) if annotate_dir is not None else None
+    settings = loaded.preprocess
+    results: list[list[Prediction]] = []
+    pending: list[tuple[_Input, int]] = []  # faces to classify: (input, row position)
 
     def flush() -> None:
-        if pending:
-            probs = loaded.predict_proba(np.stack([face for _, _, face in pending]))
-            for (slot, name, _), p in zip(pending, probs):
-                results[slot] = _prediction(name, p, loaded.classes)
-            pending.clear()
+        if not pending:
+            return
+        faces = np.stack([item.faces[pos] for item, pos in pending])
+        for (item, pos), p in zip(pending, loaded.predict_proba(faces)):
+            item.rows[pos] = _prediction(item.rows[pos], p, loaded.classes, min_confidence)
+        pending.clear()
 
-    for src in iter_sources(paths, max_bytes):
-        face = _read_and_decode(src, loaded.preprocess)  # exactly what the training faces went through
-        results.append(Prediction(src.name, error=face) if isinstance(face, str) else None)
-        if not isinstance(face, str):
-            pending.append((len(results) - 1, src.name, face))
-            if len(pending) >= batch_size:
-                flush()
+    for index, src in enumerate(iter_sources(paths, max_bytes), start=1):
+        data = _read(src)
+        if isinstance(data, str):
+            results.append([Prediction(src.name, error=data)])
+            continue
+        item = (_detect_input(src, data, settings, plan, detector) if plan.detects and detector is not None
+                else _crop_input(src, data, settings))
+        results.append(item.rows)  # filled in place by flush()
+        pending.extend((item, pos) for pos in item.faces)
+        if folder is not None:  # one image at a time: photos are large, and the labels are drawn
+            flush()
+            results[-1] = _annotate(item.rows, data, index, src.name, folder, plan, settings)
+        elif len(pending) >= batch_size:
+            flush()
     flush()
-    return [r for r in results if r is not None]
+    return [row for rows in results for row in rows]

@@ -246,6 +246,15 @@ class WeightEMA:
         return TensorEMA(self._dst, self._src, self._dst_int, self._src_int, device)
 
 
+def load_partial_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``model``; every key must exist there with the same shape."""
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"initial weights do not fit the architecture: {sorted(wrong)[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
 def _lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
     if warmup and step < warmup:
         return base * (step + 1) / warmup
@@ -278,12 +287,15 @@ def train_model(
     *,
     sample_weights: np.ndarray | None = None,
     n_classes: int = len(CLASSES),
+    init_state: dict[str, torch.Tensor] | None = None,
     log: LogFn | None = None,
 ) -> TrainResult:
     """Train ``arch`` on uint8 faces (N, H, W) with integer labels; keep the best epoch.
 
     ``sample_weights`` (one per training sample, e.g. for bias mitigation) scale each
-    sample's loss. ``log`` receives one line per epoch (pass ``context.log.info``).
+    sample's loss. ``init_state`` starts some weights from elsewhere (a pretrained
+    backbone's ``features.*``, see :mod:`fer_pipeline.ml.pretrain`); the rest keep their
+    seeded initialisation. ``log`` receives one line per epoch (pass ``context.log.info``).
     """
     log = log or (lambda _msg: None)
     train_labels = np.asarray(train_labels, dtype=np.int64)
@@ -312,7 +324,10 @@ def train_model(
         x_val = to_unit_tensor(val_images).to(device)
         y_val = torch.as_tensor(val_labels)
 
-        model = build_model(arch, n_classes, input_size=input_size).to(device)
+        model = build_model(arch, n_classes, input_size=input_size)
+        if init_state is not None:
+            load_partial_state(model, init_state)
+        model = model.to(device)
         model = model.to(memory_format=torch.channels_last)
         ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
         graphed = config.cuda_graphs and graphable(model, config.mixup_alpha, device)

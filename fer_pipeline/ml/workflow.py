@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -19,9 +19,10 @@ from fer_pipeline.atomic import replace_synced
 from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline.dataset.publish import data_version, read_published  # noqa: F401  (data_version re-exported)
 from fer_pipeline.ml.architectures import ArchConfig
-from fer_pipeline.ml.checkpoint import save_checkpoint
+from fer_pipeline.ml.calibration import calibrate, softmax
+from fer_pipeline.ml.checkpoint import Framing, save_checkpoint
 from fer_pipeline.ml.data import SplitArrays, load_split_arrays
-from fer_pipeline.ml.inference import predict_proba
+from fer_pipeline.ml.inference import predict_logits
 from fer_pipeline.ml.metrics import (
     ClassificationMetrics,
     evaluate_predictions,
@@ -31,6 +32,11 @@ from fer_pipeline.ml.plots import plot_training_curves
 from fer_pipeline.ml.train import TrainConfig, TrainResult, train_model
 from fer_pipeline.paths import DataPaths
 from fer_pipeline.schema import SPLITS
+
+if TYPE_CHECKING:
+    from fer_pipeline.dataset.catalog import Catalog
+
+MANIFEST_FRAMING = "framing"  # the manifest column (schema.MANIFEST_COLUMNS) saying how each face was cut out
 
 LogFn = Callable[[str], None]
 
@@ -60,30 +66,85 @@ class TrainedModel:
         return not self.bad_tensors
 
 
+def training_framing(rows: pd.DataFrame, catalog: Catalog | None = None) -> Framing:
+    """How ``rows`` (training manifest rows) were framed: "crop", "detect" or "mixed", and for
+    detected rows the detector settings and margin ingestion used.
+
+    A manifest without the ``framing`` column, or a row without a value, is "crop" (manifests
+    written before detection existed). The settings are those ``catalog`` gives the detected
+    rows' sources (:meth:`fer_pipeline.dataset.faces.SourceFraming.of`, what ingestion runs);
+    a source it does not list as ``faces: detect`` (or no catalogue) counts with the ``detect:``
+    defaults. Sources detected with different settings: the settings of the most rows."""
+    from fer_pipeline.dataset.detect import DETECTORS
+    from fer_pipeline.dataset.face_batch import Detection
+    from fer_pipeline.dataset.faces import SourceFraming
+
+    column = MANIFEST_FRAMING
+    values = (rows[column].astype(object).where(rows[column].notna(), "crop") if column in rows.columns
+              else pd.Series(["crop"] * len(rows), index=rows.index, dtype=object))
+    counts = {str(k): int(v) for k, v in values.value_counts().sort_index().items()}
+    unknown = sorted(set(counts) - {"crop", "detect"})
+    if unknown:
+        raise ValueError(f"manifest column '{column}' holds {unknown}; expected 'crop' or 'detect'")
+    if not counts.get("detect"):
+        return Framing("crop", rows=counts)
+    specs = {s.name: s for s in catalog.sources} if catalog is not None else {}
+    sources = rows.loc[values == "detect", "source"] if "source" in rows.columns else pd.Series([None] * counts["detect"])
+    weight: dict[Detection, int] = {}
+    for source, n in sources.value_counts(dropna=False).items():
+        spec = specs.get(source)
+        detection = (SourceFraming.of(spec).detection if spec is not None else None) or Detection()
+        weight[detection] = weight.get(detection, 0) + int(n)
+    chosen = max(weight, key=lambda d: (weight[d], d.key))
+    settings = DETECTORS[chosen.detector].describe(**chosen.detector_options())
+    return Framing("mixed" if counts.get("crop") else "detect", settings, chosen.margin, counts)
+
+
+def _catalog_beside(paths: DataPaths, rows: pd.DataFrame, log: LogFn | None) -> Catalog | None:
+    """The data root's catalogue, read only when ``rows`` hold detected faces (None: none there)."""
+    from fer_pipeline.dataset.catalog import load_catalog
+
+    column = MANIFEST_FRAMING
+    if column not in rows.columns or not (rows[column] == "detect").any():
+        return None
+    try:
+        return load_catalog(paths.catalog, paths.root)
+    except Exception as exc:  # noqa: BLE001 -- the checkpoint then records the detect defaults, said aloud
+        if log:
+            log(f"framing: cannot read {paths.catalog} ({exc}); recording the default detector settings")
+        return None
+
+
 def train_and_save(name: str, arch: ArchConfig, config: TrainConfig, arrays: dict[str, SplitArrays],
                    paths: DataPaths, version: str, preprocess: PreprocessSettings, *,
                    train_rows: np.ndarray | None = None, sample_weights: np.ndarray | None = None,
-                   extra: dict[str, Any] | None = None, log: LogFn | None = None) -> TrainedModel:
+                   extra: dict[str, Any] | None = None, log: LogFn | None = None,
+                   catalog: Catalog | None = None) -> TrainedModel:
     """Train on the train split (optionally a row selection with per-row weights, e.g. a
     mitigation plan), early-stop on validation, write checkpoint + curves.
 
     Write, audit, publish: checkpoint and curves are written as candidates under
     ``models/candidates/`` and renamed over the published ones only when every weight is
     finite, so readers never load a broken model in place of the last good one. ``preprocess``
-    is recorded in the checkpoint so prediction prepares inputs exactly as the training faces
-    were prepared."""
+    and the framing of the rows trained on (:func:`training_framing`, with the detection settings
+    of ``catalog``, by default the data root's ``sources.yaml``) are recorded in the checkpoint
+    so prediction prepares inputs exactly as the training faces were prepared."""
     train, val = arrays["train"], arrays["validation"]
     images, labels = (train.images, train.labels) if train_rows is None else (train.images[train_rows],
                                                                               train.labels[train_rows])
+    rows = train.frame if train_rows is None else train.frame.iloc[train_rows]
+    framing = training_framing(rows, catalog if catalog is not None else _catalog_beside(paths, rows, log))
     result = train_model(images, labels, val.images, val.labels, arch, config, sample_weights=sample_weights,
                          log=log)
-    probs = predict_proba(result.build(), val.images, result.normalization, tta_flip=config.tta_flip)
+    logits = predict_logits(result.build(), val.images, result.normalization, tta_flip=config.tta_flip).double().numpy()
+    probs = softmax(logits)
     validation = evaluate_predictions(val.labels, probs.argmax(axis=1), probs)
+    calibration = calibrate(logits, val.labels, fitted_on="validation")  # temperature scaling, stored below
     baseline = majority_baseline(labels, val.labels)
     candidates = paths.model_candidates_dir
     ckpt = save_checkpoint(candidates / paths.checkpoint(name).name, result, data_version=version,
                            preprocess=preprocess, metrics={"validation": validation.to_dict()}, model_name=name,
-                           extra=extra)
+                           extra=extra, framing=framing, calibration=calibration.to_dict())
     curves = plot_training_curves(result.history, candidates / paths.curves(name).name, title=name,
                                   best_epoch=result.best_epoch)
     finite, bad = weights_are_finite(ckpt)

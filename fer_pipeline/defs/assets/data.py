@@ -13,9 +13,10 @@ from fer_pipeline.atomic import write_parquet
 from fer_pipeline.dataset import dedup as dedup_core
 from fer_pipeline.dataset import plots
 from fer_pipeline.dataset.face_store import FaceStore, load_faces
-from fer_pipeline.dataset.faces import process_faces
+from fer_pipeline.dataset.faces import SourceFraming, framing_shares, process_faces
 from fer_pipeline.dataset.inventory import build_inventory
 from fer_pipeline.dataset.manifest import (
+    accounting_items,
     apply_relabels,
     build_manifest,
     candidates_for_decoding,
@@ -51,12 +52,19 @@ GROUP = "data"
 
 def _prepare_synthetic(settings: FerSettings, log: dg.DagsterLogManager) -> list[str]:
     """Generate the demo source(s) the first time (deterministic, so re-running is a no-op)."""
-    from fer_pipeline.dataset.synthetic_faces import generate_demo_source
+    from fer_pipeline.dataset.synthetic_faces import (
+        generate_demo_scenes,
+        generate_demo_source,
+    )
 
     names = []
     for spec in settings.catalog().sources:
         if spec.kind == "synthetic":
-            report = generate_demo_source(spec.path, **spec.options)
+            options = dict(spec.options)
+            if "scenes" in options:  # faces drawn into larger cluttered scenes, for `faces: detect`
+                report = generate_demo_scenes(spec.path, n_scenes=options.pop("scenes"), **options)
+            else:
+                report = generate_demo_source(spec.path, **options)
             log.info(f"synthetic source '{spec.name}': {report.n_written} files at {spec.path}")
             names.append(spec.name)
     return names
@@ -106,13 +114,23 @@ def faces(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materialize
     settings = fer.preprocess
     store = FaceStore(paths.root, settings.key)
     specs = {s.name: s for s in fer.catalog().sources}
+    framings = {name: SourceFraming.of(spec) for name, spec in specs.items()}
     with SourceBytes(specs, max_file_bytes=fer.max_file_bytes) as read:
         report = process_faces(candidates, read, store, settings, workers=fer.workers or None,
-                               log=context.log.info, ignore_cache=fer.rebuild)
+                               log=context.log.info, ignore_cache=fer.rebuild, framings=framings)
     table = report.table
     write_parquet(paths.faces_table, table)
     reasons = table.loc[table["reason"].notna(), "reason"].map(plots.reason_category)  # no sizes, paths
     rate = report.processed / report.seconds if report.seconds > 0 and report.processed else 0.0
+    detection: dict[str, object] = {}
+    if any(f.detection is not None for f in framings.values()):
+        detection = {
+            "detected_this_run": report.detected,
+            "detection_reused_from_cache": report.detect_reused,
+            "framing_by_source": md_table(framing_shares(table)),
+            "faces_by_framing": counts(table.loc[table["reason"].isna(), "framing"].map(
+                lambda f: "crop" if f == "crop" else "detect")),
+        }
     return dg.MaterializeResult(metadata={
         "candidates": len(table),
         "accepted": int(table["reason"].isna().sum()),
@@ -126,6 +144,7 @@ def faces(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materialize
         "seconds": round(report.seconds, 2),
         "settings_key": settings.key,
         "store": dg.MetadataValue.path(str(store.dir)),
+        **detection,
     })
 
 
@@ -199,12 +218,13 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
     kept, excluded = build_manifest(inv, faces_table, dedup_table, (fer.image_size, fer.image_size))
     # user corrections (e.g. from the label_issues report); recorded in column relabelled_from
     kept, relabels = apply_relabels(kept, read_relabels(paths.relabels))
-    accounting = check_accounting(inv, kept, excluded)
+    items = accounting_items(inv, faces_table)  # each file, and each further face of a `keep: all` photo
+    accounting = check_accounting(items, kept, excluded)
     version = manifest_version(kept, excluded)
     candidate = Candidate(paths, context.run.run_id)
     candidate.write("manifest", kept, {"manifest_version": version, "run_id": context.run.run_id})
     candidate.write("excluded", excluded, {"manifest_version": version, "run_id": context.run.run_id})
-    tables = Tables(kept, excluded, inv[["source", "source_path"]])
+    tables = Tables(kept, excluded, items)
     results, failed = _audit(context, fer, candidate, "manifest", MANIFEST_CHECKS, tables)
     by_class_source = kept.pivot_table(index="label", columns="source", values="image_id", aggfunc="count",
                                        fill_value=0)
@@ -215,6 +235,8 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         "kept": len(kept),
         "excluded": len(excluded),
         "inputs": accounting["n_inputs"],
+        "input_files": len(inv),
+        "by_framing": counts(kept["framing"]),
         "accounting_balanced": bool(accounting["balanced"]),
         "by_class": counts(kept["label"]),
         "by_class_and_source": md_table(by_class_source.reset_index()),
@@ -274,7 +296,9 @@ def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materializ
         "data_version": split_version,
         "publication": publication,
         "path": dg.MetadataValue.path(str(paths.splits)),
-    }, check_results=results)
+    }, check_results=results,
+        # the data version as Dagster's: the training work downstream goes stale only when it changes
+        data_version=dg.DataVersion(split_version))
 
 
 @dg.asset(group_name=GROUP, deps=[manifest, splits],

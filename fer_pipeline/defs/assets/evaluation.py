@@ -2,14 +2,18 @@
 
 Lineage in the UI::
 
-    splits ──► cross_validation ──► label_issues
+    splits ──► cv_fold (one partition per fold) ──► cross_validation ──► label_issues
+    splits ──► held_out_sources ──► loso_fold (one partition per source) ──► cross_source_generalisation
     model_<main> ──► bias_report, source_confound, mitigation_comparison, cross_source_generalisation
     splits ──► mitigated_model ──► mitigation_comparison
 
-Every knob (folds, epochs, thresholds, mitigation) is in the ``analysis`` resource, editable in
-the launchpad (``resources: analysis: config: ...``). The core logic is plain Python in
-:mod:`fer_pipeline.analysis`; these functions read inputs, call it, write ``reports/`` files and
-turn the results into metadata a user looks at.
+The training work (CV folds, held-out sources) is partitioned (:mod:`fer_pipeline.defs.jobs`):
+each partition trains one unit and stores its result with the recipe it was trained with; the
+aggregates publish the reports from the stored results of the current recipe and refuse the
+others. Every knob (epochs, thresholds, mitigation) is in the ``analysis`` resource, editable in
+the launchpad (``resources: analysis: config: ...``); the number of CV folds is ``FER_CV_FOLDS``.
+The core logic is plain Python in :mod:`fer_pipeline.analysis`; these functions read inputs,
+call it, write ``reports/`` files and turn the results into metadata a user looks at.
 """
 
 
@@ -19,14 +23,20 @@ import pandas as pd
 
 from fer_pipeline.analysis import bias as bias_core
 from fer_pipeline.analysis import confound as confound_core
+from fer_pipeline.analysis import generalisation as loso_core
 from fer_pipeline.analysis import plots as aplots
 from fer_pipeline.analysis.cross_validation import (
+    CVResult,
+    FoldRecipe,
+    FoldStore,
+    TrainingRecipe,
+    collect_folds,
     combine_arrays,
     read_cv_outputs,
-    run_cross_validation,
+    stable_hash,
+    train_fold,
     write_cv_outputs,
 )
-from fer_pipeline.analysis.generalisation import run_leave_one_source_out
 from fer_pipeline.analysis.label_issues import RELABEL_HOWTO, label_issue_report
 from fer_pipeline.analysis.mitigation import (
     HOW_TO_ENABLE,
@@ -40,10 +50,20 @@ from fer_pipeline.atomic import write_csv, write_table
 from fer_pipeline.dataset.face_store import load_faces
 from fer_pipeline.dataset.publish import read_published
 from fer_pipeline.defs.assets.data import manifest, splits
+from fer_pipeline.defs.executors import GPU_OP_TAGS
+from fer_pipeline.defs.jobs import (
+    CV_FOLD,
+    HELD_OUT_SOURCES,
+    LOSO_FOLD,
+    LOSO_PARTITIONS,
+    cv_fold_count,
+    cv_fold_partitions,
+)
 from fer_pipeline.defs.metadata import md_image, md_table
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
 from fer_pipeline.ml.evaluate import Evaluation, evaluate_checkpoint, staleness
+from fer_pipeline.ml.train import TrainConfig
 from fer_pipeline.ml.workflow import load_pipeline_data
 from fer_pipeline.schema import SPLITS
 
@@ -81,50 +101,110 @@ def _warn_stale(context: dg.AssetExecutionContext, name: str, trained_on: str | 
 
 
 # --------------------------------------------------------------------------------------------
-# cross-validation
+# cross-validation: one partition per fold, then the aggregate
 # --------------------------------------------------------------------------------------------
 
 
-@dg.asset(group_name=GROUP, deps=[manifest, splits],
-          description=f"K-fold cross-validation of the main model ({MAIN_MODEL}) over train+validation on the "
-                      "stored folds: per-fold accuracy and macro/micro precision/recall/F1, mean ± std, "
-                      "out-of-fold probabilities (resumable: finished folds are cached).")
-def cross_validation(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
-                     analysis: AnalysisSettings) -> dg.MaterializeResult:
-    paths = fer.paths
-    _, _, arrays, version = _load(fer, ("train", "validation"))
-    pool = combine_arrays([arrays["train"], arrays["validation"]])
-    arch = ARCHITECTURES[MAIN_MODEL]
+def cv_recipe(version: str, training: TrainSettings, analysis: AnalysisSettings,
+              n_cv_folds: int) -> tuple[TrainConfig, FoldRecipe]:
+    """The training config of a CV fold and the recipe its result is stored (and checked) with."""
     config = analysis.recipe(training, analysis.cv_epochs, analysis.cv_patience)
-    cache = paths.report("cv_cache") if analysis.cv_cache else None
-    cv = run_cross_validation(pool, arch, config, data_version=version, n_cv_folds=analysis.cv_folds or None,
-                              folds=analysis.folds, cache_dir=cache, log=context.log.info,
-                              train_log=context.log.debug)
-    files = write_cv_outputs(paths, cv, arch, config, data_version=version, n_pool=len(pool))
-    table = cv.table
-    mean = table[table["fold"] == "mean"].iloc[0]
-    std = table[table["fold"] == "std"].iloc[0]
-    context.log.info(f"cross-validation: macro-F1 {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f}, accuracy "
-                     f"{mean['accuracy']:.4f} ± {std['accuracy']:.4f} over folds {[r.fold for r in cv.folds]}")
-    shown = ["fold", "n_train", "n_inner_validation", "n_test", "accuracy", "macro_precision", "macro_recall",
-             "macro_f1", "micro_precision", "micro_recall", "micro_f1", "best_epoch", "train_seconds", "from_cache"]
-    return dg.MaterializeResult(metadata={
-        "folds_table": md_table(_round(table[shown]), 40),
-        "macro_f1_mean": float(mean["macro_f1"]), "macro_f1_std": float(std["macro_f1"]),
-        "accuracy_mean": float(mean["accuracy"]), "accuracy_std": float(std["accuracy"]),
-        "plot": md_image(files["plot"], "per-fold scores"),
-        "n_cv_folds": cv.n_cv_folds,
-        "folds_run": [r.fold for r in cv.folds],
-        "folds_trained_this_run": cv.trained,
-        "folds_from_cache": cv.from_cache,
-        "epochs_per_fold": config.epochs,
-        "architecture": arch.name,
-        "data_version": version,
-        "out_of_fold_predictions": len(cv.oof),
-        "cache_dir": str(cv.cache_dir) if cv.cache_dir else "off",
-        "files": dg.MetadataValue.json(files),
-        "seconds": round(cv.seconds, 1),
-    })
+    return config, FoldRecipe.of(version, ARCHITECTURES[MAIN_MODEL], config, n_cv_folds=n_cv_folds)
+
+
+def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
+    """``cv_fold`` (``n_cv_folds`` partitions) and its aggregate ``cross_validation``; built when
+    the code location loads, since the partitions are fixed then."""
+    arch = ARCHITECTURES[MAIN_MODEL]
+
+    @dg.asset(name=CV_FOLD, group_name=GROUP, deps=[splits], partitions_def=cv_fold_partitions(n_cv_folds),
+              # the fold count is part of what a fold means: changing FER_CV_FOLDS marks every fold stale
+              code_version=f"{n_cv_folds}-fold",
+              op_tags=GPU_OP_TAGS,  # no backfill policy: a backfill is one run per fold, side by side
+              description=f"One fold of the {n_cv_folds}-fold cross-validation of the main model ({MAIN_MODEL}) "
+                          "over train+validation (partition = fold number): trains it, scores the held-out "
+                          "fold, stores its out-of-fold probabilities with the data version and recipe. "
+                          "Materialize missing partitions (a backfill) to run a subset or resume.")
+    def cv_fold(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
+                analysis: AnalysisSettings) -> dg.MaterializeResult:
+        fold = int(context.partition_key)
+        _, _, arrays, version = _load(fer, ("train", "validation"))
+        pool = combine_arrays([arrays["train"], arrays["validation"]])
+        config, recipe = cv_recipe(version, training, analysis, n_cv_folds)
+        result = train_fold(pool, fold, arch, config, n_cv_folds=n_cv_folds, run_id=context.run.run_id,
+                            log=context.log.info, train_log=context.log.debug)
+        files = FoldStore(fer.paths.report("cv_fold_results")).save(result, recipe)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(recipe.identity(fold)),  # what downstream staleness compares
+            metadata={**{k: round(v, 4) for k, v in result.metrics.items()},
+                      "fold": fold, "n_cv_folds": n_cv_folds, "n_train": result.n_train,
+                      "n_inner_validation": result.n_inner_validation, "n_test": result.n_test,
+                      "held_out_stored_folds": list(result.held_out_stored_folds),
+                      "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                      "train_seconds": round(result.train_seconds, 1), "architecture": arch.name,
+                      "data_version": version, "recipe_identity": recipe.identity(fold),
+                      "files": dg.MetadataValue.json(files)})
+
+    @dg.asset(name="cross_validation", group_name=GROUP, deps=[cv_fold, splits],
+              description=f"{n_cv_folds}-fold cross-validation of the main model ({MAIN_MODEL}) from the cv_fold "
+                          "partitions: per-fold accuracy and macro/micro precision/recall/F1, mean ± std, "
+                          "out-of-fold probabilities. Folds trained on other data (or another recipe) are refused.",
+              check_specs=[dg.AssetCheckSpec("cv_folds_current", asset="cross_validation",
+                                             description="Every fold is materialized for the published data and "
+                                                         "the current recipe (warns when some are missing or "
+                                                         "refused: the table then covers fewer folds).")])
+    def cross_validation(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
+                         analysis: AnalysisSettings) -> dg.MaterializeResult:
+        paths = fer.paths
+        published = read_published(paths)
+        version = published.data_version
+        n_pool = int((published.splits["split"] != "test").sum())
+        config, recipe = cv_recipe(version, training, analysis, n_cv_folds)
+        collected = collect_folds(FoldStore(paths.report("cv_fold_results")), recipe)
+        refused = {str(k): v for k, v in collected.refused.items()}
+        for fold, why in refused.items():
+            context.log.warning(f"fold {fold} refused: {why}; re-materialize partition {fold} of {CV_FOLD}")
+        if not collected.used:
+            raise dg.Failure(
+                description=f"no fold of the {n_cv_folds}-fold cross-validation is materialized for the published "
+                            f"data (version {version}) and this recipe: materialize the {CV_FOLD} partitions first "
+                            f"(UI: {CV_FOLD} → Materialize, all or missing partitions; or "
+                            "`python -m fer_pipeline.defs.refresh`)",
+                metadata={"folds_missing": collected.missing, "folds_refused": dg.MetadataValue.json(refused)})
+        if collected.missing:
+            context.log.warning(f"folds {collected.missing} are not materialized: the table covers "
+                                f"{len(collected.used)} of {n_cv_folds} folds")
+        cv = CVResult(collected.used, n_cv_folds)
+        files = write_cv_outputs(paths, cv, arch, config, data_version=version, n_pool=n_pool,
+                                 missing=collected.missing, refused=collected.refused)
+        table = cv.table
+        mean = table[table["fold"] == "mean"].iloc[0]
+        std = table[table["fold"] == "std"].iloc[0]
+        folds_used = [r.fold for r in cv.folds]
+        context.log.info(f"cross-validation: macro-F1 {mean['macro_f1']:.4f} ± {std['macro_f1']:.4f}, accuracy "
+                         f"{mean['accuracy']:.4f} ± {std['accuracy']:.4f} over folds {folds_used}")
+        shown = ["fold", "n_train", "n_inner_validation", "n_test", "accuracy", "macro_precision", "macro_recall",
+                 "macro_f1", "micro_precision", "micro_recall", "micro_f1", "best_epoch", "train_seconds", "run_id"]
+        return dg.MaterializeResult(metadata={
+            "folds_table": md_table(_round(table[shown]), 40),
+            "macro_f1_mean": float(mean["macro_f1"]), "macro_f1_std": float(std["macro_f1"]),
+            "accuracy_mean": float(mean["accuracy"]), "accuracy_std": float(std["accuracy"]),
+            "plot": md_image(files["plot"], "per-fold scores"),
+            "n_cv_folds": n_cv_folds,
+            "folds_run": folds_used,
+            "folds_missing": collected.missing,
+            "folds_refused": dg.MetadataValue.json(refused),
+            "epochs_per_fold": config.epochs,
+            "architecture": arch.name,
+            "data_version": version,
+            "out_of_fold_predictions": len(cv.oof),
+            "files": dg.MetadataValue.json(files),
+        }, check_results=[dg.AssetCheckResult(
+            check_name="cv_folds_current", passed=collected.complete, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"folds_used": folds_used, "folds_missing": collected.missing,
+                      "folds_refused": dg.MetadataValue.json(refused)})])
+
+    return [cv_fold, cross_validation]
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,54 +398,139 @@ def source_confound(context: dg.AssetExecutionContext, fer: FerSettings,
 
 
 # --------------------------------------------------------------------------------------------
-# cross-source generalisation
+# cross-source generalisation: the sources, one partition per held-out source, the aggregate
 # --------------------------------------------------------------------------------------------
 
 
-@dg.asset(group_name=GROUP, deps=[manifest, splits, MAIN_MODEL_ASSET],
-          description="Leave-one-source-out: the main architecture trained on all sources but one and tested "
-                      "on the held-out source, beside the in-domain test score. Not applicable with one source.")
+def loso_recipe(version: str, training: TrainSettings,
+                analysis: AnalysisSettings) -> tuple[TrainConfig, TrainingRecipe]:
+    """The training config of a held-out source and the recipe its row is stored (and checked) with."""
+    config = analysis.recipe(training, analysis.loso_epochs)
+    return config, TrainingRecipe.of(version, ARCHITECTURES[MAIN_MODEL], config)
+
+
+def _partition_key_problem(key: str) -> str | None:
+    """Why a source name cannot be a Dagster partition key (None: it can)."""
+    bad = [s for s in ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0") if s in key]
+    return f"its name contains {bad!r}, which a partition key may not" if bad else None
+
+
+@dg.asset(name=HELD_OUT_SOURCES, group_name=GROUP, deps=[splits],
+          description="The sources of the published data and whether each can be held out (leave-one-source-out); "
+                      f"keeps one partition of {LOSO_FOLD} per eligible source (adds new ones, removes gone ones).")
+def held_out_sources(context: dg.AssetExecutionContext, fer: FerSettings,
+                     analysis: AnalysisSettings) -> dg.MaterializeResult:
+    _, _, arrays, version = _load(fer, with_images=False)  # labels and sources only
+    sources = loso_core.sources_of(arrays)
+    status = (loso_core.eligibility(arrays, analysis.loso_min_classes) if len(sources) > 1
+              else {s: loso_core.NOT_APPLICABLE_ONE_SOURCE for s in sources})
+    for source, problem in ((s, _partition_key_problem(s)) for s in sources):
+        if problem and status[source] == loso_core.ELIGIBLE:
+            status[source] = f"skipped: {problem}"
+            context.log.warning(f"source {source!r} cannot be held out: {problem}")
+    wanted = sorted(s for s, state in status.items() if state == loso_core.ELIGIBLE)
+    name = LOSO_PARTITIONS.name
+    existing = set(context.instance.get_dynamic_partitions(name))
+    added, removed = sorted(set(wanted) - existing), sorted(existing - set(wanted))
+    if added:
+        context.instance.add_dynamic_partitions(name, added)
+    for key in removed:  # a source gone from the data (or no longer eligible): nothing left to train
+        context.instance.delete_dynamic_partition(name, key)
+    context.log.info(f"held-out sources: {wanted or 'none'} (added {added or 'none'}, removed {removed or 'none'})")
+    table = pd.DataFrame({"source": list(status), "status": list(status.values())})
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(stable_hash({"data_version": version, "sources": wanted})),
+        metadata={"sources": md_table(table), "partitions": wanted, "added": added, "removed": removed,
+                  "data_version": version})
+
+
+@dg.asset(name=LOSO_FOLD, group_name=GROUP, deps=[held_out_sources, splits], partitions_def=LOSO_PARTITIONS,
+          op_tags=GPU_OP_TAGS,
+          description=f"Leave-one-source-out for one source (partition = source name; partitions come from "
+                      f"{HELD_OUT_SOURCES}): the main architecture trained on the other sources' train split, "
+                      "early-stopped on their validation split, tested on every image of the held-out source.")
+def loso_fold(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
+              analysis: AnalysisSettings) -> dg.MaterializeResult:
+    source = context.partition_key
+    _, _, arrays, version = _load(fer)
+    config, recipe = loso_recipe(version, training, analysis)
+    row = loso_core.held_out_row(arrays, source, ARCHITECTURES[MAIN_MODEL], config,
+                                 min_classes=analysis.loso_min_classes, run_id=context.run.run_id,
+                                 log=context.log.info, train_log=context.log.debug)
+    if row["status"] != loso_core.STATUS_DONE:
+        context.log.warning(f"held-out source {source}: {row['status']}")
+    path = loso_core.LosoStore(fer.paths.report("loso_results")).save(row, recipe)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "run_id"}
+    return dg.MaterializeResult(data_version=dg.DataVersion(recipe.identity(source)),
+                                metadata={**shown, "data_version": version, "recipe_identity": recipe.identity(source),
+                                          "file": dg.MetadataValue.path(str(path))})
+
+
+@dg.asset(group_name=GROUP, deps=[loso_fold, held_out_sources, MAIN_MODEL_ASSET, splits],
+          description="Leave-one-source-out from the loso_fold partitions: per held-out source, the score of the "
+                      "main architecture trained without it, beside the main model's in-domain test score on it. "
+                      "Rows trained on other data (or another recipe) are refused. Not applicable with one source.",
+          check_specs=[dg.AssetCheckSpec("loso_sources_current", asset="cross_source_generalisation",
+                                         description="Every eligible source's partition is materialized for the "
+                                                     "published data and the current recipe (warning).")])
 def cross_source_generalisation(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
                                 analysis: AnalysisSettings) -> dg.MaterializeResult:
     paths = fer.paths
-    n_sources = int(pd.read_parquet(paths.manifest, columns=["source"])["source"].nunique())
-    # with one source nothing is trained: only the labels are needed, not the faces
-    kept, _, arrays, version = _load(fer, with_images=n_sources > 1)
-    in_domain = _main_test_predictions(context, fer, arrays, version).y_pred if n_sources > 1 else None
-    config = analysis.recipe(training, analysis.loso_epochs)
-    result = run_leave_one_source_out(arrays, ARCHITECTURES[MAIN_MODEL], config, data_version=version,
-                                      in_domain_pred=in_domain, min_classes=analysis.loso_min_classes,
-                                      sources=analysis.loso_sources, cache_dir=paths.report("loso_cache"),
-                                      log=context.log.info, train_log=context.log.debug)
-    table = result.table
+    sources = sorted(pd.read_parquet(paths.manifest, columns=["source"])["source"].astype(str).unique())
+    missing: list[str] = []
+    refused: dict[str, str] = {}
+    if len(sources) < 2:  # nothing is trained: only the labels are needed, not the faces or a model
+        _, _, _, version = _load(fer, with_images=False)
+        table = loso_core.not_applicable_table(sources)
+    else:
+        _, _, arrays, version = _load(fer)
+        in_domain = _main_test_predictions(context, fer, arrays, version).y_pred
+        _, recipe = loso_recipe(version, training, analysis)
+        status = loso_core.eligibility(arrays, analysis.loso_min_classes)
+        collected = loso_core.collect_rows(loso_core.LosoStore(paths.report("loso_results")), status, recipe)
+        missing, refused = collected.missing, collected.refused
+        for source, why in refused.items():
+            context.log.warning(f"held-out source {source} refused: {why}; re-materialize partition {source!r} of "
+                                f"{LOSO_FOLD}")
+        eligible = [s for s, state in status.items() if state == loso_core.ELIGIBLE]
+        if eligible and len(missing) + len(refused) == len(eligible):
+            raise dg.Failure(
+                description=f"no held-out source is materialized for the published data (version {version}) and "
+                            f"this recipe: materialize the {LOSO_FOLD} partitions first (UI: {LOSO_FOLD} → "
+                            "Materialize; or `python -m fer_pipeline.defs.refresh`)",
+                metadata={"sources_missing": missing, "sources_refused": dg.MetadataValue.json(refused)})
+        table = loso_core.loso_table(collected.rows, arrays["test"], in_domain)
     files = write_table(paths.report("loso"), table)
     png = aplots.plot_loso(table, paths.report("loso_png"))
-    done = table[table["status"] == "evaluated"]
-    status = (f"evaluated {len(done)} held-out source(s)" if result.applicable and len(done)
-              else "no source eligible (see table)" if result.applicable
-              else f"not applicable: only one source ({', '.join(result.sources)})")
+    done = table[table["status"] == loso_core.STATUS_DONE]
+    status_text = (f"evaluated {len(done)} held-out source(s)" if len(done)
+                   else "no source eligible (see table)" if len(sources) > 1
+                   else f"not applicable: only one source ({', '.join(sources)})")
     metadata: dict[str, object] = {
-        "status": status,
+        "status": status_text,
         "table": md_table(_round(table)),
-        "sources": result.sources,
+        "sources": sources,
         "plot": md_image(png, "leave-one-source-out"),
-        "epochs_per_source": config.epochs,
-        "trained_this_run": result.trained, "from_cache": result.from_cache,
+        "epochs_per_source": analysis.recipe(training, analysis.loso_epochs).epochs,
+        "sources_missing": missing,
+        "sources_refused": dg.MetadataValue.json(refused),
         "files": dg.MetadataValue.json({**files, "plot": str(png)}),
         "data_version": version,
-        "seconds": round(result.seconds, 1),
     }
     if len(done):
         metadata["mean_loso_macro_f1"] = float(done["loso_macro_f1"].mean())
         metadata["mean_in_domain_macro_f1"] = float(done["in_domain_macro_f1"].mean())
-    return dg.MaterializeResult(metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata, check_results=[dg.AssetCheckResult(
+        check_name="loso_sources_current", passed=not missing and not refused, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"sources_evaluated": done["held_out_source"].tolist(), "sources_missing": missing,
+                  "sources_refused": dg.MetadataValue.json(refused)})])
 
 
 # --------------------------------------------------------------------------------------------
 # label issues
 # --------------------------------------------------------------------------------------------
 
-@dg.asset(group_name=GROUP, deps=[cross_validation, manifest],
+@dg.asset(group_name=GROUP, deps=[dg.AssetKey("cross_validation"), manifest],
           description="Images most likely mislabelled: confident learning (cleanlab) on the cross-validation's "
                       "out-of-fold probabilities; a thumbnail grid of the top suspects; nothing is relabelled.")
 def label_issues(context: dg.AssetExecutionContext, fer: FerSettings, analysis: AnalysisSettings) -> dg.MaterializeResult:
@@ -406,5 +571,7 @@ def label_issues(context: dg.AssetExecutionContext, fer: FerSettings, analysis: 
     })
 
 
-EVALUATION_ASSETS = [cross_validation, bias_report, mitigated_model, mitigation_comparison, source_confound,
-                     cross_source_generalisation, label_issues]
+def evaluation_assets(n_cv_folds: int | None = None) -> list[dg.AssetsDefinition]:
+    """Every evaluation asset, the CV folds sized ``n_cv_folds`` (default: ``FER_CV_FOLDS``)."""
+    return [*build_cv_assets(n_cv_folds or cv_fold_count()), bias_report, mitigated_model, mitigation_comparison,
+            source_confound, held_out_sources, loso_fold, cross_source_generalisation, label_issues]

@@ -11,6 +11,7 @@ from fer_pipeline.defs.executors import GPU_OP_TAGS
 from fer_pipeline.defs.metadata import md_image, md_table
 from fer_pipeline.defs.resources import FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL, ArchConfig
+from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
 from fer_pipeline.ml.evaluate import compare_checkpoints, write_comparison
 from fer_pipeline.ml.workflow import (
     load_pipeline_data,
@@ -55,6 +56,7 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
         val, base = trained.validation, trained.baseline_validation
         r = trained.result
         history = r.history_frame()
+        fit = read_checkpoint_metadata(trained.checkpoint).get("calibration") or {}
         return dg.MaterializeResult(
             metadata={
                 "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
@@ -66,6 +68,9 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
                 "val_accuracy": round(val.accuracy, 4),
                 "train_seconds": round(r.train_seconds, 1),
                 "train_images_per_second": round(r.mean_images_per_second, 1),
+                "temperature": fit.get("temperature"),
+                "calibration_on_validation": dg.MetadataValue.json(
+                    {k: fit.get(k) for k in ("n", "nll_before", "nll_after", "ece_before", "ece_after", "n_bins")}),
                 "curves": md_image(trained.curves_png, f"{name} curves"),
                 "history": md_table(history.round(4), 60),
             },
@@ -87,7 +92,8 @@ MODEL_ASSETS = [model_asset(name, arch) for name, arch in ARCHITECTURES.items()]
 
 @dg.asset(
     group_name=GROUP, deps=[*MODEL_ASSETS, splits],
-    description="Every model on the held-out test split: metrics, confusion matrices, comparison.",
+    description="Every model on the held-out test split: metrics, confusion matrices, comparison; calibration "
+                "(ECE before/after each checkpoint's temperature, reliability diagrams); the test predictions.",
     check_specs=[dg.AssetCheckSpec("test_macro_f1_floor", asset="model_evaluation",
                                    description="Each model's test macro-F1 at or above the configured floor "
                                                "(warning).")],
@@ -104,12 +110,16 @@ def model_evaluation(context: dg.AssetExecutionContext, fer: FerSettings,
     metadata: dict[str, object] = {}
     for name, ev in comparison.evaluations.items():
         metadata[f"confusion_{name}"] = md_image(files[f"confusion_{name}"], name)
+        metadata[f"reliability_{name}"] = md_image(files[f"reliability_{name}"], f"{name} reliability")
         metadata[f"per_class_{name}"] = md_table(ev.metrics.per_class.round(4))
     below = comparison.below(training.macro_f1_floor)
     context.log.info(f"best model: {comparison.best}\n{comparison.table.to_string(index=False)}")
     return dg.MaterializeResult(
         metadata={"best_model": comparison.best, "comparison": md_table(comparison.table.round(4)), **metadata,
+                  "ece_test": dg.MetadataValue.json({n: {k: c[k] for k in ("temperature", "ece_before", "ece_after")}
+                                                     for n, c in comparison.report.calibration.items()}),
                   "metrics_json": dg.MetadataValue.path(str(paths.metrics_json)),
+                  "test_predictions": dg.MetadataValue.path(str(files["test_predictions"])),
                   "data_version": version, "n_test": comparison.report.n_test,
                   "seconds": round(time.perf_counter() - start, 1)},
         check_results=[dg.AssetCheckResult(

@@ -110,6 +110,7 @@ class DataPaths:
     manifest = _Under("manifest", "manifest.parquet")
     excluded = _Under("manifest", "excluded.parquet")
     splits = _Under("manifest", "splits.parquet")
+    pool = _Under("manifest", "pool.parquet")  # the pretraining pool (published with the three above)
     candidates_dir = _Under("manifest", "candidates")  # per-run candidates (write, audit, publish)
     reports_dir = _Under("reports")
     models_dir = _Under("models")
@@ -129,6 +130,13 @@ class DataPaths:
 
     def curves(self, model_name: str) -> Path:
         return self.models_dir / f"{model_name}_curves.png"
+
+    def backbone(self, arch_name: str) -> Path:
+        """The pretrained backbone of an architecture (trained on the pool's own labels)."""
+        return self.models_dir / f"backbone_{arch_name}{CHECKPOINT_SUFFIX}"
+
+    def backbone_curves(self, arch_name: str) -> Path:
+        return self.models_dir / f"backbone_{arch_name}_curves.png"
 
     def confusion(self, model_name: str) -> Path:
         return self.reports_dir / f"confusion_{model_name}.png"

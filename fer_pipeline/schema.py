@@ -39,6 +39,9 @@ DETECTION_COLUMNS: tuple[str, ...] = ("faces_found", "box_left", "box_top", "box
                                       "detector_score")
 """The manifest columns only detected faces fill (nullable; null for crops)."""
 
+FRAMING_COLUMN = "framing"
+"""The manifest column saying how each face was cut from its file ("crop" or "detect")."""
+
 MANIFEST_KEY_COLUMNS: tuple[str, ...] = ("image_id", "source", "source_path", "label", "face_path", "phash")
 """Manifest columns that may never be null."""
 
@@ -47,8 +50,28 @@ EXCLUDED_COLUMNS: tuple[str, ...] = ("source", "source_path", "stage", "reason",
 """``excluded.parquet``: one row per source file not kept, with the stage and the reason; for a
 file with several detected faces, one row per face not kept (``face_index``; 0 otherwise)."""
 
+EXCLUDED_STAGES: tuple[str, ...] = ("inventory", "label_mapping", "faces", "deduplication", "pool",
+                                   "leakage_guard")
+"""``stage`` of an excluded row: where the pipeline set the file (or face) aside. ``pool``: an exact
+duplicate (same processed pixels) of another pretraining-pool image; ``leakage_guard``: a pool image
+that duplicates a validation or test image (``duplicate_of`` names it)."""
+STAGE_INVENTORY, STAGE_LABEL_MAPPING, STAGE_FACES, STAGE_DEDUP, STAGE_POOL, STAGE_LEAKAGE_GUARD = EXCLUDED_STAGES
+
 SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "split", "fold")
 """``splits.parquet``."""
+
+POOL_COLUMNS: tuple[str, ...] = (
+    "image_id", "source", "source_path", "original_label", "pool_label", "width", "height", "face_path",
+    "face_height", "face_width", "phash", "phash_mirror", "pixel_sha", "mean_intensity", "std_intensity",
+    "gender", "age_group", "race", "sha256", "bytes", "framing", "face_index", "faces_found", "box_left",
+    "box_top", "box_right", "box_bottom", "detector_score",
+)  # fmt: skip
+"""``pool.parquet``: one row per pretraining-pool image (a face whose raw label is one of its source's
+pool labels, see the catalogue's ``pretrain_labels``), after exact duplicates within the pool and the
+leakage guard. ``original_label`` is the source's own label, ``pool_label`` the label pretraining
+learns (lower case; a catalogue may merge synonyms). ``phash_mirror`` (the mirrored face's hash) and
+``pixel_sha`` (SHA-256 of the processed pixels) are what the guard and the pool version use; the
+other columns mean what they mean in the manifest."""
 
 DEMOGRAPHIC_ATTRIBUTES: tuple[str, ...] = ("gender", "age_group", "race")
 """Nullable demographic columns of the inventory and the manifest."""

@@ -13,7 +13,7 @@ data root into a local *working copy* and the stages keep using ``DataPaths(root
   removed from the working copy unless it was changed locally and not pushed yet.
 * :meth:`ObjectStore.push` uploads the files written locally since the last sync (new inode,
   size or mtime). The face store goes first (tables refer to its shards), the manifest table
-  last (``excluded``, ``splits``, then ``manifest``, as the local publish renames them), so a
+  last (``excluded``, ``pool``, ``splits``, then ``manifest``, as the local publish renames them), so a
   reader that sees a new manifest finds its splits and faces. A single object PUT is atomic on
   S3 and GCS: the upload to the final key is the "rename". A file the store changed since this
   working copy last synced it is a conflict: nothing is uploaded and :class:`StoreConflictError`
@@ -61,7 +61,7 @@ LOCK_FILE = ".fer-store.lock"
 CATALOGUE_FILES = ("catalog", "settings", "relabels")
 PUBLISHED_TREES = ("faces_dir", "manifest_dir", "models_dir", "reports_dir")
 LOCAL_ONLY = ("candidates_dir", "model_candidates_dir")  # except the running run's own candidate folder
-MANIFEST_LAST = ("excluded", "splits", "manifest")  # = fer_pipeline.dataset.publish.PUBLISH_ORDER
+MANIFEST_LAST = ("excluded", "pool", "splits", "manifest")  # = fer_pipeline.dataset.publish.PUBLISH_ORDER
 MIXED_SET_RETRIES = 3  # a pull that lands in the middle of another worker's push pulls the set again
 
 LogFn = Callable[[str], None]

@@ -62,7 +62,7 @@ from fer_pipeline_tests.servers import LOOPBACK, ServerProcess, free_port, start
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DATA_KEYS = ["raw_sources", "faces", "deduplicated_faces", "manifest", "splits"]
-PUBLISHED = ("manifest", "excluded", "splits")
+PUBLISHED = ("manifest", "excluded", "pool", "splits")
 RUN_CONFIG = {"training": {"config": {"epochs": 1, "patience": 1, "num_threads": 1}}}
 
 
@@ -137,8 +137,8 @@ def test_push_and_pull_move_only_changes_in_commit_order(s3: S3, tmp_path: Path)
 
     first = a.push()
     rel = {name: a.rel(getattr(pa, name)) for name in PUBLISHED}
-    assert sorted(first.uploaded) == sorted(order) and len(order) == 6
-    assert order[0].startswith("faces/") and order[-3:] == [rel["excluded"], rel["splits"], rel["manifest"]]
+    assert sorted(first.uploaded) == sorted(order) and len(order) == 7
+    assert order[0].startswith("faces/") and order[-4:] == [rel["excluded"], rel["pool"], rel["splits"], rel["manifest"]]
     assert order.index(a.rel(pa.metrics_json)) > order.index(a.rel(pa.checkpoint("cnn4")))
     assert not s3.fs.exists(f"{s3.bucket}/root/models/candidates") and \
         not s3.fs.exists(f"{s3.bucket}/root/manifest/candidates")
@@ -149,7 +149,7 @@ def test_push_and_pull_move_only_changes_in_commit_order(s3: S3, tmp_path: Path)
     assert sorted(pulled.downloaded) == sorted(order)
     assert check_published(b.paths) == version and b.paths.checkpoint("cnn4").read_bytes() == b"weights"
     again = b.pull_published()
-    assert again.downloaded == [] and again.unchanged == 6
+    assert again.downloaded == [] and again.unchanged == 7
 
     write_json(pa.metrics_json, {"best_model": "cnn3"})  # one file changes
     assert a.push().uploaded == [a.rel(pa.metrics_json)]

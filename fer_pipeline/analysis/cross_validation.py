@@ -152,6 +152,8 @@ class TrainingRecipe:
     data_version: str
     architecture: dict[str, Any]
     train_config: dict[str, Any]
+    init: str = "scratch"  # where the weights started: "pretrained" (a backbone) or "scratch"
+    backbone: str | None = None  # the backbone's identity when pretrained
 
     @classmethod
     def of(cls, data_version: str, arch: ArchConfig, config: TrainConfig, **extra: Any) -> Self:
@@ -166,7 +168,7 @@ class TrainingRecipe:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Self:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})  # older files: defaults
 
     def mismatch(self, current: TrainingRecipe) -> str | None:
         """Why a result trained with this recipe does not belong to ``current`` (None: it does)."""

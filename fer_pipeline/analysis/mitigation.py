@@ -36,6 +36,7 @@ from fer_pipeline.classes import CLASSES
 from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline.ml.architectures import ArchConfig
 from fer_pipeline.ml.data import SplitArrays
+from fer_pipeline.ml.pretrain import Start
 from fer_pipeline.ml.train import TrainConfig
 from fer_pipeline.ml.workflow import TrainedModel, train_and_save
 from fer_pipeline.paths import DataPaths
@@ -208,7 +209,7 @@ class MitigationOutcome:
 def train_mitigated_model(arrays: dict[str, SplitArrays], *, mode: str, attribute: str, attributes: Sequence[str],
                           min_share: float, arch: ArchConfig, config: TrainConfig, paths: DataPaths,
                           data_version: str, preprocess: PreprocessSettings, name: str,
-                          log: Callable[[str], None] | None = None) -> MitigationOutcome:
+                          log: Callable[[str], None] | None = None, start: Start | None = None) -> MitigationOutcome:
     """Retrain ``arch`` with the main recipe on the training split balanced by group of
     ``attribute`` ("auto": :func:`choose_attribute`), or say why nothing was trained."""
     if mode not in MODES:
@@ -228,7 +229,7 @@ def train_mitigated_model(arrays: dict[str, SplitArrays], *, mode: str, attribut
     extra = {"mitigation": {"mode": plan.mode, "attribute": chosen, "min_share": min_share,
                             "shares": plan.shares.to_dict(orient="records")}}
     trained = train_and_save(name, arch, config, arrays, paths, data_version, preprocess, train_rows=plan.rows,
-                             sample_weights=plan.weights, extra=extra, log=log)
+                             sample_weights=plan.weights, extra=extra, log=log, start=start)
     return MitigationOutcome(f"trained ({plan.mode} on {chosen})", plan, trained, len(train))
 
 

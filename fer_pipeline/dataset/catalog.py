@@ -9,6 +9,11 @@ repeated in one mapping, and two demographic attributes read from one CSV column
 Each source also says how its images frame a face (``faces``): ``crop`` (default: the images are
 face crops, centre-cropped and resized) or ``detect`` (photos: faces are found, aligned and cut
 out; options under ``detect``, see :class:`DetectSpec`).
+
+A source may give labels the four classes do not use to the pretraining pool (``pretrain_labels``:
+``all``, a list of its labels, or a mapping label -> pool label to merge synonyms across sources);
+a ``role: pretrain`` source feeds only the pool (no ``label_map``; ``pretrain_labels`` defaults to
+``all``). A label goes to the classes or to the pool, never both.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ KINDS = ("image_folders", "fer2013_csv", "synthetic")
 FRAMINGS = ("crop", "detect")
 KEEP = ("largest", "all")
 SYNTHETIC_OPTIONS = ("n_images", "seed", "image_size", "scenes")
+ROLES = ("train", "pretrain")  # train: the four classes (and maybe the pool); pretrain: the pool only
+ALL_LABELS = "all"
 
 FER2013_EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 _CLASS_BY_LOWER = {c.lower(): c for c in CLASSES}
@@ -76,12 +83,27 @@ class SourceSpec:
     faces: str = "crop"  # FRAMINGS: how an image frames its face
     detect: DetectSpec | None = None  # set when faces == "detect"
     licence: str | None = None  # as the catalogue declares it (the model card shows it; None: not declared)
+    role: str = "train"  # ROLES
+    pool_labels: dict[str, str] = field(default_factory=dict)  # folded source label -> pool label
+    pool_all: bool = False  # `pretrain_labels: all`: every label not in label_map goes to the pool
 
     def map_label(self, raw_label: str | None) -> str | None:
         """The target class for a source label (case-insensitive), or None when unmapped."""
         if raw_label is None:
             return None
         return self.label_map.get(fold_label(raw_label))
+
+    def pool_label(self, raw_label: str | None) -> str | None:
+        """The pretraining-pool label for a source label (case-insensitive), or None when the label
+        is not a pool label (a target class, or neither)."""
+        key = fold_label(raw_label) if raw_label is not None else ""
+        if not key or key in self.label_map:
+            return None
+        return self.pool_labels.get(key, key if self.pool_all else None)
+
+    def is_pool_folder(self, folder: str) -> bool:
+        """A folder name that is one of this source's listed pool labels (not one of ``all``)."""
+        return fold_label(folder) in self.pool_labels
 
 
 @dataclass(frozen=True)
@@ -109,9 +131,10 @@ def catalog_error(source: str, field_name: str, message: str) -> CatalogError:
 _err = catalog_error
 
 
-def _label_key(name: str, kind: str, src_label: Any) -> str:
-    """The folded label a ``label_map`` key stands for (FER2013 codes 0..6 become emotion names)."""
-    where = f"label_map.{src_label}"
+def _label_key(name: str, kind: str, src_label: Any, field_name: str = "label_map") -> str:
+    """The folded label a ``label_map`` (or ``pretrain_labels``) key stands for (FER2013 codes 0..6
+    become emotion names)."""
+    where = f"{field_name}.{src_label}"
     if kind == "fer2013_csv" and isinstance(src_label, int) and not isinstance(src_label, bool):
         src_label = str(src_label)
     if not isinstance(src_label, str):
@@ -129,7 +152,12 @@ def _label_key(name: str, kind: str, src_label: Any) -> str:
     return key
 
 
-def _parse_label_map(name: str, kind: str, raw: Any) -> dict[str, str]:
+def _parse_label_map(name: str, kind: str, raw: Any, role: str = "train") -> dict[str, str]:
+    if role == "pretrain":
+        if raw is not None and raw != {}:
+            raise _err(name, "label_map", "a 'role: pretrain' source feeds only the pretraining pool, so it has no "
+                                          "label_map (its labels go to the pool: see pretrain_labels)")
+        return {}
     if raw is None:
         if kind == "synthetic":
             return {fold_label(c): c for c in CLASSES}
@@ -152,6 +180,45 @@ def _parse_label_map(name: str, kind: str, raw: Any) -> dict[str, str]:
                        f"keep one of them")
         out[key], spelled[key] = target_class, src_label
     return out
+
+
+def _parse_pool_labels(name: str, kind: str, raw: Any, label_map: dict[str, str],
+                       role: str) -> tuple[dict[str, str], bool]:
+    """(folded source label -> pool label, every other label too) from ``pretrain_labels``."""
+    if raw is None:
+        return {}, role == "pretrain"
+    if raw == ALL_LABELS:
+        return {}, True
+    if isinstance(raw, list):
+        pairs = [(label, label) for label in raw]
+    elif isinstance(raw, dict):
+        pairs = list(raw.items())
+    else:
+        raise _err(name, "pretrain_labels", f"must be '{ALL_LABELS}', a list of the source's labels or a mapping "
+                                            f"source label -> pool label, not {raw!r}")
+    if not pairs:
+        raise _err(name, "pretrain_labels", f"is empty: name labels, or '{ALL_LABELS}' (or leave it out)")
+    out: dict[str, str] = {}
+    spelled: dict[str, Any] = {}
+    for src_label, pool_label in pairs:
+        where = f"pretrain_labels.{src_label}"
+        key = _label_key(name, kind, src_label, "pretrain_labels")
+        if key in label_map:
+            raise _err(name, where, f"is also in label_map (as {label_map[key]}): a label goes to the four classes "
+                                    "or to the pretraining pool, not both")
+        if key in out:
+            raise _err(name, where, f"is the same label as '{spelled[key]}' (labels are compared "
+                                    "case-insensitively); keep one of them")
+        if isinstance(raw, list):  # kept under its own (folded) name; a FER2013 code names its emotion
+            target = key
+        elif not isinstance(pool_label, str):
+            raise _err(name, where, f"the pool label must be text, not {pool_label!r}")
+        else:
+            target = fold_label(pool_label)
+            if not target:
+                raise _err(name, where, "empty pool label")
+        out[key], spelled[key] = target, src_label
+    return out, False
 
 
 def _parse_demographics(name: str, raw: Any) -> DemographicsSpec | None:
@@ -248,8 +315,10 @@ def _parse_synthetic_options(name: str, options: dict[str, Any]) -> None:
         raise _err(name, clash, "does not apply with 'scenes' (the scene generator draws its own sizes)")
 
 
-def parse_catalog(data: Any, data_root: Path, origin: Path | None = None) -> Catalog:
-    """Validate a loaded YAML document and resolve paths against ``data_root``."""
+def parse_catalog(data: Any, data_root: Path, origin: Path | None = None, check_paths: bool = True) -> Catalog:
+    """Validate a loaded YAML document and resolve paths against ``data_root``; ``check_paths``
+    False skips checking that the sources exist (readers of the settings only, e.g. a model step
+    on a worker that holds the published tables but not the raw sources)."""
     if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
         raise CatalogError("sources.yaml: top level must be a mapping with a 'sources' list")
     seen: set[str] = set()
@@ -274,13 +343,17 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None) -> Cat
             raise _err(name, "path", "is required")
         path = Path(str(entry["path"])).expanduser()
         path = path if path.is_absolute() else data_root / path
-        if kind != "synthetic" and not path.exists():
+        if check_paths and kind != "synthetic" and not path.exists():
             raise _err(name, "path", f"does not exist: {path}")
-        if kind == "image_folders" and path.is_file() and path.suffix.lower() != ".zip":
+        if check_paths and kind == "image_folders" and path.is_file() and path.suffix.lower() != ".zip":
             raise _err(name, "path", f"must be a folder or a .zip archive: {path}")
-        if kind == "fer2013_csv" and not path.is_file():
+        if check_paths and kind == "fer2013_csv" and not path.is_file():
             raise _err(name, "path", f"must be the FER2013 CSV file: {path}")
-        label_map = _parse_label_map(name, kind, entry.get("label_map"))
+        role = entry.get("role", "train")
+        if role not in ROLES:
+            raise _err(name, "role", f"must be {' or '.join(repr(r) for r in ROLES)}, not {role!r}")
+        label_map = _parse_label_map(name, kind, entry.get("label_map"), role)
+        pool_labels, pool_all = _parse_pool_labels(name, kind, entry.get("pretrain_labels"), label_map, role)
         demographics = _parse_demographics(name, entry.get("demographics"))
         if kind == "synthetic" and demographics is None:  # the generator writes this CSV
             demographics = DemographicsSpec(csv="demographics.csv", key="file",
@@ -288,16 +361,20 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None) -> Cat
         licence = entry.get("licence")
         if licence is not None and (not isinstance(licence, str) or not licence.strip()):
             raise _err(name, "licence", f"must be text naming the licence (e.g. 'CC BY-NC 4.0'), not {licence!r}")
-        known = {"name", "kind", "path", "label_map", "demographics", "licence", "faces", "detect"}
+        known = {"name", "kind", "path", "label_map", "demographics", "licence", "faces", "detect", "role",
+                 "pretrain_labels"}
         options = {k: v for k, v in entry.items() if k not in known}
         if kind != "synthetic" and options:
             raise _err(name, min(map(str, options)), "unknown field")
         if kind == "synthetic":
             _parse_synthetic_options(name, options)
+            if role == "pretrain" and "scenes" in options:
+                raise _err(name, "scenes", "does not apply with 'role: pretrain' (the pool generator draws face crops)")
         faces, detect = _parse_framing(name, entry)
         specs.append(SourceSpec(name=name, kind=kind, path=path, label_map=label_map,
                                 demographics=demographics, options=options,
-                                licence=licence.strip() if licence else None, faces=faces, detect=detect))
+                                licence=licence.strip() if licence else None, faces=faces, detect=detect,
+                                role=role, pool_labels=pool_labels, pool_all=pool_all))
     return Catalog(sources=tuple(specs), path=origin)
 
 
@@ -322,8 +399,8 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_catalog(path: Path, data_root: Path | None = None) -> Catalog:
-    """Read and validate ``sources.yaml``."""
+def load_catalog(path: Path, data_root: Path | None = None, check_paths: bool = True) -> Catalog:
+    """Read and validate ``sources.yaml`` (``check_paths``: see :func:`parse_catalog`)."""
     path = Path(path)
     if not path.is_file():
         raise CatalogError(f"sources.yaml not found at {path}")
@@ -331,4 +408,4 @@ def load_catalog(path: Path, data_root: Path | None = None) -> Catalog:
         data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_StrictLoader)  # a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_catalog(data, data_root or path.parent, origin=path)
+    return parse_catalog(data, data_root or path.parent, origin=path, check_paths=check_paths)

@@ -123,7 +123,7 @@ def _detector(detection: Detection) -> Any:
     return _DETECTORS[key]
 
 
-def _detect_one(data: bytes, settings: PreprocessSettings, detection: Detection, detector: Any
+def detect_file(data: bytes, settings: PreprocessSettings, detection: Detection, detector: Any
                 ) -> tuple[list[tuple[int, int | None, Box | None, float | None, DecodedFace]], bool]:
     """The items of one file: (face index, faces found, box, score, decoded face or reason), and
     whether the detector ran. Never raises for bad input: the file's one item gets the reason."""
@@ -174,7 +174,7 @@ def process_detect_chunk(items: list[tuple[str, bytes]], settings: PreprocessSet
     rows: list[tuple[int, int | None, Box | None, float | None, DecodedFace]] = []
     detections = 0
     for sha, data in items:
-        found, ran = _detect_one(data, settings, detection, detector)
+        found, ran = detect_file(data, settings, detection, detector)
         detections += ran
         sha256 += [sha] * len(found)
         rows += found

@@ -1,5 +1,6 @@
 """Raw-source inventory: every file of every catalogued source, with its content hash, raw
-label, split hint, target class and demographics, or the reason it is not an image candidate.
+label, split hint, target class (or pretraining-pool label: status ``pool``) and demographics, or
+the reason it is not an image candidate.
 
 Members whose fingerprint (zip CRC+size, or file size+mtime) matches the previous inventory
 reuse its content hash, so an unchanged archive is listed without being decompressed again; a
@@ -55,27 +56,30 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing
                  "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
                  "publictest": "test", "privatetest": "test"}
 
-# status of an inventory row: a candidate goes on to decoding, the others are excluded here
-CANDIDATE, JUNK, NOT_IMAGE, UNMAPPED = "candidate", "junk", "not_image", "unmapped"
-STATUSES = (CANDIDATE, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED, UNREADABLE, TOO_LARGE, SOURCE_ERROR)
+# status of an inventory row: a candidate (a target class) or a pool item (a pretraining-pool label)
+# goes on to decoding, the others are excluded here
+CANDIDATE, POOL, JUNK, NOT_IMAGE, UNMAPPED = "candidate", "pool", "junk", "not_image", "unmapped"
+STATUSES = (CANDIDATE, POOL, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED, UNREADABLE, TOO_LARGE, SOURCE_ERROR)
 
-INVENTORY_VERSION = 2  # bump when classification changes, so unchanged sources are listed again
+INVENTORY_VERSION = 3  # bump when classification changes, so unchanged sources are listed again
 LISTINGS_ATTR = "fer_source_listings"  # per-source listing fingerprints, kept in the table's attrs
 
-INVENTORY_COLUMNS = ["source", "source_path", "bytes", "fingerprint", "sha256", "raw_label", "split_hint",
-                     "label", "status", "reason", "gender", "age_group", "race"]
+ROW_COLUMNS = ["source", "source_path", "bytes", "fingerprint", "sha256", "raw_label", "split_hint", "label",
+               "pool_label", "status", "reason"]
+INVENTORY_COLUMNS = [*ROW_COLUMNS, *DEMOGRAPHIC_ATTRIBUTES]
 
 
 def folder_label(path: str, spec: SourceSpec) -> tuple[str | None, str | None]:
     """(raw label, split hint) from the folders on a member's path.
 
-    The label is the deepest folder whose name is in the source's label map; failing that, the
-    deepest folder that is not a split name (so unmapped labels are still reported by name).
+    The label is the deepest folder whose name is in the source's label map or its listed pool
+    labels; failing that, the deepest folder that is not a split name (so unmapped labels are still
+    reported by name, and ``pretrain_labels: all`` takes them).
     """
     folders = list(PurePosixPath(path).parts[:-1])
     split_hint = next((SPLIT_FOLDERS[f.lower()] for f in folders if f.lower() in SPLIT_FOLDERS), None)
     for folder in reversed(folders):
-        if fold_label(folder) in spec.label_map:
+        if fold_label(folder) in spec.label_map or spec.is_pool_folder(folder):
             return folder, split_hint
     for folder in reversed(folders):
         if folder.lower() not in SPLIT_FOLDERS:
@@ -96,8 +100,8 @@ class InventoryReport:
 def _classify(member: Member, spec: SourceSpec) -> dict[str, object]:
     row: dict[str, object] = {"source": spec.name, "source_path": member.path, "bytes": member.size,
                               "fingerprint": member.fingerprint, "sha256": None, "raw_label": None,
-                              "split_hint": member.split_hint, "label": None, "status": CANDIDATE,
-                              "reason": None}
+                              "split_hint": member.split_hint, "label": None, "pool_label": None,
+                              "status": CANDIDATE, "reason": None}
     junk = junk_reason(member.path)
     if junk:
         row.update(status=JUNK, reason=junk)
@@ -108,7 +112,7 @@ def _classify(member: Member, spec: SourceSpec) -> dict[str, object]:
         raw_label, hint = folder_label(member.path, spec)
     if member.problem is not None:  # unreadable, too large...: still say which class lost a file
         row.update(status=member.problem.status, reason=member.problem.reason, raw_label=raw_label,
-                   split_hint=hint, label=spec.map_label(raw_label))
+                   split_hint=hint, label=spec.map_label(raw_label), pool_label=spec.pool_label(raw_label))
         return row
     if spec.kind != "fer2013_csv" and not is_image_name(member.path):
         ext = PurePosixPath(member.path).suffix or "(none)"
@@ -119,7 +123,10 @@ def _classify(member: Member, spec: SourceSpec) -> dict[str, object]:
         row.update(status=NO_LABEL, reason="no label: the file is not inside a class folder")
         return row
     label = spec.map_label(raw_label)
-    if label is None:
+    pool_label = spec.pool_label(raw_label) if label is None else None
+    if pool_label is not None:  # decoded like a candidate, then goes to the pretraining pool
+        row.update(status=POOL, pool_label=pool_label)
+    elif label is None:
         row.update(status=UNMAPPED, reason=f"unmapped label: {raw_label}")
     row["label"] = label
     return row
@@ -131,7 +138,8 @@ def _source_row(spec: SourceSpec, reason: str, taken: set[str]) -> dict[str, obj
     while path in taken:
         path += " (source)"
     return {"source": spec.name, "source_path": path, "bytes": 0, "fingerprint": "", "sha256": None,
-            "raw_label": None, "split_hint": None, "label": None, "status": SOURCE_ERROR, "reason": reason}
+            "raw_label": None, "split_hint": None, "label": None, "pool_label": None, "status": SOURCE_ERROR,
+            "reason": reason}
 
 
 def _hash(row: dict[str, object], member: Member, reader: SourceReader,
@@ -179,7 +187,7 @@ def inventory_source(spec: SourceSpec, reader: SourceReader, data_root: Path,
         rows.append(_source_row(spec, str(exc), {str(r["source_path"]) for r in rows}))
     if not rows:
         rows.append(_source_row(spec, reader.empty_reason, set()))
-    df = pd.DataFrame(rows, columns=INVENTORY_COLUMNS[:10])
+    df = pd.DataFrame(rows, columns=ROW_COLUMNS)
     notes = {"csv_keys_unmatched": 0, "csv_keys_ambiguous": 0}
     if isinstance(reader, BrokenSource):  # nothing to attach attributes to
         for col in DEMOGRAPHIC_ATTRIBUTES:

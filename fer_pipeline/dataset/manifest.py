@@ -1,11 +1,12 @@
 """The manifest: one row per kept image, and the excluded table: one row per file not kept.
 
-Every file of every source lands in exactly one of the two, with the stage that excluded it
-and a reason (junk, not an image, unmapped label, rejected by decoding, no face found, duplicate
-of a named kept image, label conflict). ``check_accounting`` proves it. A photo of a ``faces:
-detect`` source with ``keep: all`` may give several faces: each is one *item*, named by
-``(source, source_path, face_index)``, and it is items that are accounted for
-(:func:`accounting_items`).
+Every file of every source lands in exactly one of the two, or in the pretraining pool
+(:mod:`fer_pipeline.dataset.pool`), with the stage that excluded it and a reason (junk, not an
+image, unmapped label, rejected by decoding, no face found, duplicate of a named kept image,
+label conflict). ``check_accounting`` proves it. A photo of a ``faces: detect`` source with
+``keep: all`` may give several faces: each is one *item*, named by ``(source, source_path,
+face_index)``, and it is items that are accounted for (:func:`accounting_items`). Pool items are
+decoded like the others but never meet the four classes' de-duplication or label conflicts.
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ import pandas as pd
 
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.dataset.face_batch import CROP, NO_FACE
-from fer_pipeline.dataset.inventory import CANDIDATE, UNMAPPED
+from fer_pipeline.dataset.inventory import CANDIDATE, POOL, UNMAPPED
 from fer_pipeline.paths import RELABELS_FILE
-from fer_pipeline.schema import DETECTION_COLUMNS, EXCLUDED_COLUMNS, MANIFEST_COLUMNS
+from fer_pipeline.schema import (
+    DETECTION_COLUMNS,
+    EXCLUDED_COLUMNS,
+    MANIFEST_COLUMNS,
+    STAGE_DEDUP,
+    STAGE_FACES,
+    STAGE_INVENTORY,
+    STAGE_LABEL_MAPPING,
+)
 
-ITEM = ["source", "source_path", "face_index"]  # what one manifest or excluded row stands for
-_FACE_COLUMNS = ["face_ref", "pixel_sha", "phash", "phash_mirror", "mean_intensity", "std_intensity", "width",
+ITEM = ["source", "source_path", "face_index"]  # what one manifest, excluded or pool row stands for
+FACE_COLUMNS = ["face_ref", "pixel_sha", "phash", "phash_mirror", "mean_intensity", "std_intensity", "width",
                  "height", "framing", "face_index", *DETECTION_COLUMNS, "face_key"]
 
 
@@ -37,18 +46,27 @@ def image_id_for(key: pd.Series) -> pd.Series:
 
 
 def candidates_for_decoding(inventory: pd.DataFrame) -> pd.DataFrame:
-    """Inventory rows that go on to decoding (mapped labels only: unmapped ones are not decoded)."""
-    return inventory[inventory["status"] == CANDIDATE]
+    """Inventory rows that go on to decoding: target classes and pretraining-pool labels (files
+    with an unmapped label are not decoded)."""
+    return inventory[inventory["status"].isin([CANDIDATE, POOL])]
+
+
+def accepted_faces(inventory: pd.DataFrame, faces: pd.DataFrame, status: str = CANDIDATE) -> pd.DataFrame:
+    """Accepted faces of the inventory rows with ``status`` (target candidates or pool items),
+    joined with those rows: one row per face."""
+    ok = faces[faces["reason"].isna()][["source", "source_path", *FACE_COLUMNS]]
+    rows = inventory[inventory["status"] == status]
+    return rows.merge(ok, on=["source", "source_path"], how="inner")
 
 
 def dedup_input(inventory: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
-    """Accepted faces joined with their inventory rows (one row per face): what de-duplication groups.
+    """Accepted faces of the target candidates (one row per face): what de-duplication groups.
+    Pool items are not here: the pool has its own rules (:mod:`fer_pipeline.dataset.pool`).
 
     De-duplication tells faces apart by ``sha256``; here that column holds each face's key (the
     file's hash for a crop), and ``file_sha256`` the file's own hash, which :func:`build_manifest`
     puts back."""
-    ok = faces[faces["reason"].isna()][["source", "source_path", *_FACE_COLUMNS]]
-    df = inventory.merge(ok, on=["source", "source_path"], how="inner")
+    df = accepted_faces(inventory.drop(columns=["pool_label"], errors="ignore"), faces)
     df["file_sha256"] = df["sha256"]
     df["sha256"] = df["face_key"]
     df["image_id"] = image_id_for(df["face_key"])
@@ -68,14 +86,14 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
                    image_size: tuple[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(manifest, excluded) from the three stage tables."""
     excluded_parts: list[pd.DataFrame] = []
-    # stage 1: inventory (junk, non-images, no or unmapped label)
-    inv_excl = inventory[inventory["status"] != CANDIDATE].copy()
-    inv_excl["stage"] = inv_excl["status"].map(lambda s: "label_mapping" if s == UNMAPPED else "inventory")
+    # stage 1: inventory (junk, non-images, no or unmapped label); pool items go on to the pool
+    inv_excl = inventory[~inventory["status"].isin([CANDIDATE, POOL])].copy()
+    inv_excl["stage"] = inv_excl["status"].map(lambda s: STAGE_LABEL_MAPPING if s == UNMAPPED else STAGE_INVENTORY)
     excluded_parts.append(inv_excl)
     # stage 2: decoding/validation rejects
     rejected = faces[faces["reason"].notna()][ITEM + ["reason"]]
     rej = inventory.drop(columns=["reason"]).merge(rejected, on=["source", "source_path"], how="inner")
-    rej["stage"] = "faces"
+    rej["stage"] = STAGE_FACES
     no_face = rej["reason"] == NO_FACE  # not a defect of the file: said as it is
     rej["reason"] = ("rejected: " + rej["reason"].astype(str)).where(~no_face, NO_FACE)
     excluded_parts.append(rej)
@@ -86,14 +104,14 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
         labels = conflicts.groupby("dup_group")["label"].agg(lambda s: ", ".join(sorted(set(s))))
         conflicts["reason"] = conflicts["dup_group"].map(
             lambda g: f"label conflict: duplicate group {g} is labelled {labels[g]}")
-        conflicts["stage"] = "deduplication"
+        conflicts["stage"] = STAGE_DEDUP
         conflicts["duplicate_of"] = None
         excluded_parts.append(conflicts)
     dups = dedup[~dedup["conflict"] & ~dedup["is_representative"]].copy()
     if len(dups):
         rp = dups["dup_group"].map(lambda g: f"{rep_path.loc[g, 'source']}/{rep_path.loc[g, 'source_path']}")
         dups["reason"] = "duplicate of " + dups["duplicate_of"].astype(str) + " (" + rp + ")"
-        dups["stage"] = "deduplication"
+        dups["stage"] = STAGE_DEDUP
         excluded_parts.append(dups)
     excluded = pd.concat([p.reindex(columns=list(EXCLUDED_COLUMNS)) for p in excluded_parts], ignore_index=True)
     excluded["face_index"] = excluded["face_index"].fillna(0).astype("int64")
@@ -118,19 +136,22 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
     return manifest, excluded
 
 
-def check_accounting(inventory: pd.DataFrame, manifest: pd.DataFrame, excluded: pd.DataFrame) -> dict[str, object]:
-    """Inputs = kept + not kept, with no file in both tables or twice in one. ``inventory`` may be
-    :func:`accounting_items` (items, with ``face_index``): then faces are what is counted."""
-    key = ITEM if all("face_index" in t.columns for t in (inventory, manifest, excluded)) else ITEM[:2]
+def check_accounting(inventory: pd.DataFrame, manifest: pd.DataFrame, excluded: pd.DataFrame,
+                     pool: pd.DataFrame | None = None) -> dict[str, object]:
+    """Inputs = kept + not kept (+ pool), with no file in two tables or twice in one. ``inventory``
+    may be :func:`accounting_items` (items, with ``face_index``): then faces are what is counted."""
+    tables = [manifest, excluded] + ([pool] if pool is not None else [])
+    key = ITEM if all("face_index" in t.columns for t in (inventory, *tables)) else ITEM[:2]
     inputs = set(map(tuple, inventory[key].to_numpy()))
-    kept = list(map(tuple, manifest[key].to_numpy()))
-    excl = list(map(tuple, excluded[key].to_numpy()))
-    both = set(kept) & set(excl)
-    missing = inputs - set(kept) - set(excl)
+    rows = [list(map(tuple, t[key].to_numpy())) for t in tables]
+    seen = [r for table in rows for r in table]
+    twice = len(set(seen)) != len(seen)  # in two tables, or twice in one
+    in_two = {r for i, a in enumerate(rows) for b in rows[i + 1:] for r in set(a) & set(b)}
+    missing = inputs - set(seen)
     return {"n_inputs": len(inventory), "n_kept": len(manifest), "n_excluded": len(excluded),
-            "balanced": len(inventory) == len(manifest) + len(excluded) and not both and not missing
-            and len(set(kept)) == len(kept) and len(set(excl)) == len(excl),
-            "in_both": sorted(both)[:5], "missing": sorted(missing)[:5]}
+            "n_pool": len(pool) if pool is not None else 0,
+            "balanced": len(inventory) == len(seen) and not twice and not missing,
+            "in_both": sorted(in_two)[:5], "missing": sorted(missing)[:5]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ conflict) give every cleaning and analysis step real work. Output is byte-identi
 parameters, so re-runs of the pipeline see the same raw files. The planted defects are listed
 in the hidden ``.defects.json`` (ground truth for tests of the cleaning steps).
 
+:func:`generate_demo_pool` draws other expressions than the four classes (:data:`POOL_EXPRESSIONS`:
+a broad smile, raised brows over an open mouth, raised inner brows over a frown) for a
+``role: pretrain`` source: the demo's pretraining pool.
+
 Plain numpy + pillow on purpose: this module must not depend on the orchestration layer.
 """
 
@@ -93,6 +97,23 @@ CUES: dict[str, CueSpec] = {
 }
 
 
+# Expressions that are not the four classes, for the pretraining pool: cue means (the spreads
+# are CUES'), each a distinct drawing rather than a shade of a class.
+POOL_EXPRESSIONS: dict[str, dict[str, float]] = {
+    "happy": {"brow_angle": -3.0, "brow_raise": 0.04, "brow_furrow": 0.0, "eye_open": 0.55, "gaze_down": 0.0,
+              "gaze_off": 0.08, "eye_bags": 0.05, "mouth_curve": 0.15, "mouth_width": 0.44, "lip_thickness": 0.05,
+              "mouth_open": 0.06, "head_tilt": 3.0, "head_droop": -0.01},
+    "surprised": {"brow_angle": -9.0, "brow_raise": 0.16, "brow_furrow": 0.0, "eye_open": 0.98, "gaze_down": -0.1,
+                  "gaze_off": 0.03, "eye_bags": 0.05, "mouth_curve": 0.0, "mouth_width": 0.24,
+                  "lip_thickness": 0.055, "mouth_open": 0.14, "head_tilt": 2.0, "head_droop": -0.03},
+    "sad": {"brow_angle": -15.0, "brow_raise": 0.03, "brow_furrow": 0.3, "eye_open": 0.5, "gaze_down": 0.5,
+            "gaze_off": 0.12, "eye_bags": 0.3, "mouth_curve": -0.16, "mouth_width": 0.32, "lip_thickness": 0.045,
+            "mouth_open": 0.0, "head_tilt": 7.0, "head_droop": 0.08},
+}
+EXPRESSIONS: tuple[str, ...] = (*CLASSES, *POOL_EXPRESSIONS)
+"""Everything :func:`sample_face_params` can draw: the four classes, then the pool's expressions."""
+
+
 @dataclass(frozen=True)
 class FaceParams:
     """Everything needed to draw one face; sampled by :func:`sample_face_params`."""
@@ -129,12 +150,12 @@ EXPRESSIVENESS: dict[str, float] = {"senior": 0.8}
 
 
 def _sample_cues(label: str, age_group: str, rng: np.random.Generator) -> dict[str, float]:
-    k = CLASSES.index(label)
     expressiveness = EXPRESSIVENESS.get(age_group, 1.0)
     cues: dict[str, float] = {}
     for name, spec in CUES.items():
         centre = sum(spec.means) / len(spec.means)
-        mean = centre + (spec.means[k] - centre) * expressiveness
+        target = spec.means[CLASSES.index(label)] if label in CLASSES else POOL_EXPRESSIONS[label][name]
+        mean = centre + (target - centre) * expressiveness
         cues[name] = float(np.clip(rng.normal(mean, spec.sd), spec.lo, spec.hi))
     # magnitudes get a random sign: the cue is "how much", not "which side"
     cues["gaze_side"] = cues.pop("gaze_off") * float(rng.choice((-1.0, 1.0)))
@@ -226,9 +247,10 @@ def _fringe(gender: str, rng: np.random.Generator) -> float:
 
 
 def sample_face_params(label: str, gender: str, age_group: str, rng: np.random.Generator) -> FaceParams:
-    """Draw the cues for ``label`` plus all nuisance and demographic appearance for one face."""
-    if label not in CLASSES:
-        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+    """Draw the cues for ``label`` (one of :data:`EXPRESSIONS`) plus all nuisance and demographic
+    appearance for one face."""
+    if label not in EXPRESSIONS:
+        raise ValueError(f"unknown class {label!r}; expected one of {EXPRESSIONS}")
     if gender not in GENDERS or age_group not in AGE_GROUPS:
         raise ValueError(f"unknown demographics {gender!r}/{age_group!r}")
     cues = _apply_demographics(_sample_cues(label, age_group, rng), gender, age_group, rng)
@@ -642,13 +664,14 @@ def _encode(img: Image.Image, ext: str, quality: int = JPEG_CLEAN_QUALITY) -> by
     return buf.getvalue()
 
 
-def _class_counts(n: int) -> dict[str, int]:
-    """Largest-remainder split of ``n`` by CLASS_WEIGHTS (deterministic, sums to ``n``)."""
-    raw = np.array(CLASS_WEIGHTS) * n
+def _class_counts(n: int, labels: tuple[str, ...] = CLASSES,
+                  weights: tuple[float, ...] = CLASS_WEIGHTS) -> dict[str, int]:
+    """Largest-remainder split of ``n`` by ``weights`` (deterministic, sums to ``n``)."""
+    raw = np.array(weights) * n
     counts = np.floor(raw).astype(int)
     for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
         counts[i] += 1
-    return {c: int(k) for c, k in zip(CLASSES, counts)}
+    return {c: int(k) for c, k in zip(labels, counts)}
 
 
 def _defect_counts(n: int) -> dict[str, int]:
@@ -667,17 +690,18 @@ def _odd_size(size: int) -> tuple[int, int]:
 
 
 def _clean_items(
-    n: int, seed: int, size: int, plan_rng: np.random.Generator
+    n: int, seed: int, size: int, plan_rng: np.random.Generator, classes: tuple[str, ...] = CLASSES,
+    weights: tuple[float, ...] = CLASS_WEIGHTS, stream: int = 1,
 ) -> tuple[list[_Item], dict[str, int]]:
-    counts = _class_counts(n)
-    labels = plan_rng.permutation(np.repeat(np.array(CLASSES), [counts[c] for c in CLASSES]))
+    counts = _class_counts(n, classes, weights)
+    labels = plan_rng.permutation(np.repeat(np.array(classes), [counts[c] for c in classes]))
     genders = plan_rng.choice(GENDERS, size=n, p=GENDER_P)
     ages = plan_rng.choice(AGE_GROUPS, size=n, p=AGE_P)
     jpg = set(plan_rng.choice(n, size=round(0.10 * n), replace=False).tolist())
     odd = set(plan_rng.choice(n, size=max(2, round(0.015 * n)), replace=False).tolist())
     items = []
     for i in range(n):
-        rng = np.random.default_rng([seed, 1, i])  # per-image stream: independent of plan order
+        rng = np.random.default_rng([seed, stream, i])  # per-image stream: independent of plan order
         params = sample_face_params(str(labels[i]), str(genders[i]), str(ages[i]), rng)
         w, h = _odd_size(size) if i in odd else (size, size)
         ext = "jpg" if i in jpg else "png"
@@ -794,7 +818,7 @@ def _report(out_dir: Path, meta: dict[str, Any]) -> SyntheticReport:
     return SyntheticReport(
         root=out_dir,
         n_written=int(meta["n_written"]),
-        per_class={c: int(meta["per_class"][c]) for c in CLASSES},
+        per_class={str(c): int(k) for c, k in meta["per_class"].items()},
         defects={k: int(v) for k, v in meta["defects"].items()},
         demographics_csv=out_dir / DEMOGRAPHICS_NAME,
     )
@@ -857,6 +881,58 @@ def generate_demo_source(
     write_text(out_dir / README_NAME, README_TEXT)
     write_json(out_dir / MANIFEST_NAME, _manifest(items))
     meta = {"params": params, "n_written": len(items), "per_class": per_class, "defects": defect_counts}
+    write_json(out_dir / MARKER_NAME, meta)  # last: its presence means the folder is complete
+    (out_dir / IN_PROGRESS_NAME).unlink(missing_ok=True)
+    return _report(out_dir, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Pool: other expressions than the four classes, for a `role: pretrain` source
+# --------------------------------------------------------------------------------------------
+
+POOL_README = """\
+SYNTHETIC DEMO PRETRAINING POOL - NOT REAL FACES
+
+Every image in this folder was procedurally generated by fer_pipeline.dataset.synthetic_faces:
+the demo generator's cartoon faces with other expressions than the four classes (happy,
+surprised, sad), for the pipeline's pretraining pool (a `role: pretrain` source). They must not
+be used to draw any conclusion about real facial expressions. A few files are exact copies of
+others and one is truncated, so the pool's own rules have work to do (hidden file .defects.json).
+"""
+
+
+def generate_demo_pool(out_dir: Path, n_images: int = 600, seed: int = 0, image_size: int = 64) -> SyntheticReport:
+    """Write ``n_images`` faces of the :data:`POOL_EXPRESSIONS` (about equally many each) as an
+    image-folders source ``<expression>/<file>``, plus a few exact copies and one truncated file.
+    Idempotent and deterministic like :func:`generate_demo_source`."""
+    expressions = tuple(POOL_EXPRESSIONS)
+    if n_images < 2 * len(expressions):
+        raise ValueError(f"n_images must be at least {2 * len(expressions)}, got {n_images}")
+    if seed < 0 or image_size < 32:
+        raise ValueError(f"seed must be non-negative and image_size at least 32, got {seed} and {image_size}")
+    out_dir = Path(out_dir)
+    params = {**_generation_params(n_images, seed, image_size), "pool": list(expressions)}
+    done = _check_target(out_dir, params)
+    if done is not None:
+        return _report(out_dir, done)
+    write_json(out_dir / IN_PROGRESS_NAME, {"params": params})
+    plan_rng = np.random.default_rng([seed, 20])
+    weights = (1.0 / len(expressions),) * len(expressions)
+    items, per_class = _clean_items(n_images, seed, image_size, plan_rng, expressions, weights, stream=21)
+    copies = plan_rng.choice(len(items), size=max(2, round(0.01 * n_images)), replace=False).tolist()
+    defects = [_Item(items[i].label, items[i].ext, items[i].data, items[i].gender, items[i].age_group,
+                     "exact_duplicate", i) for i in copies]
+    cut = items[int(plan_rng.integers(len(items)))]
+    defects.append(_Item(cut.label, cut.ext, cut.data[: len(cut.data) // 2], cut.gender, cut.age_group, "truncated"))
+    items += defects
+    _assign_names(items, plan_rng)
+    for item in items:
+        write_bytes(out_dir / item.relpath, item.data)
+    write_text(out_dir / DEMOGRAPHICS_NAME, _demographics_csv(items))
+    write_text(out_dir / README_NAME, POOL_README)
+    write_json(out_dir / MANIFEST_NAME, _manifest(items))
+    meta = {"params": params, "n_written": len(items), "per_class": per_class,
+            "defects": {"exact_duplicate": len(copies), "truncated": 1}}
     write_json(out_dir / MARKER_NAME, meta)  # last: its presence means the folder is complete
     (out_dir / IN_PROGRESS_NAME).unlink(missing_ok=True)
     return _report(out_dir, meta)
@@ -943,8 +1019,11 @@ def generate_demo_scenes(out_dir: Path, n_scenes: int = 60, seed: int = 0) -> Sy
 
 __all__ = [
     "CUES",
+    "EXPRESSIONS",
+    "POOL_EXPRESSIONS",
     "FaceParams",
     "SyntheticReport",
+    "generate_demo_pool",
     "generate_demo_scenes",
     "generate_demo_source",
     "render_face",

@@ -230,18 +230,23 @@ def validate_class_balance(manifest: pd.DataFrame, max_ratio: float) -> Validati
 
 
 def validate_accounting(
-    inputs: int | pd.DataFrame, kept: int | pd.DataFrame, excluded: int | pd.DataFrame
+    inputs: int | pd.DataFrame, kept: int | pd.DataFrame, excluded: int | pd.DataFrame,
+    pool: int | pd.DataFrame | None = None,
 ) -> ValidationOutcome:
-    """Every input file is either kept or excluded, exactly once. Each argument is a count or the
-    table (inventory, manifest, excluded): counts must add up; with kept and excluded tables, no file
-    is in both or twice in one; with all three, each input is accounted for once and no other file.
-    When every table given has ``face_index``, the unit is a face of a file (a photo may give several)."""
+    """Every input file is either kept or excluded (or in the pretraining ``pool``, when given),
+    exactly once. Each argument is a count or the table (inventory, manifest, excluded, pool):
+    counts must add up; with the output tables, no file is in two or twice in one; with the inputs
+    too, each input is accounted for once and no other file. When every table given has
+    ``face_index``, the unit is a face of a file (a photo may give several)."""
     tables = {"inputs": inputs, "kept": kept, "excluded": excluded}
+    if pool is not None:
+        tables["pool"] = pool
     frames = [t for t in tables.values() if isinstance(t, pd.DataFrame) and len(t.columns)]
     key = [*_KEY, "face_index"] if frames and all("face_index" in t.columns for t in frames) else _KEY
     numbers = {f"n_{k}": len(v) if isinstance(v, pd.DataFrame) else int(v) for k, v in tables.items()}
-    numbers["n_kept_plus_excluded"] = numbers["n_kept"] + numbers["n_excluded"]
-    pair = _gxe.ExpectColumnPairValuesToBeEqual(column_A="n_inputs", column_B="n_kept_plus_excluded")
+    total = "n_kept_plus_excluded" if pool is None else "n_kept_plus_excluded_plus_pool"
+    numbers[total] = numbers["n_kept"] + numbers["n_excluded"] + numbers.get("n_pool", 0)
+    pair = _gxe.ExpectColumnPairValuesToBeEqual(column_A="n_inputs", column_B=total)
     parts: list[_Part] = [(pd.DataFrame([numbers]), [pair], ())]
     details: dict[str, Any] = dict(numbers)
     keys: dict[str, pd.DataFrame] = {}
@@ -252,9 +257,10 @@ def validate_accounting(
         elif isinstance(table, pd.DataFrame):  # an empty table may come without columns
             keys[name] = table.reindex(columns=key)
     if "kept" in keys and "excluded" in keys:
-        outputs = pd.concat([keys["kept"].assign(table="kept"), keys["excluded"].assign(table="excluded")],
-                            ignore_index=True)
-        details["in_both_tables"] = len(keys["kept"].drop_duplicates().merge(keys["excluded"].drop_duplicates()))
+        outs = [name for name in ("kept", "excluded", "pool") if name in keys]
+        outputs = pd.concat([keys[name].assign(table=name) for name in outs], ignore_index=True)
+        details["in_both_tables"] = int(sum(len(keys[a].drop_duplicates().merge(keys[b].drop_duplicates()))
+                                            for i, a in enumerate(outs) for b in outs[i + 1:]))
         exps = [_gxe.ExpectColumnValuesToNotBeNull(column="source_path"),
                 _gxe.ExpectCompoundColumnsToBeUnique(column_list=key)]
         if "inputs" in keys:
@@ -274,6 +280,23 @@ def _inputs_accounted(inputs: pd.DataFrame, outputs: pd.DataFrame, details: dict
     per_input["times_accounted"] = per_input["times_accounted"].astype(int)
     details["inputs_not_accounted"] = int((per_input["times_accounted"] == 0).sum())
     return per_input, [_gxe.ExpectColumnValuesToBeInSet(column="times_accounted", value_set=[1])], key
+
+
+def validate_pool_leakage(matches: pd.DataFrame, details: Mapping[str, Any]) -> ValidationOutcome:
+    """No pretraining-pool image duplicates a validation or test image. ``matches`` has one row per
+    pool image with ``duplicate_of`` (the held-out image it duplicates, recomputed from the tables:
+    :func:`fer_pipeline.dataset.pool.find_heldout_duplicates`), null when none; failing rows name
+    the pool image and the held-out one."""
+    required = ["image_id", "duplicate_of"]
+    if (missing := _require("pool_leakage", matches, required)) is not None:
+        return missing
+    exp = _gxe.ExpectColumnValuesToBeNull(column="duplicate_of")
+    index = ("image_id", "source", "source_path", "pool_label", "duplicate_of", "duplicate_split")
+    found = matches["duplicate_of"].notna()
+    by_split = matches.loc[found, "duplicate_split"].value_counts() if "duplicate_split" in matches else {}
+    details = {"pool_images": len(matches), "duplicating_heldout": int(found.sum()),
+               "by_split": {str(k): int(v) for k, v in dict(by_split).items()}, **details}
+    return _run("pool_leakage", [(matches, [exp], index)], details)
 
 
 def validate_split_proportions(

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import dagster as dg
 import pandas as pd
 
+from fer_pipeline.dataset import pool as pool_core
 from fer_pipeline.dataset import validation
 from fer_pipeline.dataset.faces import framing_shares
+from fer_pipeline.dataset.inventory import CANDIDATE, POOL
+from fer_pipeline.dataset.publish import empty_pool
 from fer_pipeline.defs.metadata import md_table
 from fer_pipeline.defs.resources import FerSettings
 
@@ -32,6 +35,7 @@ class Tables:
     excluded: pd.DataFrame | None = None
     inventory: pd.DataFrame | None = None
     splits: pd.DataFrame | None = None
+    pool: pd.DataFrame | None = None  # the pretraining pool (None: not this stage's concern)
 
     def splits_with_labels(self) -> pd.DataFrame:
         assert self.splits is not None
@@ -39,6 +43,23 @@ class Tables:
 
 
 Validate = Callable[[Tables, FerSettings], validation.ValidationOutcome]
+
+
+def duplicate_rule(fer: FerSettings) -> pool_core.DuplicateRule:
+    """The manifest's de-duplication settings, as the pool's leakage guard applies them."""
+    return pool_core.DuplicateRule(fer.phash_max_distance, fer.match_mirrored, fer.min_correlation)
+
+
+def _pool_leakage(t: Tables, fer: FerSettings) -> validation.ValidationOutcome:
+    """Recompute, from the candidate pool, manifest and splits, which pool images duplicate a
+    four-class image (any split): the guard's own output is not trusted."""
+    assert t.splits is not None
+    pool = t.pool if t.pool is not None else empty_pool()
+    rule = duplicate_rule(fer)
+    matches = pool_core.find_heldout_duplicates(pool, t.kept, t.splits, fer.paths.root, rule)
+    return validation.validate_pool_leakage(matches, {"heldout_images": int(t.splits["split"].isin(
+        pool_core.HELDOUT_SPLITS).sum()), "phash_max_distance": rule.max_distance,
+        "match_mirrored": rule.match_mirrored, "min_correlation": rule.min_correlation})
 
 
 @dataclass(frozen=True)
@@ -73,8 +94,9 @@ MANIFEST_CHECKS: tuple[GxCheck, ...] = (
             lambda t, fer: validation.validate_class_counts(t.kept, fer.min_images_per_class), blocking=True),
     GxCheck("manifest_class_balance", "largest/smallest class ratio within the limit.",
             lambda t, fer: validation.validate_class_balance(t.kept, fer.max_imbalance_ratio), warn=True),
-    GxCheck("manifest_accounting", "inputs = kept + not kept; no file kept and excluded, none listed twice.",
-            lambda t, fer: validation.validate_accounting(t.inventory, t.kept, t.excluded), blocking=True),
+    GxCheck("manifest_accounting", "inputs = kept + not kept + pretraining pool; no file in two tables, none "
+            "listed twice.",
+            lambda t, fer: validation.validate_accounting(t.inventory, t.kept, t.excluded, t.pool), blocking=True),
 )
 
 SPLIT_CHECKS: tuple[GxCheck, ...] = (
@@ -85,6 +107,8 @@ SPLIT_CHECKS: tuple[GxCheck, ...] = (
             lambda t, fer: validation.validate_no_group_leakage(t.splits_with_labels()), blocking=True),
     GxCheck("split_folds", "folds 0..k-1 on train+validation, -1 on test.",
             lambda t, fer: validation.validate_folds(t.splits_with_labels(), fer.n_folds), blocking=True),
+    GxCheck("pool_no_heldout_duplicates", "no pretraining-pool image duplicates (exactly, nearly or mirrored, by the "
+            "manifest's de-duplication rule) a four-class image of any split.", _pool_leakage, blocking=True),
 )
 
 
@@ -113,10 +137,11 @@ def results_json(results: Sequence[dg.AssetCheckResult]) -> dict[str, dict[str, 
 
 
 @dg.asset_check(asset="raw_sources", blocking=True,
-                description="Every catalogued source holds at least one image to decode.")
+                description="Every catalogued source holds at least one image to decode (for the four classes or "
+                            "the pretraining pool).")
 def sources_have_images(fer: FerSettings) -> dg.AssetCheckResult:
     inv = pd.read_parquet(fer.paths.raw_inventory)
-    per_source = inv[inv["status"] == "candidate"].groupby("source").size()
+    per_source = inv[inv["status"].isin([CANDIDATE, POOL])].groupby("source").size()
     # the catalogue, not the inventory, says which sources exist: an empty folder has no rows at all
     names = [s.name for s in fer.catalog().sources]
     empty = [name for name in names if name not in per_source.index]

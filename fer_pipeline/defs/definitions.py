@@ -16,6 +16,7 @@ from fer_pipeline.defs.assets.card import model_card  # noqa: E402
 from fer_pipeline.defs.assets.data import DATA_ASSETS  # noqa: E402
 from fer_pipeline.defs.assets.evaluation import evaluation_assets  # noqa: E402
 from fer_pipeline.defs.assets.models import MODEL_ASSETS, model_evaluation  # noqa: E402
+from fer_pipeline.defs.assets.pretrain import pretrained_backbone  # noqa: E402
 from fer_pipeline.defs.automation import SCHEDULES, SENSORS  # noqa: E402
 from fer_pipeline.defs.checks import DATA_CHECKS  # noqa: E402
 from fer_pipeline.defs.executors import executor_from_env  # noqa: E402
@@ -27,7 +28,7 @@ def build_definitions(executor: dg.ExecutorDefinition | None = None, n_cv_folds:
     """The code location; ``executor`` defaults to the one ``FER_EXECUTOR`` selects
     (:mod:`fer_pipeline.defs.executors`), ``n_cv_folds`` to ``FER_CV_FOLDS`` (:mod:`fer_pipeline.defs.jobs`)."""
     return dg.Definitions(
-        assets=[*DATA_ASSETS, *MODEL_ASSETS, model_evaluation, *evaluation_assets(n_cv_folds or cv_fold_count()),
+        assets=[*DATA_ASSETS, pretrained_backbone, *MODEL_ASSETS, model_evaluation, *evaluation_assets(n_cv_folds or cv_fold_count()),
                 model_card],
         asset_checks=[*DATA_CHECKS],
         jobs=JOBS,

@@ -100,17 +100,18 @@ def expected_identities(job_name: str, keys: Sequence[str], run_config: dict[str
                         n_cv_folds: int) -> dict[str, str] | str:
     """Partition -> the identity a run with ``run_config`` would give it now, or why unknown."""
     from fer_pipeline.dataset.publish import read_published
-    from fer_pipeline.defs.assets.evaluation import cv_recipe, loso_recipe
+    from fer_pipeline.defs.assets.evaluation import cv_recipe, loso_recipe, main_start
 
     try:
         fer, training, analysis = _settings(run_config)
         version = read_published(fer.paths).data_version
     except Exception as exc:  # noqa: BLE001 - then every partition runs; the run says what is wrong
         return f"cannot tell ({type(exc).__name__}: {exc})"
+    start = main_start(fer, training)
     if job_name == CV_FOLDS_JOB:
-        _, recipe = cv_recipe(version, training, analysis, n_cv_folds)
+        _, recipe = cv_recipe(version, training, analysis, n_cv_folds, start)
     else:
-        _, recipe = loso_recipe(version, training, analysis)
+        _, recipe = loso_recipe(version, training, analysis, start)
     return {k: recipe.identity(int(k) if job_name == CV_FOLDS_JOB else k) for k in keys}
 
 

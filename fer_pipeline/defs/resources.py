@@ -15,6 +15,7 @@ from fer_pipeline.analysis.bias import ATTRIBUTES
 from fer_pipeline.dataset.catalog import Catalog, CatalogError, load_catalog
 from fer_pipeline.dataset.preprocess import PreprocessSettings
 from fer_pipeline.dataset.publish import KEEP_REJECTED
+from fer_pipeline.ml.pretrain import PretrainConfig
 from fer_pipeline.ml.train import TrainConfig
 from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
 from fer_pipeline.storage import ObjectStore
@@ -135,6 +136,17 @@ class TrainSettings(dg.ConfigurableResource):
     cuda_graphs: bool = Field(default=True, description="On CUDA, replay each training step as one captured "
                               "CUDA graph (about 5x faster for these small models); false = eager steps")
     macro_f1_floor: float = Field(default=0.5, description="Warn when a model's test macro-F1 is below")
+    init: str = Field(default="pretrained", description="pretrained = start the main architecture (models, CV "
+                      "folds, held-out sources, mitigation) from the backbone pretrained on the pool when there is "
+                      "one; scratch = random weights")
+    pretrain_epochs: int = Field(default=15, description="Epochs of backbone pretraining on the pool's labels")
+    pretrain_max_images: int = Field(default=24_000, description="At most this many pool images (stratified, "
+                                     "seeded sample); 0 = all")
+    pretrain_min_images: int = Field(default=100, description="A smaller pool trains no backbone")
+
+    def pretrain_config(self) -> PretrainConfig:
+        return PretrainConfig(epochs=self.pretrain_epochs, max_images=self.pretrain_max_images,
+                              min_images=self.pretrain_min_images)
 
     def config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, lr=self.lr,

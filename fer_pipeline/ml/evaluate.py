@@ -18,7 +18,11 @@ import numpy as np
 import pandas as pd
 
 from fer_pipeline.ml.calibration import CalibrationEffect, apply_temperature, softmax
-from fer_pipeline.ml.checkpoint import LoadedModel, load_checkpoint
+from fer_pipeline.ml.checkpoint import (
+    LoadedModel,
+    load_checkpoint,
+    read_checkpoint_metadata,
+)
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.metrics import (
     ClassificationMetrics,
@@ -123,8 +127,14 @@ def compare_checkpoints(paths: DataPaths, names: Iterable[str], train: SplitArra
                         data_version: str) -> ModelComparison:
     """Evaluate each named model's checkpoint on ``test``, compare with the majority baseline
     (most frequent class of ``train``) and pick the best by test macro-F1."""
-    evaluations = {name: evaluate_checkpoint(paths.checkpoint(name), test) for name in names}
-    warnings = [w for n, e in evaluations.items()
+    names = list(names)
+    missing = [n for n in names if not paths.checkpoint(n).is_file()]
+    if len(missing) == len(names):
+        raise FileNotFoundError(f"no model checkpoint to evaluate: {', '.join(missing)}; materialize the models")
+    evaluations = {name: evaluate_checkpoint(paths.checkpoint(name), test) for name in names if name not in missing}
+    warnings = [f"{n} has no checkpoint ({paths.checkpoint(n)}): left out of the comparison; materialize "
+                f"model_{n}" for n in missing]
+    warnings += [w for n, e in evaluations.items()
                 if (w := staleness(n, e.trained_on, data_version, "re-materialize the model"))]
     warnings += [f"{n} records no calibration temperature (trained before temperature scaling): its probabilities "
                  f"are uncalibrated (T = 1); re-materialize the model" for n, e in evaluations.items()
@@ -134,6 +144,9 @@ def compare_checkpoints(paths: DataPaths, names: Iterable[str], train: SplitArra
     calibration = {n: calibration_summary(e) for n, e in evaluations.items()}
     for column, key in (("ece", "ece_before"), ("ece_calibrated", "ece_after"), ("temperature", "temperature")):
         table[column] = table["model"].map(lambda m, key=key: (calibration.get(m) or {}).get(key)).astype(float)
+    inits = {n: (read_checkpoint_metadata(paths.checkpoint(n)).get("extra") or {}).get("init", "scratch")
+             for n in evaluations}  # "pretrained" (from the backbone) or "scratch"; older checkpoints: scratch
+    table["init"] = table["model"].map(inits)
     best = best_model_name(table[table["model"] != BASELINE_NAME].reset_index(drop=True))
     report = MetricsReport(best_model=best, data_version=data_version, n_test=int(len(test)),
                            models={n: e.metrics.to_dict() for n, e in evaluations.items()},

@@ -285,10 +285,10 @@ def _detect_input(src: _Source, data: bytes, settings: PreprocessSettings, frami
                   detector: FaceDetector) -> _Input:
     """Every face in the image, through ingestion's own per-file steps (decode, detect, align with
     the margin, normalise, the near-constant check), so a face is what the model trained on."""
-    from fer_pipeline.dataset.face_batch import Detection, _detect_one
+    from fer_pipeline.dataset.face_batch import Detection, detect_file
     from fer_pipeline.dataset.preprocess import reject_blank
 
-    items, _ = _detect_one(data, settings, Detection(margin=float(framing.margin or 0.0)), detector)
+    items, _ = detect_file(data, settings, Detection(margin=float(framing.margin or 0.0)), detector)
     decoded = reject_blank([item[4] for item in items], settings)
     rows, ready = [], {}
     for pos, ((index, found, box, score, _), face) in enumerate(zip(items, decoded)):

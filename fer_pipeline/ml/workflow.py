@@ -29,14 +29,15 @@ from fer_pipeline.ml.metrics import (
     majority_baseline,
 )
 from fer_pipeline.ml.plots import plot_training_curves
+from fer_pipeline.ml.pretrain import Start
 from fer_pipeline.ml.train import TrainConfig, TrainResult, train_model
 from fer_pipeline.paths import DataPaths
-from fer_pipeline.schema import SPLITS
+from fer_pipeline.schema import FRAMING_COLUMN, SPLITS
 
 if TYPE_CHECKING:
     from fer_pipeline.dataset.catalog import Catalog
 
-MANIFEST_FRAMING = "framing"  # the manifest column (schema.MANIFEST_COLUMNS) saying how each face was cut out
+MANIFEST_FRAMING = FRAMING_COLUMN  # kept for importers; the name lives in schema.py
 
 LogFn = Callable[[str], None]
 
@@ -108,7 +109,7 @@ def _catalog_beside(paths: DataPaths, rows: pd.DataFrame, log: LogFn | None) -> 
     if column not in rows.columns or not (rows[column] == "detect").any():
         return None
     try:
-        return load_catalog(paths.catalog, paths.root)
+        return load_catalog(paths.catalog, paths.root, check_paths=False)  # settings only: sources may be elsewhere
     except Exception as exc:  # noqa: BLE001 -- the checkpoint then records the detect defaults, said aloud
         if log:
             log(f"framing: cannot read {paths.catalog} ({exc}); recording the default detector settings")
@@ -119,7 +120,7 @@ def train_and_save(name: str, arch: ArchConfig, config: TrainConfig, arrays: dic
                    paths: DataPaths, version: str, preprocess: PreprocessSettings, *,
                    train_rows: np.ndarray | None = None, sample_weights: np.ndarray | None = None,
                    extra: dict[str, Any] | None = None, log: LogFn | None = None,
-                   catalog: Catalog | None = None) -> TrainedModel:
+                   catalog: Catalog | None = None, start: Start | None = None) -> TrainedModel:
     """Train on the train split (optionally a row selection with per-row weights, e.g. a
     mitigation plan), early-stop on validation, write checkpoint + curves.
 
@@ -128,14 +129,18 @@ def train_and_save(name: str, arch: ArchConfig, config: TrainConfig, arrays: dic
     finite, so readers never load a broken model in place of the last good one. ``preprocess``
     and the framing of the rows trained on (:func:`training_framing`, with the detection settings
     of ``catalog``, by default the data root's ``sources.yaml``) are recorded in the checkpoint
-    so prediction prepares inputs exactly as the training faces were prepared."""
+    so prediction prepares inputs exactly as the training faces were prepared. ``start`` (a
+    pretrained backbone's features, :func:`fer_pipeline.ml.pretrain.starting_point`) is where the
+    weights begin, recorded in the checkpoint's ``extra`` (default: random weights)."""
     train, val = arrays["train"], arrays["validation"]
     images, labels = (train.images, train.labels) if train_rows is None else (train.images[train_rows],
                                                                               train.labels[train_rows])
     rows = train.frame if train_rows is None else train.frame.iloc[train_rows]
     framing = training_framing(rows, catalog if catalog is not None else _catalog_beside(paths, rows, log))
+    start = start or Start("scratch", "no start given")
+    extra = {**(extra or {}), **start.describe()}
     result = train_model(images, labels, val.images, val.labels, arch, config, sample_weights=sample_weights,
-                         log=log)
+                         init_state=start.state, log=log)
     logits = predict_logits(result.build(), val.images, result.normalization, tta_flip=config.tta_flip).double().numpy()
     probs = softmax(logits)
     validation = evaluate_predictions(val.labels, probs.argmax(axis=1), probs)

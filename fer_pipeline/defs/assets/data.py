@@ -1,6 +1,8 @@
 """The data half as software-defined assets: sources → faces → de-duplicated → manifest →
 splits → plots. Each asset reads its upstream's Parquet file under the data root, calls one
-core module, writes its own file atomically and reports what a user would look at."""
+core module, writes its own file atomically and reports what a user would look at. The
+pretraining pool rides along: its files are decoded by `faces`, built by `manifest`, guarded
+against the validation and test images and published by `splits`."""
 
 
 import time
@@ -12,10 +14,12 @@ import pandas as pd
 from fer_pipeline.atomic import write_parquet
 from fer_pipeline.dataset import dedup as dedup_core
 from fer_pipeline.dataset import plots
+from fer_pipeline.dataset import pool as pool_core
 from fer_pipeline.dataset.face_store import FaceStore, load_faces
 from fer_pipeline.dataset.faces import SourceFraming, framing_shares, process_faces
-from fer_pipeline.dataset.inventory import build_inventory
+from fer_pipeline.dataset.inventory import POOL, UNMAPPED, build_inventory
 from fer_pipeline.dataset.manifest import (
+    ITEM,
     accounting_items,
     apply_relabels,
     build_manifest,
@@ -24,10 +28,12 @@ from fer_pipeline.dataset.manifest import (
     dedup_input,
     read_relabels,
 )
+from fer_pipeline.dataset.publish import POOL as POOL_TABLE
 from fer_pipeline.dataset.publish import (
     Candidate,
     data_version,
     manifest_version,
+    pool_content_version,
     prune_rejected,
     publish,
 )
@@ -40,6 +46,7 @@ from fer_pipeline.defs.checks import (
     Tables,
     blocking_failures,
     check_specs,
+    duplicate_rule,
     results_json,
     run_checks,
 )
@@ -53,6 +60,7 @@ GROUP = "data"
 def _prepare_synthetic(settings: FerSettings, log: dg.DagsterLogManager) -> list[str]:
     """Generate the demo source(s) the first time (deterministic, so re-running is a no-op)."""
     from fer_pipeline.dataset.synthetic_faces import (
+        generate_demo_pool,
         generate_demo_scenes,
         generate_demo_source,
     )
@@ -61,7 +69,9 @@ def _prepare_synthetic(settings: FerSettings, log: dg.DagsterLogManager) -> list
     for spec in settings.catalog().sources:
         if spec.kind == "synthetic":
             options = dict(spec.options)
-            if "scenes" in options:  # faces drawn into larger cluttered scenes, for `faces: detect`
+            if spec.role == "pretrain":  # other expressions than the four classes, for the pretraining pool
+                report = generate_demo_pool(spec.path, **options)
+            elif "scenes" in options:  # faces drawn into larger cluttered scenes, for `faces: detect`
                 report = generate_demo_scenes(spec.path, n_scenes=options.pop("scenes"), **options)
             else:
                 report = generate_demo_source(spec.path, **options)
@@ -82,7 +92,8 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
     write_parquet(paths.raw_inventory, inv)
     per_source = inv.pivot_table(index="source", columns="status", values="source_path", aggfunc="count",
                                  fill_value=0)
-    unmapped = inv[inv["status"] == "unmapped"].groupby(["source", "raw_label"]).size().rename("files").reset_index()
+    unmapped = inv[inv["status"] == UNMAPPED].groupby(["source", "raw_label"]).size().rename("files").reset_index()
+    pool_files = inv[inv["status"] == POOL].groupby(["source", "raw_label", "pool_label"]).size().rename("files")
     coverage = inv[inv["status"] == "candidate"].groupby("source")[list(DEMOGRAPHIC_ATTRIBUTES)].count()
     metadata: dict[str, object] = {
         "files": len(inv),
@@ -90,6 +101,8 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
         "by_status": counts(inv["status"]),
         "per_source": md_table(per_source.reset_index()),
         "unmapped_labels": md_table(unmapped),
+        "pool_files": int((inv["status"] == POOL).sum()),
+        "pool_labels": md_table(pool_files.reset_index()),
         "junk_skipped": {str(k): int(v) for k, v in report.junk.items()},
         "unreadable_examples": md_table(inv.loc[inv["status"].isin(["unreadable", "too_large", "source_error"]),
                                                 ["source", "source_path", "status", "reason"]], 20),
@@ -215,16 +228,22 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
     inv = pd.read_parquet(paths.raw_inventory)
     faces_table = pd.read_parquet(paths.faces_table)
     dedup_table = pd.read_parquet(paths.dedup_table)
-    kept, excluded = build_manifest(inv, faces_table, dedup_table, (fer.image_size, fer.image_size))
+    size = (fer.image_size, fer.image_size)
+    kept, excluded = build_manifest(inv, faces_table, dedup_table, size)
+    pool, pool_excluded = pool_core.build_pool(inv, faces_table, size)  # guarded by `splits`, once splits exist
+    if len(pool_excluded):
+        excluded = pd.concat([excluded, pool_excluded], ignore_index=True).sort_values(ITEM, kind="mergesort")
+        excluded = excluded.reset_index(drop=True)
     # user corrections (e.g. from the label_issues report); recorded in column relabelled_from
     kept, relabels = apply_relabels(kept, read_relabels(paths.relabels))
     items = accounting_items(inv, faces_table)  # each file, and each further face of a `keep: all` photo
-    accounting = check_accounting(items, kept, excluded)
-    version = manifest_version(kept, excluded)
+    accounting = check_accounting(items, kept, excluded, pool)
+    version = manifest_version(kept, excluded, pool)
     candidate = Candidate(paths, context.run.run_id)
     candidate.write("manifest", kept, {"manifest_version": version, "run_id": context.run.run_id})
     candidate.write("excluded", excluded, {"manifest_version": version, "run_id": context.run.run_id})
-    tables = Tables(kept, excluded, items)
+    candidate.write(POOL_TABLE, pool, {"manifest_version": version, "run_id": context.run.run_id})
+    tables = Tables(kept, excluded, items, pool=pool)
     results, failed = _audit(context, fer, candidate, "manifest", MANIFEST_CHECKS, tables)
     by_class_source = kept.pivot_table(index="label", columns="source", values="image_id", aggfunc="count",
                                        fill_value=0)
@@ -234,6 +253,8 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         "dagster/row_count": len(kept),
         "kept": len(kept),
         "excluded": len(excluded),
+        "pool_before_guard": len(pool),
+        "pool_by_source_and_label": md_table(pool_core.pool_summary(pool)),
         "inputs": accounting["n_inputs"],
         "input_files": len(inv),
         "by_framing": counts(kept["framing"]),
@@ -272,9 +293,17 @@ def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materializ
     version = candidate.meta("manifest")["manifest_version"]
     table = assign_splits(kept, fer.split_proportions, fer.n_folds, fer.split_seed)[list(SPLIT_COLUMNS)]
     split_version = data_version(kept, table)
-    candidate.write("splits", table, {"manifest_version": version, "data_version": split_version,
-                                      "run_id": context.run.run_id})
-    results, failed = _audit(context, fer, candidate, "splits", SPLIT_CHECKS, Tables(kept, splits=table))
+    run_meta = {"manifest_version": version, "run_id": context.run.run_id}
+    # leakage guard: pool images that duplicate a four-class image move to excluded
+    guard = pool_core.leakage_guard(candidate.read(POOL_TABLE), kept, table, paths.root, duplicate_rule(fer))
+    if len(guard.excluded):
+        excluded = pd.concat([candidate.read("excluded"), guard.excluded], ignore_index=True)
+        candidate.write("excluded", excluded.sort_values(ITEM, kind="mergesort").reset_index(drop=True), run_meta)
+    pool = guard.pool
+    pool_version = pool_content_version(pool)
+    candidate.write(POOL_TABLE, pool, {**run_meta, "data_version": split_version, "pool_version": pool_version})
+    candidate.write("splits", table, {**run_meta, "data_version": split_version})
+    results, failed = _audit(context, fer, candidate, "splits", SPLIT_CHECKS, Tables(kept, splits=table, pool=pool))
     if failed:
         publication = "rejected: " + ", ".join(failed)
     else:
@@ -294,8 +323,15 @@ def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materializ
         "share_matching_source_split_hint": agreement,
         "manifest_version": version,
         "data_version": split_version,
+        "pool_images": len(pool),
+        "pool_by_source_and_label": md_table(pool_core.pool_summary(pool)),
+        "pool_version": pool_version,
+        "pool_dropped_by_leakage_guard": len(guard.excluded),
+        "pool_dropped_examples": md_table(guard.matches[["source", "source_path", "pool_label", "duplicate_of",
+                                                         "duplicate_split"]], 10),
         "publication": publication,
         "path": dg.MetadataValue.path(str(paths.splits)),
+        "pool_path": dg.MetadataValue.path(str(paths.pool)),
     }, check_results=results,
         # the data version as Dagster's: the training work downstream goes stale only when it changes
         data_version=dg.DataVersion(split_version))

@@ -17,6 +17,8 @@ call it, write ``reports/`` files and turn the results into metadata a user look
 """
 
 
+import functools
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -50,6 +52,8 @@ from fer_pipeline.atomic import write_csv, write_table
 from fer_pipeline.dataset.face_store import load_faces
 from fer_pipeline.dataset.publish import read_published
 from fer_pipeline.defs.assets.data import manifest, splits
+from fer_pipeline.defs.assets.models import model_start
+from fer_pipeline.defs.assets.pretrain import pretrained_backbone
 from fer_pipeline.defs.executors import GPU_OP_TAGS
 from fer_pipeline.defs.jobs import (
     CV_FOLD,
@@ -63,7 +67,8 @@ from fer_pipeline.defs.metadata import md_image, md_table
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
 from fer_pipeline.ml.evaluate import Evaluation, evaluate_checkpoint, staleness
-from fer_pipeline.ml.train import TrainConfig
+from fer_pipeline.ml.pretrain import Start
+from fer_pipeline.ml.train import TrainConfig, train_model
 from fer_pipeline.ml.workflow import load_pipeline_data
 from fer_pipeline.schema import SPLITS
 
@@ -105,11 +110,19 @@ def _warn_stale(context: dg.AssetExecutionContext, name: str, trained_on: str | 
 # --------------------------------------------------------------------------------------------
 
 
+def main_start(fer: FerSettings, training: TrainSettings) -> Start:
+    """Where the main architecture's analysis trainings start: the models' own start
+    (the pretrained backbone under ``init: pretrained``), so CV and LOSO judge the same recipe."""
+    return model_start(fer.paths, training.init, ARCHITECTURES[MAIN_MODEL])
+
+
 def cv_recipe(version: str, training: TrainSettings, analysis: AnalysisSettings,
-              n_cv_folds: int) -> tuple[TrainConfig, FoldRecipe]:
-    """The training config of a CV fold and the recipe its result is stored (and checked) with."""
+              n_cv_folds: int, start: Start) -> tuple[TrainConfig, FoldRecipe]:
+    """The training config of a CV fold and the recipe its result is stored (and checked) with
+    (the backbone it starts from is part of the recipe)."""
     config = analysis.recipe(training, analysis.cv_epochs, analysis.cv_patience)
-    return config, FoldRecipe.of(version, ARCHITECTURES[MAIN_MODEL], config, n_cv_folds=n_cv_folds)
+    return config, FoldRecipe.of(version, ARCHITECTURES[MAIN_MODEL], config, n_cv_folds=n_cv_folds,
+                                 init=start.init, backbone=start.backbone)
 
 
 def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
@@ -117,7 +130,7 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
     the code location loads, since the partitions are fixed then."""
     arch = ARCHITECTURES[MAIN_MODEL]
 
-    @dg.asset(name=CV_FOLD, group_name=GROUP, deps=[splits], partitions_def=cv_fold_partitions(n_cv_folds),
+    @dg.asset(name=CV_FOLD, group_name=GROUP, deps=[splits, pretrained_backbone], partitions_def=cv_fold_partitions(n_cv_folds),
               # the fold count is part of what a fold means: changing FER_CV_FOLDS marks every fold stale
               code_version=f"{n_cv_folds}-fold",
               op_tags=GPU_OP_TAGS,  # no backfill policy: a backfill is one run per fold, side by side
@@ -130,8 +143,10 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
         fold = int(context.partition_key)
         _, _, arrays, version = _load(fer, ("train", "validation"))
         pool = combine_arrays([arrays["train"], arrays["validation"]])
-        config, recipe = cv_recipe(version, training, analysis, n_cv_folds)
+        start = main_start(fer, training)
+        config, recipe = cv_recipe(version, training, analysis, n_cv_folds, start)
         result = train_fold(pool, fold, arch, config, n_cv_folds=n_cv_folds, run_id=context.run.run_id,
+                            train_fn=functools.partial(train_model, init_state=start.state),
                             log=context.log.info, train_log=context.log.debug)
         files = FoldStore(fer.paths.report("cv_fold_results")).save(result, recipe)
         return dg.MaterializeResult(
@@ -159,7 +174,7 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
         published = read_published(paths)
         version = published.data_version
         n_pool = int((published.splits["split"] != "test").sum())
-        config, recipe = cv_recipe(version, training, analysis, n_cv_folds)
+        config, recipe = cv_recipe(version, training, analysis, n_cv_folds, main_start(fer, training))
         collected = collect_folds(FoldStore(paths.report("cv_fold_results")), recipe)
         refused = {str(k): v for k, v in collected.refused.items()}
         for fold, why in refused.items():
@@ -266,7 +281,7 @@ def bias_report(context: dg.AssetExecutionContext, fer: FerSettings, analysis: A
 # --------------------------------------------------------------------------------------------
 
 
-@dg.asset(group_name=GROUP, deps=[manifest, splits],
+@dg.asset(group_name=GROUP, deps=[manifest, splits, pretrained_backbone],
           description=f"The main model ({MAIN_MODEL}) retrained with the same recipe on a training set balanced "
                       "by demographic group (analysis.mitigation: oversample / reweight / both; off = skipped).")
 def mitigated_model(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
@@ -278,7 +293,8 @@ def mitigated_model(context: dg.AssetExecutionContext, fer: FerSettings, trainin
         arrays, mode=analysis.mitigation, attribute=analysis.mitigation_attribute,
         attributes=analysis.bias_attributes, min_share=analysis.mitigation_min_share, arch=ARCHITECTURES[MAIN_MODEL],
         config=analysis.recipe(training, analysis.mitigation_epochs), paths=paths, data_version=version,
-        preprocess=fer.preprocess, name=MITIGATED_NAME, log=context.log.info)
+        preprocess=fer.preprocess, name=MITIGATED_NAME, log=context.log.info,
+        start=main_start(fer, training) if needs_data else None)
     if outcome.trained is None:
         if outcome.status == STATUS_OFF:
             context.log.info(f"mitigation is off: no model trained; to turn it on, {HOW_TO_ENABLE}")
@@ -402,11 +418,12 @@ def source_confound(context: dg.AssetExecutionContext, fer: FerSettings,
 # --------------------------------------------------------------------------------------------
 
 
-def loso_recipe(version: str, training: TrainSettings,
-                analysis: AnalysisSettings) -> tuple[TrainConfig, TrainingRecipe]:
+def loso_recipe(version: str, training: TrainSettings, analysis: AnalysisSettings,
+                start: Start) -> tuple[TrainConfig, TrainingRecipe]:
     """The training config of a held-out source and the recipe its row is stored (and checked) with."""
     config = analysis.recipe(training, analysis.loso_epochs)
-    return config, TrainingRecipe.of(version, ARCHITECTURES[MAIN_MODEL], config)
+    return config, TrainingRecipe.of(version, ARCHITECTURES[MAIN_MODEL], config, init=start.init,
+                                     backbone=start.backbone)
 
 
 def _partition_key_problem(key: str) -> str | None:
@@ -444,7 +461,8 @@ def held_out_sources(context: dg.AssetExecutionContext, fer: FerSettings,
                   "data_version": version})
 
 
-@dg.asset(name=LOSO_FOLD, group_name=GROUP, deps=[held_out_sources, splits], partitions_def=LOSO_PARTITIONS,
+@dg.asset(name=LOSO_FOLD, group_name=GROUP, deps=[held_out_sources, splits, pretrained_backbone],
+          partitions_def=LOSO_PARTITIONS,
           op_tags=GPU_OP_TAGS,
           description=f"Leave-one-source-out for one source (partition = source name; partitions come from "
                       f"{HELD_OUT_SOURCES}): the main architecture trained on the other sources' train split, "
@@ -453,8 +471,10 @@ def loso_fold(context: dg.AssetExecutionContext, fer: FerSettings, training: Tra
               analysis: AnalysisSettings) -> dg.MaterializeResult:
     source = context.partition_key
     _, _, arrays, version = _load(fer)
-    config, recipe = loso_recipe(version, training, analysis)
+    start = main_start(fer, training)
+    config, recipe = loso_recipe(version, training, analysis, start)
     row = loso_core.held_out_row(arrays, source, ARCHITECTURES[MAIN_MODEL], config,
+                                 train_fn=functools.partial(train_model, init_state=start.state),
                                  min_classes=analysis.loso_min_classes, run_id=context.run.run_id,
                                  log=context.log.info, train_log=context.log.debug)
     if row["status"] != loso_core.STATUS_DONE:
@@ -485,7 +505,7 @@ def cross_source_generalisation(context: dg.AssetExecutionContext, fer: FerSetti
     else:
         _, _, arrays, version = _load(fer)
         in_domain = _main_test_predictions(context, fer, arrays, version).y_pred
-        _, recipe = loso_recipe(version, training, analysis)
+        _, recipe = loso_recipe(version, training, analysis, main_start(fer, training))
         status = loso_core.eligibility(arrays, analysis.loso_min_classes)
         collected = loso_core.collect_rows(loso_core.LosoStore(paths.report("loso_results")), status, recipe)
         missing, refused = collected.missing, collected.refused

@@ -7,16 +7,19 @@ import time
 import dagster as dg
 
 from fer_pipeline.defs.assets.data import manifest, splits
+from fer_pipeline.defs.assets.pretrain import pretrained_backbone
 from fer_pipeline.defs.executors import GPU_OP_TAGS
 from fer_pipeline.defs.metadata import md_image, md_table
 from fer_pipeline.defs.resources import FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL, ArchConfig
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
 from fer_pipeline.ml.evaluate import compare_checkpoints, write_comparison
+from fer_pipeline.ml.pretrain import Start, starting_point
 from fer_pipeline.ml.workflow import (
     load_pipeline_data,
     train_and_save,
 )
+from fer_pipeline.paths import DataPaths
 
 GROUP = "models"
 
@@ -26,13 +29,29 @@ def _load_arrays(fer: FerSettings):
     return arrays, version
 
 
-def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
-    """The asset that trains ``arch`` (factory: adding an architecture adds an asset)."""
+SCRATCH_TWIN = f"{MAIN_MODEL}_scratch"
+"""The main architecture trained from random weights whatever ``init`` says: the comparison row
+that shows what pretraining bought."""
+
+MODELS: dict[str, ArchConfig] = {**ARCHITECTURES, SCRATCH_TWIN: ARCHITECTURES[MAIN_MODEL]}
+"""Every model asset: the registered architectures plus the main model's scratch twin."""
+
+
+def model_start(paths: DataPaths, init: str, arch: ArchConfig) -> Start:
+    """Where a model of ``arch`` starts under ``init``: the main architecture's backbone if it fits."""
+    return starting_point(init, paths.backbone(MAIN_MODEL), arch)
+
+
+def model_asset(name: str, arch: ArchConfig, init: str | None = None) -> dg.AssetsDefinition:
+    """The asset that trains ``arch`` (factory: adding an architecture adds an asset); ``init``
+    fixes the start (else the ``training`` resource's ``init``)."""
     key = f"model_{name}"
-    role = "main model" if name == MAIN_MODEL else "variant"
+    role = ("main model" if name == MAIN_MODEL else
+            "the main model trained from scratch (compare with the pretrained one)" if name == SCRATCH_TWIN
+            else "variant")
 
     @dg.asset(
-        name=key, group_name=GROUP, deps=[manifest, splits],
+        name=key, group_name=GROUP, deps=[manifest, splits, pretrained_backbone],
         description=f"CNN '{name}' ({role}): {arch.description or arch}",
         # On Kubernetes the step's pod asks for one GPU; ignored by the other executors. The model
         # assets are independent: a distributed executor trains them in parallel.
@@ -46,10 +65,11 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
     )
     def _model(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings) -> dg.MaterializeResult:
         arrays, version = _load_arrays(fer)
+        start = model_start(fer.paths, init or training.init, arch)
         context.log.info(f"training {name} on {len(arrays['train'])} images, validating on "
-                         f"{len(arrays['validation'])} (data version {version})")
+                         f"{len(arrays['validation'])} (data version {version}); start: {start.init} ({start.reason})")
         trained = train_and_save(name, arch, training.config(), arrays, fer.paths, version, fer.preprocess,
-                                 log=context.log.info)
+                                 log=context.log.info, start=start)
         if not trained.published:
             context.log.error(f"{name} has NaN/inf weights ({', '.join(trained.bad_tensors)}): not published; the "
                               f"previous checkpoint stays, the rejected one is at {trained.checkpoint}")
@@ -61,6 +81,7 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
             metadata={
                 "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
                 "data_version": version,
+                "init": start.init, "init_reason": start.reason, "backbone": start.backbone or "",
                 "best_epoch": r.best_epoch,
                 "epochs_run": len(r.history),
                 "stopped_early": r.stopped_early,
@@ -87,7 +108,7 @@ def model_asset(name: str, arch: ArchConfig) -> dg.AssetsDefinition:
     return _model
 
 
-MODEL_ASSETS = [model_asset(name, arch) for name, arch in ARCHITECTURES.items()]
+MODEL_ASSETS = [model_asset(name, arch, "scratch" if name == SCRATCH_TWIN else None) for name, arch in MODELS.items()]
 
 
 @dg.asset(
@@ -103,7 +124,7 @@ def model_evaluation(context: dg.AssetExecutionContext, fer: FerSettings,
     start = time.perf_counter()
     paths = fer.paths
     arrays, version = _load_arrays(fer)
-    comparison = compare_checkpoints(paths, ARCHITECTURES, arrays["train"], arrays["test"], version)
+    comparison = compare_checkpoints(paths, MODELS, arrays["train"], arrays["test"], version)
     for warning in comparison.warnings:
         context.log.warning(warning)
     files = write_comparison(paths, comparison)

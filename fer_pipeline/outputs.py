@@ -19,6 +19,11 @@ def summary(paths: DataPaths) -> str:
                      + ", ".join(f"{k} {v}" for k, v in kept['label'].value_counts().sort_index().items()) + ")")
         lines.append(f"  excluded      {paths.excluded}  ({len(excluded)} files not kept, with reasons)")
         lines.append(f"  splits        {paths.splits}")
+        if paths.pool.exists():
+            pool = pd.read_parquet(paths.pool, columns=["pool_label"])
+            lines.append(f"  pool          {paths.pool}  ({len(pool)} pretraining images: "
+                         + ", ".join(f"{k} {v}" for k, v in pool["pool_label"].value_counts().sort_index().items())
+                         + ")")
     else:
         lines.append("  (no manifest yet: run `make demo` or materialize the data assets)")
     for name, path in (("faces", paths.faces_dir), ("models", paths.models_dir), ("reports", paths.reports_dir)):
@@ -30,6 +35,9 @@ def summary(paths: DataPaths) -> str:
         best, f1 = report.best_model, report.best_macro_f1()
         lines.append(f"  best model    {best} (test macro-F1 {f1:.3f}); classify images with "
                      f"`.venv/bin/fer-pipeline predict PATH...`" if f1 is not None else f"  best model    {best}")
+    card = paths.report("model_card")
+    if card.exists():
+        lines.append(f"  model card    {card}")
     lines.append("Open the UI with `make ui` (http://127.0.0.1:3000) to see lineage, metadata, plots and checks.")
     return "\n".join(lines)
 

@@ -281,7 +281,7 @@ def test_fold_count_setting_fails_fast_naming_the_variable(monkeypatch: pytest.M
     from fer_pipeline.defs.jobs import PartitionSettingError, cv_fold_count
 
     assert cv_fold_count({}) == 10 and cv_fold_count({"FER_CV_FOLDS": " 3 "}) == 3
-    for bad, why in (("three", "expected a whole number"), ("1", "cross-validation needs at least 2 folds")):
+    for bad, why in (("three", "expected a whole number"), ("1", "must be at least 2 folds")):
         with pytest.raises(PartitionSettingError, match=f"FER_CV_FOLDS='{bad}': {why}"):
             cv_fold_count({"FER_CV_FOLDS": bad})
     monkeypatch.setenv("FER_AUTO_RETRAIN", "1")

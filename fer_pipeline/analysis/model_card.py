@@ -28,7 +28,7 @@ from fer_pipeline.analysis.generalisation import STATUS_DONE
 from fer_pipeline.atomic import write_text
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.dataset.catalog import Catalog
-from fer_pipeline.dataset.publish import read_published
+from fer_pipeline.dataset.publish import read_pool, read_published
 from fer_pipeline.ml.architectures import MAIN_MODEL
 from fer_pipeline.ml.calibration import N_BINS
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
@@ -149,6 +149,13 @@ def _bullets(items: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------- sections
 
 
+def _start_text(extra: dict[str, Any]) -> str:
+    """How the model's weights started: a pretrained backbone (named) or random."""
+    if extra.get("init") == "pretrained":
+        return f"fine-tuned from the pretrained backbone `{extra.get('backbone')}` (pretraining pool)"
+    return f"random (from scratch{': ' + str(extra['init_reason']) if extra.get('init_reason') else ''})"
+
+
 def _model_details(report: MetricsReport, paths: DataPaths) -> tuple[str, dict[str, Any]]:
     best = report.best_model
     recorded = report.checkpoints.get(best)
@@ -173,6 +180,7 @@ def _model_details(report: MetricsReport, paths: DataPaths) -> tuple[str, dict[s
                      f"seed {train.get('seed', '—')}" if train else "—"),
         ("data version", f"`{report.data_version}`"),
         ("calibration temperature", _num((meta.get("calibration") or {}).get("temperature"))),
+        ("initial weights", _start_text(meta.get("extra") or {})),
     ]
     if "error" in meta:
         rows.append(("checkpoint problem", meta["error"]))
@@ -180,11 +188,13 @@ def _model_details(report: MetricsReport, paths: DataPaths) -> tuple[str, dict[s
 
 
 def _training_data(paths: DataPaths, catalog: Catalog | None, kept: pd.DataFrame, splits: pd.DataFrame,
-                   excluded: pd.DataFrame) -> tuple[str, dict[str, Any]]:
+                   excluded: pd.DataFrame, pool: pd.DataFrame | None = None) -> tuple[str, dict[str, Any]]:
     specs = {s.name: s for s in catalog.sources} if catalog is not None else {}
     split_of = splits.set_index("image_id")["split"]
     kept = kept.assign(split=kept["image_id"].map(split_of))
-    names = sorted(set(kept["source"].astype(str)) | set(excluded["source"].astype(str)) | set(specs))
+    pool = pool if pool is not None else pd.DataFrame(columns=["source", "pool_label"])
+    names = sorted(set(kept["source"].astype(str)) | set(excluded["source"].astype(str)) | set(specs)
+                   | set(pool["source"].astype(str)))
     classes = [c for c in CLASSES if c in set(kept["label"])] or list(CLASSES)
     rows, licences = [], {}
     for name in names:
@@ -197,13 +207,21 @@ def _training_data(paths: DataPaths, catalog: Catalog | None, kept: pd.DataFrame
         by_split = mine["split"].value_counts()
         rows.append([name, spec.kind if spec else "—", licence, len(mine), *[int(by_class.get(c, 0)) for c in classes],
                      *[int(by_split.get(s, 0)) for s in SPLITS],
+                     int((pool["source"].astype(str) == name).sum()),
                      int((excluded["source"].astype(str) == name).sum())])
     rows.append(["**all**", "", "", len(kept), *[int((kept["label"] == c).sum()) for c in classes],
-                 *[int((kept["split"] == s).sum()) for s in SPLITS], len(excluded)])
-    header = ["source", "kind", "licence (catalogue)", "images kept", *classes, *SPLITS, "files not kept"]
+                 *[int((kept["split"] == s).sum()) for s in SPLITS], len(pool), len(excluded)])
+    header = ["source", "kind", "licence (catalogue)", "images kept", *classes, *SPLITS, "pretraining pool",
+              "files not kept"]
     text = [md_table(rows, header), "",
-            f"Every source file is accounted for: {len(kept)} kept (`{paths.manifest.name}`), {len(excluded)} not "
-            f"kept with a reason (`{paths.excluded.name}`)."]
+            f"Every source file is accounted for: {len(kept)} kept (`{paths.manifest.name}`), {len(pool)} in the "
+            f"pretraining pool (`{paths.pool.name}`), {len(excluded)} not kept with a reason "
+            f"(`{paths.excluded.name}`)."]
+    if len(pool):
+        labels = pool["pool_label"].astype(str).value_counts().sort_index()
+        text.append("Pretraining pool labels (not the four classes; the backbone learns face features from them, "
+                    "and no pool image duplicates a four-class image): "
+                    + ", ".join(f"{k} {v}" for k, v in labels.items()) + ".")
     if len(excluded):
         stages = excluded["stage"].astype(str).value_counts()
         text.append("Not kept, by stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()) + ".")
@@ -400,7 +418,7 @@ def build_model_card(paths: DataPaths, catalog: Catalog | None = None, *, confou
     predictions = pd.read_parquet(pred_path) if pred_path.is_file() else None
 
     details, _ = _model_details(report, paths)
-    data_text, data_facts = _training_data(paths, catalog, kept, splits, excluded)
+    data_text, data_facts = _training_data(paths, catalog, kept, splits, excluded, read_pool(paths))
     test_text, best_ci = _test_results(report, predictions, n_resamples, seed)
     cv_text, cv = _cross_validation(paths)
     group_text, bias = _per_group(paths)

@@ -39,6 +39,8 @@ import os
 
 import dagster as dg
 
+from fer_pipeline.defs.env import env_int
+
 try:  # Dagster's own cron check (internal module): a clear message for a bad FER_REBUILD_CRON
     from dagster._utils.schedules import is_valid_cron_string
 except ImportError:  # pragma: no cover - then ScheduleDefinition's own validation applies
@@ -82,16 +84,7 @@ def auto_retrain_enabled() -> bool:
 
 
 def sensor_interval_seconds() -> int:
-    raw = os.environ.get(INTERVAL_ENV, "").strip()
-    if not raw:
-        return DEFAULT_INTERVAL_SECONDS
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{INTERVAL_ENV}={raw!r}: expected a whole number of seconds") from exc
-    if value < 1:
-        raise ValueError(f"{INTERVAL_ENV}={raw!r}: must be at least 1 second")
-    return value
+    return env_int(INTERVAL_ENV, DEFAULT_INTERVAL_SECONDS, 1, "seconds")
 
 
 def rebuild_cron() -> str:

@@ -22,10 +22,11 @@ cannot change it. Restart ``make ui`` after changing it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import dagster as dg
+
+from fer_pipeline.defs.env import env_int
 
 CV_FOLDS_ENV = "FER_CV_FOLDS"
 DEFAULT_CV_FOLDS = 10
@@ -51,17 +52,7 @@ class PartitionSettingError(ValueError):
 
 def cv_fold_count(environ: Mapping[str, str] | None = None) -> int:
     """The number of CV folds, ``FER_CV_FOLDS`` (unset or empty: 10)."""
-    env = os.environ if environ is None else environ
-    raw = env.get(CV_FOLDS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_CV_FOLDS
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise PartitionSettingError(f"{CV_FOLDS_ENV}={raw!r}: expected a whole number of folds (2 or more)") from exc
-    if value < 2:
-        raise PartitionSettingError(f"{CV_FOLDS_ENV}={raw!r}: cross-validation needs at least 2 folds")
-    return value
+    return env_int(CV_FOLDS_ENV, DEFAULT_CV_FOLDS, 2, "folds", environ=environ, error=PartitionSettingError)
 
 
 def cv_fold_partitions(n_cv_folds: int) -> dg.StaticPartitionsDefinition:

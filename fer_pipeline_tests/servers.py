@@ -97,6 +97,15 @@ class ServerProcess:
         return code
 
 
+def accepts_connections(port: int, host: str = LOOPBACK) -> bool:
+    """Whether something listens on ``host:port`` (a server's readiness probe for ``wait_until``)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def start_server(cmd: Sequence[str], *, port: int, log: Path, name: str = "server",
                  env: Mapping[str, str] | None = None, cwd: Path | None = None,
                  user: int | str | None = None, group: int | str | None = None) -> ServerProcess:

@@ -21,7 +21,6 @@ Run it alone: ``.venv/bin/python -m pytest -q fer_pipeline_tests/test_dask_execu
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from fer_pipeline.defs import executors
 from fer_pipeline.defs.jobs import CV_FOLDS_ENV, CV_FOLDS_JOB, REPORTS_JOB
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
 from fer_pipeline.paths import DataPaths
-from fer_pipeline_tests.servers import LOOPBACK, ServerProcess, free_port, start_server
+from fer_pipeline_tests.servers import LOOPBACK, ServerProcess, accepts_connections, free_port, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -150,14 +149,6 @@ def test_readme_run_launcher_block_is_valid_k8s_config() -> None:
 
 # --- Dask, for real -----------------------------------------------------------------------------
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _data_root(path: Path) -> Path:
     path.mkdir(parents=True)
     (path / "sources.yaml").write_text(yaml.safe_dump(CATALOGUE))
@@ -191,7 +182,7 @@ def dask_cluster(tmp_path: Path) -> Iterator[tuple[str, Path, list[ServerProcess
                                  port=port, log=tmp_path / "logs" / "scheduler.log", name="dask scheduler",
                                  env=env, cwd=REPO)
         started.append(scheduler)
-        scheduler.wait_until(lambda: _accepts(port), timeout=60)
+        scheduler.wait_until(lambda: accepts_connections(port), timeout=60)
         for i in (1, 2):
             started.append(start_server(
                 [str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1", "--host", LOOPBACK,

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import uuid
 import zipfile
@@ -57,7 +56,7 @@ from fer_pipeline.storage import (
     StoreError,
     open_data_root,
 )
-from fer_pipeline_tests.servers import LOOPBACK, ServerProcess, free_port, start_server
+from fer_pipeline_tests.servers import LOOPBACK, ServerProcess, accepts_connections, free_port, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -76,21 +75,13 @@ class S3:
         return f"s3://{self.bucket}/{prefix}"
 
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     server = start_server([str(BIN / "moto_server"), "-H", LOOPBACK, "-p", str(port)], port=port,
                           log=tmp_path_factory.mktemp("moto") / "moto.log", name="moto S3 server")
     try:
-        server.wait_until(lambda: _accepts(port), timeout=60)
+        server.wait_until(lambda: accepts_connections(port), timeout=60)
         yield f"http://{LOOPBACK}:{port}"
     finally:
         server.stop()
@@ -426,7 +417,7 @@ def test_dask_workers_with_their_own_working_copies(s3: S3, reference: Reference
         started.append(start_server([str(BIN / "dask"), "scheduler", "--host", LOOPBACK, "--port", str(port),
                                      "--no-dashboard"], port=port, log=tmp_path / "logs" / "scheduler.log",
                                     name="dask scheduler", env=env, cwd=REPO))
-        started[0].wait_until(lambda: _accepts(port), timeout=60)
+        started[0].wait_until(lambda: accepts_connections(port), timeout=60)
         for i in (1, 2):
             started.append(start_server(
                 [str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1", "--host", LOOPBACK,

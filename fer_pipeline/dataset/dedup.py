@@ -409,26 +409,20 @@ def duplicates_across(hashes: np.ndarray, mirrored: np.ndarray | None, pixels: n
     out = np.full(len(h), -1, dtype=np.int64)
     if not len(h) or not len(r) or max_distance < 0:
         return out
-    sides = [(h, r)]
-    if mirrored is not None and ref_mirrored is not None:
-        sides += [(h, np.ascontiguousarray(ref_mirrored, dtype=np.uint64)),
-                  (np.ascontiguousarray(mirrored, dtype=np.uint64), r)]
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    for left, right in sides:
-        if max_distance > MIH_MAX_DISTANCE:
-            close = np.bitwise_count(left[:, None] ^ right[None, :]) <= max_distance
-            parts.append(np.nonzero(close))
-        else:
-            parts.append(_band_join(left, right, max_distance))
-    i = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    j = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    key = np.unique(i * len(r) + j)
-    i, j = key // len(r), key % len(r)
+    # The cross-set join the incremental de-duplication uses: one array, "new" rows = this set,
+    # "old" rows = the reference, so every pair comes back as (row, len(h) + reference row).
+    both = np.concatenate([h, r])
+    mirrors = (np.concatenate([np.ascontiguousarray(mirrored, dtype=np.uint64),
+                               np.ascontiguousarray(ref_mirrored, dtype=np.uint64)])
+               if mirrored is not None and ref_mirrored is not None else None)
+    i, j = _cross_pairs(np.arange(len(h)), np.arange(len(h), len(both)), both, mirrors, max_distance)
+    j = j - len(h)
     score = np.ones(len(i), dtype=np.float32)
     if pixels is not None and ref_pixels is not None and len(i) and min_correlation > 0:
-        both = np.concatenate([pixels, ref_pixels])
-        jj = j + len(pixels)
-        score = np.maximum(pixel_correlation(both, i, jj), pixel_correlation(both, i, jj, mirrored=True))
+        faces = np.concatenate([pixels, ref_pixels])
+        score = pixel_correlation(faces, i, j + len(pixels))
+        if mirrors is not None:  # as in deduplicate: the mirror image counts only when mirrors match
+            score = np.maximum(score, pixel_correlation(faces, i, j + len(pixels), mirrored=True))
         i, j, score = i[score >= min_correlation], j[score >= min_correlation], score[score >= min_correlation]
     order = np.lexsort((j, -score, i))  # per row: best correlation first, then lowest reference index
     i, j = i[order], j[order]

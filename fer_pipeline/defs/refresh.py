@@ -107,7 +107,7 @@ def expected_identities(job_name: str, keys: Sequence[str], run_config: dict[str
         version = read_published(fer.paths).data_version
     except Exception as exc:  # noqa: BLE001 - then every partition runs; the run says what is wrong
         return f"cannot tell ({type(exc).__name__}: {exc})"
-    start = main_start(fer, training)
+    start = main_start(fer, training, with_weights=False)
     if job_name == CV_FOLDS_JOB:
         _, recipe = cv_recipe(version, training, analysis, n_cv_folds, start)
     else:

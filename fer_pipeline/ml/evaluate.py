@@ -21,7 +21,6 @@ from fer_pipeline.ml.calibration import CalibrationEffect, apply_temperature, so
 from fer_pipeline.ml.checkpoint import (
     LoadedModel,
     load_checkpoint,
-    read_checkpoint_metadata,
 )
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.metrics import (
@@ -144,8 +143,8 @@ def compare_checkpoints(paths: DataPaths, names: Iterable[str], train: SplitArra
     calibration = {n: calibration_summary(e) for n, e in evaluations.items()}
     for column, key in (("ece", "ece_before"), ("ece_calibrated", "ece_after"), ("temperature", "temperature")):
         table[column] = table["model"].map(lambda m, key=key: (calibration.get(m) or {}).get(key)).astype(float)
-    inits = {n: (read_checkpoint_metadata(paths.checkpoint(n)).get("extra") or {}).get("init", "scratch")
-             for n in evaluations}  # "pretrained" (from the backbone) or "scratch"; older checkpoints: scratch
+    inits = {n: (e.loaded.metadata.get("extra") or {}).get("init", "scratch")
+             for n, e in evaluations.items()}  # "pretrained" (from the backbone) or "scratch"; older: scratch
     table["init"] = table["model"].map(inits)
     best = best_model_name(table[table["model"] != BASELINE_NAME].reset_index(drop=True))
     report = MetricsReport(best_model=best, data_version=data_version, n_test=int(len(test)),

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 EAGER_STEPS = 3
 """Steps run eagerly before capture (the PyTorch CUDA graphs guide asks for a few)."""
@@ -107,6 +106,6 @@ class GraphedTrainStep:
         return out
 
 
-def graphable(model: nn.Module, mixup_alpha: float, device: torch.device) -> bool:
+def graphable(mixup_alpha: float, device: torch.device) -> bool:
     """Whether the step can be captured: CUDA, and no host-side randomness (mixup) inside it."""
     return device.type == "cuda" and mixup_alpha == 0 and torch.cuda.is_available()

@@ -149,8 +149,9 @@ class Start:
         return {"init": self.init, "init_reason": self.reason, "backbone": self.backbone}
 
 
-def starting_point(init: str, backbone_checkpoint: Path, arch: ArchConfig) -> Start:
-    """The start for ``arch`` under the ``init`` setting, given the published backbone (a path).
+def starting_point(init: str, backbone_checkpoint: Path, arch: ArchConfig, with_weights: bool = True) -> Start:
+    """The start for ``arch`` under the ``init`` setting, given the published backbone (a path);
+    ``with_weights`` False reads only its header (enough to name the start in a recipe).
 
     ``pretrained`` uses the backbone when there is one and it was trained for this
     architecture (its ``features`` fit); otherwise the model starts from scratch and the reason
@@ -173,7 +174,8 @@ def starting_point(init: str, backbone_checkpoint: Path, arch: ArchConfig) -> St
     if any(theirs.get(k) != ours[k] for k in FEATURE_FIELDS):
         return Start("scratch", f"the backbone is a {theirs.get('name')}, not a {arch.name}: its features do not fit")
     identity = (meta.get("extra") or {}).get("backbone_identity")
-    return Start("pretrained", f"backbone {path.name}", identity, backbone_features(load_file(str(path))))
+    state = backbone_features(load_file(str(path))) if with_weights else None
+    return Start("pretrained", f"backbone {path.name}", identity, state)
 
 
 @dataclass

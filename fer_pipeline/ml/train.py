@@ -330,7 +330,7 @@ def train_model(
         model = model.to(device)
         model = model.to(memory_format=torch.channels_last)
         ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
-        graphed = config.cuda_graphs and graphable(model, config.mixup_alpha, device)
+        graphed = config.cuda_graphs and graphable(config.mixup_alpha, device)
         opt = make_optimizer(model, config, device, graphed)
 
         n = len(train_labels)

@@ -110,10 +110,11 @@ def _warn_stale(context: dg.AssetExecutionContext, name: str, trained_on: str | 
 # --------------------------------------------------------------------------------------------
 
 
-def main_start(fer: FerSettings, training: TrainSettings) -> Start:
+def main_start(fer: FerSettings, training: TrainSettings, with_weights: bool = True) -> Start:
     """Where the main architecture's analysis trainings start: the models' own start
-    (the pretrained backbone under ``init: pretrained``), so CV and LOSO judge the same recipe."""
-    return model_start(fer.paths, training.init, ARCHITECTURES[MAIN_MODEL])
+    (the pretrained backbone under ``init: pretrained``), so CV and LOSO judge the same recipe.
+    Aggregates only name the start in a recipe: ``with_weights=False`` skips loading it."""
+    return model_start(fer.paths, training.init, ARCHITECTURES[MAIN_MODEL], with_weights)
 
 
 def cv_recipe(version: str, training: TrainSettings, analysis: AnalysisSettings,
@@ -174,7 +175,7 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
         published = read_published(paths)
         version = published.data_version
         n_pool = int((published.splits["split"] != "test").sum())
-        config, recipe = cv_recipe(version, training, analysis, n_cv_folds, main_start(fer, training))
+        config, recipe = cv_recipe(version, training, analysis, n_cv_folds, main_start(fer, training, with_weights=False))
         collected = collect_folds(FoldStore(paths.report("cv_fold_results")), recipe)
         refused = {str(k): v for k, v in collected.refused.items()}
         for fold, why in refused.items():
@@ -505,7 +506,7 @@ def cross_source_generalisation(context: dg.AssetExecutionContext, fer: FerSetti
     else:
         _, _, arrays, version = _load(fer)
         in_domain = _main_test_predictions(context, fer, arrays, version).y_pred
-        _, recipe = loso_recipe(version, training, analysis, main_start(fer, training))
+        _, recipe = loso_recipe(version, training, analysis, main_start(fer, training, with_weights=False))
         status = loso_core.eligibility(arrays, analysis.loso_min_classes)
         collected = loso_core.collect_rows(loso_core.LosoStore(paths.report("loso_results")), status, recipe)
         missing, refused = collected.missing, collected.refused

@@ -37,9 +37,9 @@ MODELS: dict[str, ArchConfig] = {**ARCHITECTURES, SCRATCH_TWIN: ARCHITECTURES[MA
 """Every model asset: the registered architectures plus the main model's scratch twin."""
 
 
-def model_start(paths: DataPaths, init: str, arch: ArchConfig) -> Start:
+def model_start(paths: DataPaths, init: str, arch: ArchConfig, with_weights: bool = True) -> Start:
     """Where a model of ``arch`` starts under ``init``: the main architecture's backbone if it fits."""
-    return starting_point(init, paths.backbone(MAIN_MODEL), arch)
+    return starting_point(init, paths.backbone(MAIN_MODEL), arch, with_weights)
 
 
 def model_asset(name: str, arch: ArchConfig, init: str | None = None) -> dg.AssetsDefinition:

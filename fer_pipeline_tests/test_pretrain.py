@@ -87,3 +87,53 @@ def test_a_pretrained_start_learns_faster_than_scratch() -> None:
     warm = train_model(x_small, y_small, x_val, y_val, TINY, one, init_state=backbone_features(backbone.state_dict))
     cold = train_model(x_small, y_small, x_val, y_val, TINY, one)
     assert warm.best_val_macro_f1 > cold.best_val_macro_f1 + 0.1
+
+
+def _tiny_backbone(tmp_path) -> tuple:
+    from fer_pipeline.ml.checkpoint import save_checkpoint
+
+    x, y = pattern_faces(128, seed=0)
+    result, _ = pretrain_backbone(x, y % 3, 3, TINY, replace(FAST, device="cpu", epochs=1))
+    path = save_checkpoint(tmp_path / "backbone_tiny.safetensors", result, data_version="pool-v1",
+                           classes=("a", "b", "c"), extra={"backbone_identity": "id-1"})
+    return path, result
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "nan_weights"])
+def test_a_damaged_backbone_is_refused_naming_it_never_a_silent_scratch_start(tmp_path, damage: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from fer_pipeline.ml.pretrain import starting_point
+
+    path, _ = _tiny_backbone(tmp_path)
+    assert starting_point("pretrained", path, TINY).init == "pretrained"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        state = load_file(str(path))
+        state["features.0.0.weight"][0, 0, 0, 0] = float("nan")
+        save_file(state, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"backbone_tiny\.safetensors: damaged pretrained backbone"):
+        starting_point("pretrained", path, TINY)
+    assert starting_point("scratch", path, TINY).init == "scratch"  # scratch never reads it
+
+
+def test_backbone_start_header_only_and_other_architectures(tmp_path) -> None:
+    from fer_pipeline.ml.pretrain import starting_point
+
+    path, _ = _tiny_backbone(tmp_path)
+    named = starting_point("pretrained", path, TINY, with_weights=False)
+    assert named.init == "pretrained" and named.backbone == "id-1" and named.state is None
+    other = starting_point("pretrained", path, replace(TINY, name="wide", channels=(16, 32)))
+    assert other.init == "scratch" and "do not fit" in other.reason
+    missing = starting_point("pretrained", tmp_path / "absent.safetensors", TINY)
+    assert missing.init == "scratch" and "no pretrained backbone" in missing.reason

@@ -103,3 +103,17 @@ def test_init_scratch_and_a_changed_setting(world, tmp_path: Path) -> None:
     assert DataPaths(root).backbone("cnn4").read_bytes() != before
     main = read_checkpoint_metadata(DataPaths(root).checkpoint("cnn4"))["extra"]
     assert main["init"] == "scratch" and main["init_reason"] == "init: scratch"
+
+
+def test_a_damaged_backbone_fails_the_model_and_is_retrained_by_its_asset(world) -> None:
+    root, _, _, _ = world
+    path = DataPaths(root).backbone("cnn4")
+    path.write_bytes(path.read_bytes()[:100])  # truncated: e.g. a disk filled up during a copy
+    failed = _run(root, ["model_cnn4"])
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    error = failure.event_specific_data.error.to_string()  # the step error and its cause
+    assert f"{path}: damaged pretrained backbone" in error
+    repaired = _run(root, ["pretrained_backbone", "model_cnn4"])
+    assert repaired.success and _meta(repaired, "pretrained_backbone")["status"] == "trained"
+    assert read_checkpoint_metadata(DataPaths(root).checkpoint("cnn4"))["extra"]["init"] == "pretrained"

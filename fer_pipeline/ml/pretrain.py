@@ -159,7 +159,7 @@ def starting_point(init: str, backbone_checkpoint: Path, arch: ArchConfig, with_
     """
     from safetensors.torch import load_file
 
-    from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
+    from fer_pipeline.ml.checkpoint import check_weights, read_checkpoint_metadata
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -168,13 +168,20 @@ def starting_point(init: str, backbone_checkpoint: Path, arch: ArchConfig, with_
     path = Path(backbone_checkpoint)
     if not path.is_file():
         return Start("scratch", "no pretrained backbone (no pretraining pool, or not materialized)")
-    meta = read_checkpoint_metadata(path)
-    theirs = meta.get("architecture") or {}
-    ours = arch.to_dict()
-    if any(theirs.get(k) != ours[k] for k in FEATURE_FIELDS):
-        return Start("scratch", f"the backbone is a {theirs.get('name')}, not a {arch.name}: its features do not fit")
-    identity = (meta.get("extra") or {}).get("backbone_identity")
-    state = backbone_features(load_file(str(path))) if with_weights else None
+    try:
+        meta = read_checkpoint_metadata(path)
+        theirs = meta.get("architecture") or {}
+        ours = arch.to_dict()
+        if any(theirs.get(k) != ours[k] for k in FEATURE_FIELDS):
+            return Start("scratch", f"the backbone is a {theirs.get('name')}, not a {arch.name}: "
+                                    "its features do not fit")
+        identity = (meta.get("extra") or {}).get("backbone_identity")
+        state = backbone_features(load_file(str(path))) if with_weights else None
+        if state is not None:
+            check_weights(state, str(path))
+    except Exception as exc:  # noqa: BLE001 -- never fall back to scratch silently: the recipe would change
+        raise ValueError(f"{path}: damaged pretrained backbone ({exc}); re-materialize pretrained_backbone "
+                         "(it retrains over a backbone it cannot read)") from exc
     return Start("pretrained", f"backbone {path.name}", identity, state)
 
 

@@ -90,11 +90,12 @@ class SyncReport:
     removed_local: list[str] = field(default_factory=list)  # gone from the store, so gone here
     removed_remote: list[str] = field(default_factory=list)  # the run's published candidate, pruned rejects
     kept_local: list[str] = field(default_factory=list)  # changed here and not pushed yet: not overwritten
+    refused: list[str] = field(default_factory=list)  # keys that are no plain path inside the working copy
     unchanged: int = 0
     bytes: int = 0
 
     def merge(self, other: SyncReport) -> SyncReport:
-        for name in ("downloaded", "uploaded", "removed_local", "removed_remote", "kept_local"):
+        for name in ("downloaded", "uploaded", "removed_local", "removed_remote", "kept_local", "refused"):
             getattr(self, name).extend(getattr(other, name))
         self.unchanged += other.unchanged
         self.bytes += other.bytes
@@ -103,7 +104,7 @@ class SyncReport:
     def summary(self) -> str:
         parts = [f"{len(self.downloaded)} downloaded", f"{len(self.uploaded)} uploaded",
                  f"{self.unchanged} unchanged", f"{self.bytes / 1e6:.1f} MB"]
-        for name in ("removed_local", "removed_remote", "kept_local"):
+        for name in ("removed_local", "removed_remote", "kept_local", "refused"):
             if getattr(self, name):
                 parts.append(f"{len(getattr(self, name))} {name.replace('_', ' ')}")
         return ", ".join(parts)
@@ -150,6 +151,12 @@ def _stat(path: Path) -> list[int] | None:
 
 def _is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")  # fer_pipeline.atomic.atomic_path's temp files
+
+
+def _safe_rel(rel: str) -> bool:
+    """Whether a key relative to the data root is a plain relative path, so it stays inside the
+    working copy: no ``..``, ``.`` or empty part (``a//b``, a leading ``/``), no NUL."""
+    return bool(rel) and "\0" not in rel and not any(part in ("", ".", "..") for part in rel.split("/"))
 
 
 def _under(rel: str, prefix: str) -> bool:
@@ -254,7 +261,12 @@ class ObjectStore:
                 state = json.loads(path.read_text()) if path.is_file() else {}
             except ValueError:  # a damaged record: everything is compared again, nothing is lost
                 state = {}
-            state.setdefault("objects", {})
+            if not isinstance(state, dict) or not isinstance(state.get("objects", {}), dict):
+                state = {}  # the wrong shape (a list, objects not a mapping): damaged, as above
+            objects = state.setdefault("objects", {})
+            for rel in [r for r, v in objects.items()  # entries of the wrong shape, or escaping keys: dropped
+                        if not (_safe_rel(r) and isinstance(v, list) and v and isinstance(v[0], str))]:
+                del objects[rel]
             before = json.dumps(state, sort_keys=True)
             try:
                 yield state
@@ -284,7 +296,15 @@ class ObjectStore:
         local_only, any_run = self._local_only(run_id), self._local_only(None)
         with self._state() as state:
             for rel in rels:
-                listing = {k: v for k, v in self._list(rel).items() if not local_only(k)}
+                listing = {}
+                for key, remote in self._list(rel).items():
+                    if not _safe_rel(key):  # e.g. "manifest/../../x": would be written outside the working copy
+                        report.refused.append(key)
+                        if log:
+                            log(f"{self.key(key)}: refused, not downloaded (the key is no plain path inside "
+                                f"the working copy {self.local})")
+                    elif not local_only(key):
+                        listing[key] = remote
                 report.merge(self._pull_listing(rel, listing, state["objects"], any_run, log))
         return report
 

@@ -56,7 +56,13 @@ from fer_pipeline.storage import (
     StoreError,
     open_data_root,
 )
-from fer_pipeline_tests.servers import LOOPBACK, ServerProcess, accepts_connections, free_port, start_server
+from fer_pipeline_tests.servers import (
+    LOOPBACK,
+    ServerProcess,
+    accepts_connections,
+    free_port,
+    start_server,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -447,3 +453,91 @@ def test_dask_workers_with_their_own_working_copies(s3: S3, reference: Reference
     reference.assert_bucket_matches(s3, "dask", tmp_path)
     for i in (1, 2):  # both working copies were used
         assert (tmp_path / f"wc-worker{i}" / ".fer-store.json").is_file()
+
+
+# --- hostile input: a damaged sync record, escaping keys, a truncated table in the store ----------
+
+@pytest.mark.parametrize("record", ['{"url": "s3://x", "objects": {"manifest/ma', "not json at all", "\xff\xfe",
+                                    "[1, 2]", '"a string"', "null", "{}", '{"url": "SAME"}',
+                                    '{"url": "SAME", "objects": []}', '{"url": "SAME", "objects": {"a": 5}}',
+                                    '{"url": "SAME", "objects": {"reports/metrics.json": "x"}}',
+                                    '{"url": "SAME", "objects": {"../../outside": ["1:e", 1, 2, 3]}}'],
+                         ids=["truncated", "not-json", "not-utf8", "list", "string", "null", "empty",
+                              "no-objects", "objects-list", "bad-entry", "entry-string", "escaping-entry"])
+def test_a_damaged_sync_record_is_rebuilt_from_the_store(s3: S3, tmp_path: Path, record: str) -> None:
+    """A sync record that is truncated, not JSON or of the wrong shape is treated as empty (the
+    documented recovery: everything is compared with the store again): no raw JSONDecodeError,
+    KeyError, AttributeError or TypeError, the pull downloads the store's files by size/ETag again
+    and the next sync works from a sound record."""
+    url = s3.url("rec")
+    a = ObjectStore(url, tmp_path / "a")
+    _published_set(a.paths, 3, "v1")
+    write_json(a.paths.metrics_json, {"best_model": "cnn4"})
+    a.push()
+    outside = tmp_path / "outside"
+    outside.write_text("keep me")
+    b = ObjectStore(url, tmp_path / "wc" / "b")
+    b.local.mkdir(parents=True)
+    (b.local / ".fer-store.json").write_text(record.replace("SAME", url), encoding="latin-1")
+    pulled = b.pull_published()
+    assert sorted(pulled.downloaded) == sorted([a.rel(a.paths.metrics_json),
+                                                *(a.rel(getattr(a.paths, t)) for t in PUBLISHED)])
+    assert check_published(b.paths) == check_published(a.paths)
+    assert outside.read_text() == "keep me"
+    state = json.loads((b.local / ".fer-store.json").read_text())
+    assert state["url"] == url and sorted(state["objects"]) == sorted(pulled.downloaded)
+    assert b.pull_published().unchanged == 5 and b.push().uploaded == []
+
+
+def test_a_sync_record_of_another_url_is_refused(s3: S3, tmp_path: Path) -> None:
+    wc = tmp_path / "w"
+    wc.mkdir()
+    (wc / ".fer-store.json").write_text(json.dumps({"url": s3.url("other"), "objects": {}}))
+    with pytest.raises(StoreError, match=f"working copy {wc} mirrors {s3.url('other')}, not {s3.url('mine')}"):
+        ObjectStore(s3.url("mine"), wc).pull_published()
+    assert json.loads((wc / ".fer-store.json").read_text())["url"] == s3.url("other")  # left as it was
+
+
+@pytest.mark.parametrize("bad", ["manifest/../../escaped.txt", "manifest/../../../escaped.txt",
+                                 "reports/../../escaped.txt", "models//abs/escaped.txt", "models/./escaped.txt",
+                                 "sources.yaml/../../escaped.txt"])
+def test_a_key_escaping_the_working_copy_is_refused(s3: S3, tmp_path: Path, bad: str) -> None:
+    """An object whose key, relative to the data root, would land outside the working copy (``..``)
+    or is not a plain relative path (empty or ``.`` parts) is not downloaded: the pull names it in
+    the log and in ``refused``, writes nothing outside the working copy, and pulls the rest."""
+    url = s3.url("esc")
+    s3.fs.pipe(f"{s3.bucket}/esc/reports/metrics.json", b"{}")
+    s3.fs.pipe(f"{s3.bucket}/esc/sources.yaml", b"sources: []\n")
+    s3.fs.pipe(f"{s3.bucket}/esc/{bad}", b"hostile")
+    assert f"esc/{bad}" in {p.split("/", 1)[1] for p in s3.fs.find(f"{s3.bucket}/esc")}  # the key exists as is
+    wc = tmp_path / "deep" / "wc"
+    logged: list[str] = []
+    report = ObjectStore(url, wc).pull_published(log=logged.append)
+    # A key under "sources.yaml/" hides the object sources.yaml from s3fs's find (it lists the prefix):
+    # the catalogue is then not pulled, and the catalogue's own checks report it missing.
+    shadowed = bad.startswith("sources.yaml/")
+    assert report.refused == [bad]
+    assert sorted(report.downloaded) == ["reports/metrics.json", *([] if shadowed else ["sources.yaml"])]
+    assert any(bad in m and "refused" in m for m in logged), logged
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert all(p.startswith("deep/wc/") for p in written), written
+    assert not any("escaped" in p for p in written), written
+    assert bad not in json.loads((wc / ".fer-store.json").read_text())["objects"]
+
+
+def test_a_truncated_published_table_in_the_store_is_refused(s3: S3, tmp_path: Path) -> None:
+    """manifest.parquet cut in half in the bucket: the pull brings it (after its retries for a mixed
+    set) and readers refuse it, naming the file; nothing raw from pyarrow."""
+    url = s3.url("cut")
+    a = ObjectStore(url, tmp_path / "a")
+    _published_set(a.paths, 3, "v1")
+    a.push()
+    key = f"{s3.bucket}/cut/manifest/manifest.parquet"
+    data = s3.fs.cat(key)
+    s3.fs.pipe(key, data[:len(data) // 2])
+    paths = open_data_root(url, working_copy=tmp_path / "reader")
+    assert paths.manifest.stat().st_size == len(data) // 2
+    with pytest.raises(MixedSetError, match=r"manifest\.parquet is not a readable Parquet table"):
+        read_published(paths)
+    with pytest.raises(MixedSetError, match=r"manifest\.parquet is not a readable Parquet table"):
+        check_published(paths)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -168,6 +170,9 @@ class TrainingRecipe:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Self:
+        if not isinstance(d, dict) or not isinstance(d.get("architecture"), dict) \
+                or not isinstance(d.get("train_config"), dict):  # else mismatch() would crash on it
+            raise TypeError("the recipe is not an object with architecture and train_config objects")
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})  # older files: defaults
 
     def mismatch(self, current: TrainingRecipe) -> str | None:
@@ -251,22 +256,45 @@ class FoldStore:
         return {"result": str(meta_path), "oof": str(oof_path)}
 
     def stored_identity(self, fold: int) -> str | None:
-        """The identity (:meth:`TrainingRecipe.identity`) the stored fold records, None if none."""
-        try:
-            return str(json.loads(self.paths(fold)[0].read_text())["identity"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        """The identity (:meth:`TrainingRecipe.identity`) of the stored fold, None if there is no
+        usable one (a result :meth:`load` refuses is never "current": its partition runs again)."""
+        loaded = self.load(fold)
+        return None if isinstance(loaded, str) else loaded[1].identity(fold)
 
     def load(self, fold: int) -> tuple[FoldResult, FoldRecipe] | str:
-        """The stored fold and its recipe, or why there is none usable."""
+        """The stored fold and its recipe, or why there is none usable (naming the file)."""
         meta_path, oof_path = self.paths(fold)
-        if not meta_path.is_file():
+        if not os.path.lexists(meta_path):
             return NOT_MATERIALIZED
+        for path in (meta_path, oof_path):
+            if why := not_a_stored_file(path):
+                return f"{path} {why}"
+        path = meta_path
         try:
             d = json.loads(meta_path.read_text())
-            return FoldResult.from_json(d, pd.read_parquet(oof_path)), FoldRecipe.from_json(d["recipe"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return f"unreadable stored result ({type(exc).__name__}: {exc})"
+            recipe = FoldRecipe.from_json(d["recipe"])
+            path = oof_path
+            oof = pd.read_parquet(oof_path)
+            path = meta_path
+            return FoldResult.from_json(d, oof), recipe
+        except Exception as exc:  # noqa: BLE001 -- any damage (pyarrow raises many kinds): refuse, naming the file
+            return f"unreadable stored result ({type(exc).__name__}: {exc}): {path}"
+
+
+def not_a_stored_file(path: Path) -> str | None:
+    """Why ``path`` is not a file a store wrote (None: it is, or there is none): stores write
+    regular files by atomic rename, so a link (to a device, to a file elsewhere) is refused unread."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be examined ({type(exc).__name__}: {exc})"
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link, not a stored result: remove it and re-materialize"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file: remove it and re-materialize"
+    return None
 
 
 @dataclass

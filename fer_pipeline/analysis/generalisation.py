@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,7 @@ from fer_pipeline.analysis.cross_validation import (
     TrainFn,
     TrainingRecipe,
     combine_arrays,
+    not_a_stored_file,
     subset,
 )
 from fer_pipeline.atomic import write_json
@@ -156,24 +158,27 @@ class LosoStore:
                                               "identity": recipe.identity(source)})
 
     def stored_identity(self, source: str) -> str | None:
-        """The identity (:meth:`TrainingRecipe.identity`) the stored row records, None if none."""
-        try:
-            return str(json.loads(self.path(source).read_text())["identity"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        """The identity (:meth:`TrainingRecipe.identity`) of the stored row, None if there is no
+        usable one (a row :meth:`load` refuses is never "current": its partition runs again)."""
+        loaded = self.load(source)
+        return None if isinstance(loaded, str) else loaded[1].identity(source)
 
     def load(self, source: str) -> tuple[dict[str, Any], TrainingRecipe] | str:
-        """The stored row and its recipe, or why there is none usable."""
+        """The stored row and its recipe, or why there is none usable (naming the file)."""
         path = self.path(source)
-        if not path.is_file():
+        if not os.path.lexists(path):
             return MISSING
+        if why := not_a_stored_file(path):
+            return f"refused: {path} {why}"
         try:
             d = json.loads(path.read_text())
+            if not isinstance(d["row"], dict):
+                raise TypeError("the row is not an object")
             if d["row"]["held_out_source"] != source:
                 raise ValueError(f"holds source {d['row']['held_out_source']!r}")
             return dict(d["row"]), TrainingRecipe.from_json(d["recipe"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return f"refused: unreadable stored result ({type(exc).__name__}: {exc})"
+        except Exception as exc:  # noqa: BLE001 -- any damage: refuse it, naming the file
+            return f"refused: unreadable stored result ({type(exc).__name__}: {exc}): {path}"
 
 
 @dataclass

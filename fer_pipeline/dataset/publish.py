@@ -177,6 +177,15 @@ def _recorded_version(path: Path) -> str | None:
                             "re-materialize manifest and splits") from exc
 
 
+def _read_table(path: Path) -> pd.DataFrame:
+    """A published table's rows; damage past a readable footer (a garbled page) names the file too."""
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ... without the path
+        raise MixedSetError(f"{path} is not a readable Parquet table ({type(exc).__name__}: {exc}): "
+                            "re-materialize manifest and splits") from exc
+
+
 def published_versions(paths: DataPaths) -> dict[str, str | None]:
     """The manifest version each published table records (None: missing or unversioned); the pool
     only when there is one (data roots published before it have none)."""
@@ -201,7 +210,7 @@ def check_published(paths: DataPaths) -> str:
 def read_published(paths: DataPaths) -> PublishedSet:
     """The published manifest and splits, verified to be one set (with the pool, when there is one)."""
     version = check_published(paths)
-    kept, splits = pd.read_parquet(paths.manifest), pd.read_parquet(paths.splits)
+    kept, splits = _read_table(paths.manifest), _read_table(paths.splits)
     return PublishedSet(kept, splits, version, data_version(kept, splits))
 
 
@@ -225,7 +234,7 @@ def read_pool(paths: DataPaths) -> pd.DataFrame:
     :func:`fer_pipeline.dataset.face_store.load_faces` (``face_path``)."""
     if _published_pool_meta(paths) is None:
         return empty_pool()
-    return pd.read_parquet(paths.pool)
+    return _read_table(paths.pool)
 
 
 def pool_version(paths: DataPaths) -> str:

@@ -36,7 +36,13 @@ from fer_pipeline.defs import executors
 from fer_pipeline.defs.jobs import CV_FOLDS_ENV, CV_FOLDS_JOB, REPORTS_JOB
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
 from fer_pipeline.paths import DataPaths
-from fer_pipeline_tests.servers import LOOPBACK, ServerProcess, accepts_connections, free_port, start_server
+from fer_pipeline_tests.servers import (
+    LOOPBACK,
+    ServerProcess,
+    accepts_connections,
+    free_port,
+    start_server,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

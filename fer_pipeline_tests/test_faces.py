@@ -58,3 +58,29 @@ def test_worker_processes_match_in_process_and_cache_is_reused(tmp_path: Path) -
                           parallel_min=0)
     assert again.processed == 0 and again.reused == n + 2
     pd.testing.assert_frame_equal(_face_table(tmp_path / "pool", again.table)[0], pool)
+
+
+def _sigterm_ignored(_: object) -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def test_face_workers_can_be_terminated_even_when_the_launcher_ignores_sigterm() -> None:
+    """A pool whose sibling worker crashed terminates the others; a worker that inherited an
+    ignored SIGTERM (a job runner's disposition) would survive, block on a full result pipe,
+    and hang interpreter exit. The worker initializer restores the default."""
+    import multiprocessing as mp
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fer_pipeline.dataset.face_batch import init_worker
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=init_worker) as pool:
+            assert pool.submit(_sigterm_ignored, None).result() is False
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # the inherited case
+            assert pool.submit(_sigterm_ignored, None).result() is True
+    finally:
+        signal.signal(signal.SIGTERM, before)

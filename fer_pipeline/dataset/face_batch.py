@@ -195,12 +195,18 @@ def init_worker() -> None:
       back to the kernel on free, so the next chunk page-faults them in again (about 1,500
       faults per chunk, a fifth of the worker's time on a VM). A fixed 32 MB mmap threshold
       keeps them in the heap.
+    * SIGTERM back to its default: a worker inherits its launcher's dispositions, and one started
+      under a shell or job runner that ignores SIGTERM survives the pool's ``terminate()`` when a
+      sibling crashes, blocks writing a result nobody reads, and the interpreter then waits for
+      it at exit forever.
     """
     import ctypes
     import ctypes.util
+    import signal
 
     from threadpoolctl import threadpool_limits
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threadpool_limits(1)
     libc_name = ctypes.util.find_library("c")
     try:

@@ -9,7 +9,7 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
-.PHONY: setup demo data test test-fast ui ui-stop clean-data
+.PHONY: setup demo data test test-fast ui ui-stop clean-data docs
 
 # Virtual environment + editable install; redone only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -27,11 +27,11 @@ dagster_home/dagster.yaml:
 
 # Set up, then materialize every asset on the embedded (synthetic) default data: the `main` job,
 # one run per cross-validation fold (3 here) and held-out source, then the reports; partitions
-# already trained on the same data with the same recipe are not retrained (README "Training work
+# already trained on the same data with the same recipe are not retrained (docs/models.md, "Training work
 # as partitions").
 demo: setup
-	FER_CV_FOLDS=3 $(BIN)/python -m fer_pipeline.defs.refresh -c configs/demo.yaml
-	@$(BIN)/python -m fer_pipeline.outputs
+	$(BIN)/fer-pipeline run --settings configs/demo.yaml
+	@$(BIN)/fer-pipeline outputs
 
 # Only the data half (what `dagster asset materialize --select '+splits'` gives, plus plots).
 data: setup
@@ -46,6 +46,10 @@ test: setup
 # For development: everything but the browser test and the slow (training / full-graph) tests.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not browser and not slow"
+
+# The documentation site (docs/, mkdocs.yml) into build/docs/; warnings (a broken link) fail it.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir build/docs
 
 ui: setup
 	bash scripts/ui.sh start

@@ -138,7 +138,7 @@ def main() -> int:
     keys = [str(k) for k in range(args.folds)]
     print(f"work folder {work}; {args.folds} folds x {args.epochs} epochs of the main model on {args.zip.name}")
     t0 = time.perf_counter()
-    prep = execute(DATA_JOB, None, QUIET)
+    prep = execute(DATA_JOB, None, None, QUIET)
     if not prep.ok:
         print(f"data half failed: {prep.note}", file=sys.stderr)
         return 1

@@ -1,6 +1,10 @@
 """``fer-pipeline`` command line: argparse subcommands, one ``add_*_command`` function each.
 
-To add a subcommand (e.g. ``demo``), write ``add_demo_command(subparsers)`` that builds its
+Subcommands: ``predict`` (classify images), ``run`` (bring the whole graph up to date through
+Dagster: ``make demo``), ``outputs`` (where the outputs are). ``python -m fer_pipeline.defs.refresh``
+and ``python -m fer_pipeline.outputs`` stay as aliases of the last two.
+
+To add a subcommand, write ``add_demo_command(subparsers)`` that builds its
 parser and sets ``func`` (a callable taking the parsed args and returning an exit status),
 and append it to :data:`COMMANDS`. Heavy imports (torch) happen inside the handlers, so
 ``fer-pipeline --help`` stays fast.
@@ -315,7 +319,35 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_predict)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_predict_command]
+def _run_graph(args: argparse.Namespace) -> int:
+    from fer_pipeline.defs.refresh import main as refresh_main
+
+    return refresh_main(args.rest, prog="fer-pipeline run")
+
+
+def add_run_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run", add_help=False,
+        help="bring the whole graph up to date through Dagster (what `make demo` runs; `run --help` for options)",
+        description="Observe the sources, then run what Dagster reports missing or unsynced.")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=_run_graph)
+
+
+def _run_outputs(args: argparse.Namespace) -> int:
+    from fer_pipeline.outputs import main as outputs_main
+
+    return outputs_main()
+
+
+def add_outputs_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("outputs", help="print where the pipeline's outputs are, with counts",
+                              description="Print where the pipeline's outputs are under the data root.")
+    p.set_defaults(func=_run_outputs)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_predict_command, add_run_command,
+                                                                 add_outputs_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status instead of exiting, so tests can call it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # every option after `run` is the runner's own (argparse's REMAINDER drops `--x` first)
+        return _run_graph(argparse.Namespace(rest=argv[1:]))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -18,6 +18,15 @@ data root into a local *working copy* and the stages keep using ``DataPaths(root
   S3 and GCS: the upload to the final key is the "rename". A file the store changed since this
   working copy last synced it is a conflict: nothing is uploaded and :class:`StoreConflictError`
   names the files.
+* Concurrent writers: a push holds the store's publication lock from its listing to its last
+  upload, so the listing it checks is still the store's when it uploads. On S3 the lock is the
+  object ``<data root>/.fer-publish.lock``, created with a conditional PUT (``If-None-Match: *``):
+  exactly one writer creates it, the others wait (``lock_wait``) and then refuse naming the holder;
+  one older than ``STORE_LOCK_LEASE_S`` is a dead writer's and is removed (conditional DELETE). The
+  manifest, the commit point, is uploaded with ``If-Match`` (the ETag listed) or ``If-None-Match``
+  (none listed), so even a writer that ignores the lock never has its manifest overwritten
+  silently. On a ``file://`` store the lock is the local publication lock on that folder; other
+  stores (GCS) get no lock here.
 
 What stays local, and why: copies of the sources (inputs, fetched again when they change in the
 store), synthetic sources (regenerated, deterministic), other runs' candidates and rejected model
@@ -40,6 +49,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +62,8 @@ import yaml
 
 from fer_pipeline.atomic import atomic_path, write_json
 from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
+from fer_pipeline.publish_lock import LOCK_FILE as PUBLISH_LOCK
+from fer_pipeline.publish_lock import PublishLockTimeout, publication_lock
 
 WORKING_COPY_ENV = "FER_WORKING_COPY"
 STATE_FILE = ".fer-store.json"  # the working copy's sync record (not a pipeline output)
@@ -63,6 +75,9 @@ PUBLISHED_TREES = ("faces_dir", "manifest_dir", "models_dir", "reports_dir")
 LOCAL_ONLY = ("candidates_dir", "model_candidates_dir")  # except the running run's own candidate folder
 MANIFEST_LAST = ("excluded", "pool", "splits", "manifest")  # = fer_pipeline.dataset.publish.PUBLISH_ORDER
 MIXED_SET_RETRIES = 3  # a pull that lands in the middle of another worker's push pulls the set again
+STORE_LOCK_WAIT_S = 600.0  # how long a push waits for another writer's push to finish
+STORE_LOCK_LEASE_S = 3600.0  # a store lock older than this is a dead writer's: removed
+S3_PROTOCOLS = ("s3", "s3a")
 
 LogFn = Callable[[str], None]
 
@@ -79,6 +94,21 @@ class StoreConflictError(StoreError):
 class _Remote:
     identity: str  # size + ETag (or the store's own content tag): changes whenever the object does
     modified: float  # seconds since the epoch (0 when the store does not say)
+    etag: str | None = None  # as the store gives it, for conditional writes
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an S3 call was refused by its condition (HTTP 412 PreconditionFailed); s3fs turns it
+    into FileExistsError (If-None-Match) or OSError(EINVAL), keeping the botocore error as cause."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error", {})
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return error.get("Code") in ("PreconditionFailed", "412") or status == 412
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(exc, FileExistsError)
 
 
 @dataclass
@@ -284,7 +314,8 @@ class ObjectStore:
         except FileNotFoundError:
             return {}
         start = len(self.root_key) + 1
-        return {name[start:]: _Remote(_identity(info), _modified(info)) for name, info in found.items()
+        return {name[start:]: _Remote(_identity(info), _modified(info), info.get("ETag"))
+                for name, info in found.items()
                 if info.get("type", "file") == "file" and not _is_temporary(name.rsplit("/", 1)[-1])}
 
     # --- pull -------------------------------------------------------------------------------------
@@ -387,11 +418,12 @@ class ObjectStore:
         return (0 if _under(rel, self.rel(self.paths.faces_dir)) else 1), rel
 
     def push(self, run_id: str | None = None, keep_candidates: int | None = None,
-             log: LogFn | None = None) -> SyncReport:
+             log: LogFn | None = None, lock_wait: float = STORE_LOCK_WAIT_S) -> SyncReport:
         """Upload what was written in the working copy since the last sync (see the module
-        docstring for the order and the conflict rule). With ``run_id``, that run's candidate
-        folder is mirrored too (removed from the store once published); with ``keep_candidates``,
-        only that many of the other (rejected) candidate folders are kept in the store."""
+        docstring for the order, the conflict rule and concurrent writers). With ``run_id``, that
+        run's candidate folder is mirrored too (removed from the store once published); with
+        ``keep_candidates``, only that many of the other (rejected) candidate folders are kept in
+        the store. Waits at most ``lock_wait`` seconds for another writer's push."""
         self.open()
         report = SyncReport()
         own = self.rel(self.paths.candidates_dir / run_id) if run_id else None
@@ -402,38 +434,130 @@ class ObjectStore:
             gone = [rel for rel in records if own and _under(rel, own) and not (self.local / rel).exists()]
             if not changed and not gone:
                 return report
-            remote: dict[str, _Remote] = {}
-            for attr in PUBLISHED_TREES:
-                top = self.rel(getattr(self.paths, attr))
-                if any(_under(rel, top) for rel in changed + gone):
-                    remote.update(self._list(top))
-            conflicts = [rel for rel in changed + gone if rel in remote
-                         and (rel not in records or records[rel][0] != remote[rel].identity)]
-            if conflicts:
-                raise StoreConflictError(
-                    f"{self.url}: {len(conflicts)} file(s) changed in the store since this working copy "
-                    f"({self.local}) last synced them, nothing uploaded: {', '.join(sorted(conflicts)[:10])}")
-            for rel in sorted(changed, key=self._upload_rank):
-                self._upload(rel)
-                self.fs.invalidate_cache(self.key(rel))
-                records[rel] = [_identity(self.fs.info(self.key(rel))), *(_stat(self.local / rel) or [])]
-                report.uploaded.append(rel)
-                report.bytes += records[rel][1]
-            for rel in gone:
-                if rel in remote:
-                    self.fs.rm_file(self.key(rel))
-                    report.removed_remote.append(rel)
-                del records[rel]
-            if keep_candidates is not None and own and any(_under(r, own) for r in changed + gone):
-                report.removed_remote += self._prune_candidates(keep_candidates, own)
+            with self.push_lock(run_id, lock_wait, log):
+                self._push_locked(report, records, changed, gone, own, keep_candidates)
         if log:
             log(f"pushed to {self.url}: {report.summary()}")
         return report
 
-    def _upload(self, rel: str) -> None:
+    def _push_locked(self, report: SyncReport, records: dict[str, list[Any]], changed: list[str],
+                     gone: list[str], own: str | None, keep_candidates: int | None) -> None:
+        """List, check for conflicts, upload: under the store's publication lock."""
+        remote: dict[str, _Remote] = {}
+        for attr in PUBLISHED_TREES:
+            top = self.rel(getattr(self.paths, attr))
+            if any(_under(rel, top) for rel in changed + gone):
+                remote.update(self._list(top))
+        conflicts = [rel for rel in changed + gone if rel in remote
+                     and (rel not in records or records[rel][0] != remote[rel].identity)]
+        if conflicts:
+            raise StoreConflictError(
+                f"{self.url}: {len(conflicts)} file(s) changed in the store since this working copy "
+                f"({self.local}) last synced them, nothing uploaded: {', '.join(sorted(conflicts)[:10])}")
+        manifest = self.rel(self.paths.manifest)
+        for rel in sorted(changed, key=self._upload_rank):
+            self._upload(rel, remote.get(rel) if rel == manifest else None, conditional=rel == manifest)
+            self.fs.invalidate_cache(self.key(rel))
+            records[rel] = [_identity(self.fs.info(self.key(rel))), *(_stat(self.local / rel) or [])]
+            report.uploaded.append(rel)
+            report.bytes += records[rel][1]
+        for rel in gone:
+            if rel in remote:
+                self.fs.rm_file(self.key(rel))
+                report.removed_remote.append(rel)
+            del records[rel]
+        if keep_candidates is not None and own and any(_under(r, own) for r in changed + gone):
+            report.removed_remote += self._prune_candidates(keep_candidates, own)
+
+    @property
+    def _is_s3(self) -> bool:
+        protocol = self.fs.protocol
+        return any(p in S3_PROTOCOLS for p in (protocol if isinstance(protocol, (tuple, list)) else (protocol,)))
+
+    @contextlib.contextmanager
+    def push_lock(self, run_id: str | None = None, wait: float = STORE_LOCK_WAIT_S,
+                  log: LogFn | None = None, lease: float = STORE_LOCK_LEASE_S) -> Iterator[None]:
+        """Hold the store's publication lock (module docstring); :class:`StoreConflictError` naming
+        the holder when it is not free within ``wait`` seconds."""
+        if self._is_local_fs:
+            try:
+                with publication_lock(self.root_key, run_id, f"pushing from {self.local}", wait):
+                    yield
+            except PublishLockTimeout as exc:
+                raise StoreConflictError(f"{self.url}: nothing uploaded: {exc}") from exc
+            return
+        if not self._is_s3:
+            yield  # no conditional create through fsspec here: see docs/operations.md, "Object storage"
+            return
+        bucket, key, _ = self.fs.split_path(self.key(PUBLISH_LOCK))
+        me = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(), "working_copy": str(self.local),
+              "since": datetime.now().astimezone().isoformat(timespec="seconds")}
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            try:
+                etag = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=json.dumps(me).encode(),
+                                       IfNoneMatch="*")["ETag"]
+                break
+            except Exception as exc:  # noqa: BLE001 -- only a failed condition means "held"
+                if not _precondition_failed(exc):
+                    raise
+            holder, holder_etag, age = self._lock_holder(bucket, key)
+            if holder_etag is not None and age > lease:  # a dead writer's: remove it, if still the same
+                with contextlib.suppress(Exception):
+                    self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=holder_etag)
+                if log:
+                    log(f"{self.url}/{PUBLISH_LOCK}: removed a lock {age:.0f} s old ({holder})")
+                continue
+            if time.monotonic() >= deadline:
+                who = (f"run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')}, working copy "
+                       f"{holder.get('working_copy')}, since {holder.get('since')})" if isinstance(holder, dict)
+                       else "another writer")
+                raise StoreConflictError(
+                    f"{self.url}: nothing uploaded: {who} holds the store's publication lock "
+                    f"({self.url}/{PUBLISH_LOCK}); waited {wait:g} s. The files stay in the working copy "
+                    f"({self.local}): push again once that push has finished (if that writer is gone, delete the "
+                    "lock object)")
+            time.sleep(min(1.0, max(wait, 0.05) / 10))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # gone already (removed as stale): nothing to release
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+
+    def _lock_holder(self, bucket: str, key: str) -> tuple[Any, str | None, float]:
+        """(who holds the store lock, as it wrote itself; its ETag; its age in seconds), or
+        (None, None, 0) when it is gone."""
+        path = f"{bucket}/{key}"
+        try:
+            self.fs.invalidate_cache(path)
+            info = self.fs.info(path)
+            holder = json.loads(self.fs.cat_file(path) or b"null")
+        except FileNotFoundError:
+            return None, None, 0.0
+        except ValueError:
+            holder = None
+        modified = _modified(info)
+        return holder, info.get("ETag"), (time.time() - modified) if modified else 0.0
+
+    def _upload(self, rel: str, listed: _Remote | None = None, conditional: bool = False) -> None:
+        """One file to its final key. ``conditional`` (S3): only if the object is still the one
+        ``listed`` (or still absent), else :class:`StoreConflictError`: nothing is overwritten."""
         local, key = self.local / rel, self.key(rel)
         if not self._is_local_fs:
-            self.fs.put_file(str(local), key)  # one PUT (or a completed multipart upload): atomic
+            if not (conditional and self._is_s3):
+                self.fs.put_file(str(local), key)  # one PUT (or a completed multipart upload): atomic
+                return
+            condition = {"IfMatch": listed.etag} if listed is not None and listed.etag else {"IfNoneMatch": "*"}
+            try:  # one PUT up to 5 GB (chunksize): the condition applies to the object as a whole
+                self.fs.put_file(str(local), key, chunksize=max(local.stat().st_size, 1), **condition)
+            except Exception as exc:
+                if not _precondition_failed(exc):
+                    raise
+                raise StoreConflictError(
+                    f"{self.url}: {rel} changed in the store while this push was uploading (a writer that did not "
+                    f"hold the store's publication lock); the store's {rel} was kept, not overwritten. The tables "
+                    "uploaded just before it may now disagree with it: readers refuse such a set (MixedSetError) "
+                    "until one writer pushes a whole set again") from exc
             return
         tmp = f"{key}.{uuid.uuid4().hex}.tmp"  # a local "store": copy beside, then rename
         self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)

@@ -3,9 +3,9 @@ planted source confound (Angry only from source ``b``) and a planted label flip 
 ``relabels.csv``), with 1-epoch training, run the way ``python -m fer_pipeline.defs.refresh``
 runs them: ``main``, one run per ``cv_fold`` and ``loso_fold`` partition, then the aggregates.
 Every asset materializes, the partitions are recorded by Dagster, the reports are consistent,
-the confound check warns, current partitions are not retrained, the training-work sensor chains
-main → partitions → reports, and after the data changes the folds show as stale and the
-aggregate refuses the folds of the old data."""
+the confound check warns, Dagster reports trained partitions fresh (and unsynced under another
+recipe), and after the data changes the folds show as stale, declarative automation requests
+them, and the aggregate refuses the folds of the old data."""
 
 from __future__ import annotations
 
@@ -28,20 +28,13 @@ from dagster._core.loader import LoadingContextForTest
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.dataset.publish import publish_tables
 from fer_pipeline.dataset.synthetic_faces import generate_demo_source
-from fer_pipeline.defs import automation
 from fer_pipeline.defs.assets.evaluation import cross_source_generalisation
 from fer_pipeline.defs.definitions import build_definitions
-from fer_pipeline.defs.jobs import (
-    CV_FOLDS_JOB,
-    HELD_OUT_SOURCE_PARTITIONS,
-    LOSO_FOLDS_JOB,
-    MAIN_JOB,
-    REPORTS_JOB,
-)
-from fer_pipeline.defs.refresh import partitions_to_run
+from fer_pipeline.defs.jobs import CV_FOLDS_JOB, LOSO_FOLDS_JOB, MAIN_JOB, REPORTS_JOB
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import MAIN_MODEL
 from fer_pipeline.paths import DataPaths
+from fer_pipeline.settings import Settings
 from fer_pipeline.schema import EXCLUDED_COLUMNS
 
 pytestmark = pytest.mark.slow
@@ -55,7 +48,8 @@ RUN_CONFIG = {"resources": {
     "training": {"config": {"epochs": 1, "patience": 0}},
     "analysis": {"config": {"min_group_size": 5, "mitigation": "oversample", "label_issue_grid": 8}},
 }}
-DEFS = build_definitions(dg.in_process_executor, n_cv_folds=N_FOLDS)
+SOURCES = ["a", "b"]
+DEFS = build_definitions(dg.in_process_executor, n_cv_folds=N_FOLDS, settings=Settings(), held_out=SOURCES)
 
 
 def build_sources(root: Path) -> str:
@@ -117,8 +111,7 @@ def materialized(data_env: tuple[Path, str]):
     results = [run(MAIN_JOB, instance, [*DATA, f"model_{MAIN_MODEL}", *UNPARTITIONED])]
     assert results[0].success
     results += [run(CV_FOLDS_JOB, instance, partition=str(k)) for k in range(N_FOLDS)]
-    results += [run(LOSO_FOLDS_JOB, instance, partition=s)
-                for s in instance.get_dynamic_partitions(HELD_OUT_SOURCE_PARTITIONS)]
+    results += [run(LOSO_FOLDS_JOB, instance, partition=s) for s in SOURCES]
     results.append(run(REPORTS_JOB, instance, AGGREGATES))
     return root, flip_id, results, instance
 
@@ -132,9 +125,10 @@ def _checks(results) -> dict[str, dg.AssetCheckEvaluation]:
     return {e.check_name: e for r in results for e in r.get_asset_check_evaluations()}
 
 
-def _stale(instance: dg.DagsterInstance, key: str, partition: str | None = None) -> StaleStatus:
+def _stale(instance: dg.DagsterInstance, key: str, partition: str | None = None,
+           defs: dg.Definitions = DEFS) -> StaleStatus:
     """What the UI shows as the asset's (partition's) status: fresh, stale or missing."""
-    resolver = CachingStaleStatusResolver(instance, DEFS.resolve_asset_graph(), LoadingContextForTest(instance))
+    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), LoadingContextForTest(instance))
     return resolver.get_status(dg.AssetKey(key), partition)
 
 
@@ -143,7 +137,7 @@ def test_every_evaluation_asset_materializes_and_partitions_are_recorded(materia
     assert all(r.success for r in results)
     done = {e.asset_key.path[-1] for r in results for e in r.get_asset_materialization_events()}
     assert set(EVALUATION) <= done
-    assert instance.get_dynamic_partitions(HELD_OUT_SOURCE_PARTITIONS) == ["a", "b"]
+    assert DEFS.resolve_asset_graph().get(dg.AssetKey("loso_fold")).partitions_def.get_partition_keys() == SOURCES
     assert instance.get_materialized_partitions(dg.AssetKey("cv_fold")) == {"0", "1"}
     assert instance.get_materialized_partitions(dg.AssetKey("loso_fold")) == {"a", "b"}
     assert _stale(instance, "cv_fold", "1") == StaleStatus.FRESH and _stale(instance, "cross_validation") == \
@@ -225,47 +219,18 @@ def test_label_issue_ranking(materialized) -> None:
     assert list(pd.read_csv(root / "reports" / "relabels_suggested.csv").columns) == ["image_id", "label", "note"]
 
 
-def test_current_partitions_are_not_retrained(materialized) -> None:
-    """Resume: with the same data and recipe every partition is current; another recipe (more
-    epochs) or --force retrains them."""
+def test_trained_partitions_are_fresh_and_another_recipe_unsyncs_them(materialized) -> None:
+    """Dagster's one definition of current: every partition trained is fresh; settings with another
+    CV recipe change the folds' code version (unsynced), not the held-out sources' or the models'
+    data."""
     _, _, _, instance = materialized
-    for job, keys in ((CV_FOLDS_JOB, ["0", "1"]), (LOSO_FOLDS_JOB, ["a", "b"])):
-        todo, current = partitions_to_run(instance, job, RUN_CONFIG, keys=keys)
-        assert todo == [] and [o.partition for o in current] == keys and {o.status for o in current} == {"current"}
-        assert partitions_to_run(instance, job, RUN_CONFIG, keys=keys, force=True)[0] == keys
-    more = {"resources": {**RUN_CONFIG["resources"], "analysis": {"config": {"cv_epochs": 2}}}}
-    assert partitions_to_run(instance, CV_FOLDS_JOB, more, keys=["0", "1"])[0] == ["0", "1"]
-
-
-def test_training_work_sensor_chains_main_partitions_reports(materialized) -> None:
-    """After main: one run request per partition that is not current (the sensor's own config
-    is the full recipe, so all are), tagged with the batch; the reports once all succeeded."""
-    _, _, results, instance = materialized
-    sensor = DEFS.get_sensor_def(automation.TRAINING_SENSOR_NAME)
-    repo = DEFS.get_repository_def()
-
-    def evaluate(run_id: str):
-        run = instance.get_run_by_id(run_id)
-        event = instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_SUCCESS)[0].dagster_event
-        return sensor(dg.build_run_status_sensor_context(sensor_name=sensor.name, dagster_event=event,
-                                                         dagster_instance=instance, dagster_run=run,
-                                                         repository_def=repo))
-
-    main_run = results[0].run_id
-    requests = evaluate(main_run)
-    assert sorted((r.job_name, r.partition_key) for r in requests) == [
-        (CV_FOLDS_JOB, "0"), (CV_FOLDS_JOB, "1"), (LOSO_FOLDS_JOB, "a"), (LOSO_FOLDS_JOB, "b")]
-    assert {r.tags[automation.BATCH_TAG] for r in requests} == {main_run}
-    assert len({r.run_key for r in requests}) == 4
-    done = [run(r.job_name, instance, partition=r.partition_key, tags=r.tags) for r in requests[:3]]
-    assert all(r.success for r in done)
-    waiting = evaluate(done[-1].run_id)
-    assert isinstance(waiting, dg.SkipReason) and "3 of 4 partition runs succeeded" in waiting.skip_message
-    last = run(requests[3].job_name, instance, partition=requests[3].partition_key, tags=requests[3].tags)
-    (reports,) = evaluate(last.run_id)
-    assert reports.job_name == REPORTS_JOB and reports.run_key == f"{main_run}:{REPORTS_JOB}"
-    outside = evaluate(results[1].run_id)  # a fold run of no batch (a manual backfill): nothing to chain
-    assert isinstance(outside, dg.SkipReason)
+    for asset, keys in (("cv_fold", ["0", "1"]), ("loso_fold", SOURCES)):
+        assert {_stale(instance, asset, k) for k in keys} == {StaleStatus.FRESH}
+    other = build_definitions(dg.in_process_executor, n_cv_folds=N_FOLDS, held_out=SOURCES,
+                              settings=Settings(sections={"analysis": {"cv_epochs": 2}}))
+    assert {_stale(instance, "cv_fold", k, other) for k in ("0", "1")} == {StaleStatus.STALE}
+    assert _stale(instance, f"model_{MAIN_MODEL}", None, other) == StaleStatus.FRESH
+    assert _stale(instance, "splits", None, other) == StaleStatus.FRESH
 
 
 def test_changed_data_makes_folds_stale_and_refused(materialized) -> None:
@@ -273,9 +238,21 @@ def test_changed_data_makes_folds_stale_and_refused(materialized) -> None:
     of the old data, and with one fold retrained it uses that one and flags the other."""
     root, _, _, instance = materialized
     before = json.loads((root / "reports" / "cv_summary.json").read_text())["data_version"]
+    quiet = dg.evaluate_automation_conditions(defs=DEFS, instance=instance)
+    assert quiet.total_requested == 0  # everything is up to date: automation requests nothing
     reseed = {"resources": {**RUN_CONFIG["resources"], "fer": {"config": {"split_seed": 1}}}}
     assert run(MAIN_JOB, instance, ["splits"], config=reseed).success
     assert _stale(instance, "cv_fold", "0") == StaleStatus.STALE == _stale(instance, "cv_fold", "1")
+    # declarative automation sees the new data version and requests what depends on it
+    woke = dg.evaluate_automation_conditions(defs=DEFS, instance=instance, cursor=quiet.cursor)
+    requested = {r.key.to_user_string() for r in woke.results if r.true_subset.size}
+    assert {f"model_{MAIN_MODEL}", "pretrained_backbone", "held_out_sources", "bias_report"} <= requested
+    assert not requested & {"raw_sources", "splits"}  # the data half is the sources sensor's
+    # the folds' other input, the backbone, was never built here: they wait for it, then follow
+    assert not requested & {"cv_fold", "loso_fold"}
+    assert run(MAIN_JOB, instance, ["pretrained_backbone"]).success
+    then = dg.evaluate_automation_conditions(defs=DEFS, instance=instance, cursor=woke.cursor)
+    assert {"cv_fold", "loso_fold"} <= {r.key.to_user_string() for r in then.results if r.true_subset.size}
     refused = run(REPORTS_JOB, instance, ["cross_validation"])
     assert not refused.success
     failure = next(e for e in refused.all_events if e.is_step_failure).step_failure_data.user_failure_data

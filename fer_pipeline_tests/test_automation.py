@@ -165,7 +165,7 @@ def test_cursor_round_trip_and_change_descriptions(folder_root: Path) -> None:
 def test_sensor_one_run_per_change_and_none_without_change(folder_root: Path) -> None:
     t = Ticker(folder_root)
     first = t.one_run()  # no cursor yet: bring the data assets up to date once
-    assert first.job_name == automation.source_files_sensor.job_name  # data_pipeline unless FER_AUTO_RETRAIN
+    assert first.job_name == automation.source_files_sensor.job_name == "data_pipeline"
     assert "no change" in t.nothing()
     assert "no change" in t.nothing()
 
@@ -241,51 +241,47 @@ def test_sensor_definition_defaults_and_switches(monkeypatch: pytest.MonkeyPatch
     sensor = automation.source_files_sensor
     assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
     assert sensor.minimum_interval_seconds == int(os.environ.get("FER_SENSOR_INTERVAL_SECONDS") or 30)
-    # models are not retrained unless a user asks for it (FER_AUTO_RETRAIN, read when the code loads)
-    assert sensor.job_name == ("main" if automation.auto_retrain_enabled() else "data_pipeline")
+    # the sensor runs the data half; declarative automation takes it from there
+    assert sensor.job_name == "data_pipeline"
     monkeypatch.setenv("FER_SENSOR_INTERVAL_SECONDS", "2")
-    monkeypatch.setenv("FER_AUTO_RETRAIN", "1")
-    retrain = automation.build_source_sensor()
-    assert retrain.minimum_interval_seconds == 2 and retrain.job_name == "main"
-    assert Ticker(folder_root, retrain).one_run().job_name == "main"
-    monkeypatch.setenv("FER_AUTO_RETRAIN", "off")
-    assert automation.build_source_sensor().job_name == "data_pipeline"
+    faster = automation.build_source_sensor()
+    assert faster.minimum_interval_seconds == 2 and Ticker(folder_root, faster).one_run().job_name == "data_pipeline"
+    assert automation.build_automation_sensor().minimum_interval_seconds == 2
     monkeypatch.setenv("FER_SENSOR_INTERVAL_SECONDS", "soon")
     with pytest.raises(ValueError, match="FER_SENSOR_INTERVAL_SECONDS"):
         automation.build_source_sensor()
 
 
-def test_definitions_load_with_sensor_and_schedule() -> None:
+def test_definitions_load_with_sensors_schedule_and_automation() -> None:
     from fer_pipeline.definitions import defs
 
     repo = defs.get_repository_def()
     sensor = repo.get_sensor_def("source_files_sensor")
     schedule = repo.get_schedule_def("full_rebuild_schedule")
-    assert sensor.job_name == ("main" if automation.auto_retrain_enabled() else "data_pipeline")
-    assert schedule.job_name == "data_pipeline"
+    assert sensor.job_name == "data_pipeline" and schedule.job_name == "data_pipeline"
+    data = {k.to_user_string() for k in repo.get_job("data_pipeline").asset_layer.selected_asset_keys}
+    assert "source_files" in data and "splits" in data  # the data run observes the sources first
     assert repo.has_job("data_pipeline") and repo.has_job("main")
-    # the training work: fold partitions (FER_CV_FOLDS, default 10), held-out sources (dynamic)
-    assert repo.get_job("cv_folds").partitions_def.get_partition_keys() == \
-        [str(k) for k in range(int(os.environ.get("FER_CV_FOLDS") or 10))]
-    assert isinstance(repo.get_job("loso_folds").partitions_def, dg.DynamicPartitionsDefinition)
+    # the training work: fold partitions (the settings file's cv_folds), held-out sources (the catalogue's)
+    assert len(repo.get_job("cv_folds").partitions_def.get_partition_keys()) >= 2
+    assert isinstance(repo.get_job("loso_folds").partitions_def, dg.StaticPartitionsDefinition)
     main = {k.to_user_string() for k in repo.get_job("main").asset_layer.executable_asset_keys}
     reports = {k.to_user_string() for k in repo.get_job("training_reports").asset_layer.executable_asset_keys}
     assert "held_out_sources" in main and not main & {"cv_fold", "loso_fold", "cross_validation", "label_issues"}
     assert {"cross_validation", "cross_source_generalisation", "label_issues"} <= reports
-    training = repo.get_sensor_def("training_work_sensor")
-    assert training.default_status == (dg.DefaultSensorStatus.RUNNING if automation.auto_retrain_enabled()
-                                       else dg.DefaultSensorStatus.STOPPED)
+    automated = repo.get_sensor_def("fer_automation")
+    assert automated.default_status == dg.DefaultSensorStatus.RUNNING
+    assert "training_work_sensor" not in {s.name for s in repo.sensor_defs}
 
 
-def test_fold_count_setting_fails_fast_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fold_count_setting_fails_fast_naming_the_variable() -> None:
     from fer_pipeline.defs.jobs import PartitionSettingError, cv_fold_count
 
     assert cv_fold_count({}) == 10 and cv_fold_count({"FER_CV_FOLDS": " 3 "}) == 3
+    assert cv_fold_count({}, default=4) == 4 and cv_fold_count({"FER_CV_FOLDS": "2"}, default=4) == 2
     for bad, why in (("three", "expected a whole number"), ("1", "must be at least 2 folds")):
         with pytest.raises(PartitionSettingError, match=f"FER_CV_FOLDS='{bad}': {why}"):
             cv_fold_count({"FER_CV_FOLDS": bad})
-    monkeypatch.setenv("FER_AUTO_RETRAIN", "1")
-    assert automation.build_training_work_sensor().default_status == dg.DefaultSensorStatus.RUNNING
 
 
 # ---------------------------------------------------------------- the schedule

@@ -1,4 +1,4 @@
-"""The executor as a setting (README "Scaling out"), and steps spread over Dask workers.
+"""The executor as a setting (docs/operations.md, "Scaling out"), and steps spread over Dask workers.
 
 * ``FER_EXECUTOR``: the default is one process; an unknown value fails when the code location
   loads, naming the variable and the allowed values; ``k8s`` loads (``dagster definitions
@@ -45,7 +45,7 @@ from fer_pipeline_tests.servers import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+README = REPO / "docs" / "operations.md"
 BIN = Path(sys.executable).parent
 CATALOGUE = {"sources": [{"name": "demo", "kind": "synthetic", "path": "raw/demo", "n_images": 240, "seed": 3}]}
 DATA_KEYS = ["raw_sources", "faces", "deduplicated_faces", "manifest", "splits"]
@@ -140,7 +140,7 @@ def test_definitions_load_on_kubernetes_with_gpu_tags(tmp_path: Path) -> None:
 
 
 def test_readme_run_launcher_block_is_valid_k8s_config() -> None:
-    """The `dagster.yaml` block of README "Scaling out" is config K8sRunLauncher accepts."""
+    """The `dagster.yaml` block of docs/operations.md, "Scaling out" is config K8sRunLauncher accepts."""
     from dagster._config import validate_config
     from dagster_k8s import K8sRunLauncher
 
@@ -285,10 +285,15 @@ def test_steps_run_on_two_dask_workers_and_match_in_process(
 
     # The training work: one run per fold partition, both launched at once from two processes
     # (each its own execute_job, as a backfill's runs), their steps on the Dask workers.
-    from fer_pipeline.defs.refresh import run_partitions
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fer_pipeline.defs.refresh import execute
 
     keys = [str(k) for k in range(N_FOLDS)]
-    outcomes = run_partitions(CV_FOLDS_JOB, keys, RUN_CONFIG, concurrency=N_FOLDS)
+    with ProcessPoolExecutor(N_FOLDS, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outcomes = list(pool.map(execute, [CV_FOLDS_JOB] * N_FOLDS, [[dg.AssetKey("cv_fold")]] * N_FOLDS, keys,
+                                 [RUN_CONFIG] * N_FOLDS))
     assert [(o.partition, o.status) for o in outcomes] == [(k, "SUCCESS") for k in keys], outcomes
     with dg.DagsterInstance.get() as instance:
         fold_pid = {o.partition: instance.all_logs(o.run_id, of_type=dg.DagsterEventType.STEP_START)[0]

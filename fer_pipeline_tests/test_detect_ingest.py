@@ -4,7 +4,7 @@ Real Dagster materializations on a catalogue the test draws: photos of drawn fac
 clutter at known places (one face, two faces, none, a broken file), a `keep: all` source of pairs,
 face crops (crop framing), and crops wrongly configured as `faces: detect`. The drawn faces were
 picked so that MTCNN scores them above 0.97 (it finds most of the demo generator's faces, not all:
-README). Core-level cases (worker processes, EXIF orientation, large JPEGs, real faces) call
+docs/data.md). Core-level cases (worker processes, EXIF orientation, large JPEGs, real faces) call
 :func:`process_faces` directly."""
 
 from __future__ import annotations

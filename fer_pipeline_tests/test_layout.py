@@ -1,4 +1,4 @@
-"""The layout rules the README states: core packages never import Dagster, and layers import
+"""The layout rules docs/development.md states: core packages never import Dagster, and layers import
 only downwards (defs → analysis → ml → dataset → contracts)."""
 
 from __future__ import annotations

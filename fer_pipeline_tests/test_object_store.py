@@ -1,4 +1,4 @@
-"""The data root in an object store (README "Object storage"), against a real S3-compatible server:
+"""The data root in an object store (docs/operations.md, "Object storage"), against a real S3-compatible server:
 moto's standalone server on a free loopback port, in its own process group, stopped by PID.
 
 * Sync rules of :class:`fer_pipeline.storage.ObjectStore`: a push uploads only what was written
@@ -196,6 +196,75 @@ def test_a_mixed_set_in_the_store_is_refused(s3: S3, tmp_path: Path) -> None:
     paths = open_data_root(s3.url("mixed"), working_copy=tmp_path / "reader")
     with pytest.raises(MixedSetError, match="not one set"):
         read_published(paths)
+
+
+def test_a_push_waits_for_another_writers_push_or_refuses_naming_it(s3: S3, tmp_path: Path) -> None:
+    """Two working copies push the same prefix: the store's lock object (a conditional create)
+    lets one push at a time; the other waits, then refuses naming the holder, uploading nothing."""
+    url = s3.url("locked")
+    a, b = ObjectStore(url, tmp_path / "a"), ObjectStore(url, tmp_path / "b")
+    _published_set(a.paths, 3, "v1")
+    a.push()
+    b.pull_published()
+    _published_set(b.paths, 4, "v2")
+    lock = f"{s3.bucket}/locked/.fer-publish.lock"
+    before = s3.fs.cat(f"{s3.bucket}/locked/manifest/manifest.parquet")
+    with a.push_lock(run_id="run-a"):
+        assert json.loads(s3.fs.cat(lock))["run_id"] == "run-a"
+        with pytest.raises(StoreConflictError, match=r"nothing uploaded: run run-a \(pid \d+ on .*holds the store's "
+                                                     r"publication lock"):
+            b.push(lock_wait=0.5)
+        with pytest.raises(StoreConflictError, match="run run-a"):  # a second holder is refused as well
+            with b.push_lock(run_id="run-b", wait=0.2):
+                pass
+    assert s3.fs.cat(f"{s3.bucket}/locked/manifest/manifest.parquet") == before
+    assert not s3.fs.exists(lock)  # released
+    assert b.push().uploaded[-1] == "manifest/manifest.parquet"
+    assert not s3.fs.exists(lock)
+    assert check_published(open_data_root(url, working_copy=tmp_path / "reader")) == \
+        read_published(b.paths).manifest_version
+    # a dead writer's lock (older than the lease) is removed, then taken
+    s3.fs.pipe(lock, json.dumps({"run_id": "ghost"}).encode())
+    with b.push_lock(run_id="run-b", wait=0.2, lease=0.0):
+        assert json.loads(s3.fs.cat(lock))["run_id"] == "run-b"
+
+
+def test_a_manifest_written_during_a_push_is_never_overwritten(s3: S3, tmp_path: Path) -> None:
+    """A writer that ignores the lock puts its manifest between this push's listing and its
+    manifest upload: the conditional PUT (If-Match on the listed ETag) refuses to overwrite it."""
+    url = s3.url("cas")
+    a = ObjectStore(url, tmp_path / "a")
+    _published_set(a.paths, 3, "v1")
+    a.push()
+    _published_set(a.paths, 4, "v2")
+    manifest_key = f"{s3.bucket}/cas/manifest/manifest.parquet"
+    put = a.fs.put_file
+
+    def foreign_write_first(lpath: str, rpath: str, **kw: object) -> object:
+        if rpath == manifest_key:
+            s3.fs.pipe(manifest_key, b"another writer's manifest")
+        return put(lpath, rpath, **kw)
+
+    a.fs.put_file = foreign_write_first
+    with pytest.raises(StoreConflictError, match="manifest/manifest.parquet changed in the store while this push"):
+        a.push()
+    assert s3.fs.cat(manifest_key) == b"another writer's manifest"
+    assert not s3.fs.exists(f"{s3.bucket}/cas/.fer-publish.lock")
+    # the same on a prefix with no manifest yet: If-None-Match
+    b = ObjectStore(s3.url("cas-new"), tmp_path / "b")
+    _published_set(b.paths, 3, "v1")
+    fresh_key = f"{s3.bucket}/cas-new/manifest/manifest.parquet"
+    put_b = b.fs.put_file
+
+    def foreign_first(lpath: str, rpath: str, **kw: object) -> object:
+        if rpath == fresh_key:
+            s3.fs.pipe(fresh_key, b"first")
+        return put_b(lpath, rpath, **kw)
+
+    b.fs.put_file = foreign_first
+    with pytest.raises(StoreConflictError, match="was kept, not overwritten"):
+        b.push()
+    assert s3.fs.cat(fresh_key) == b"first"
 
 
 def test_a_refused_push_is_reported_by_the_run(s3: S3, tmp_path: Path) -> None:

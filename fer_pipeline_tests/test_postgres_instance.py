@@ -1,4 +1,4 @@
-"""A real PostgreSQL-backed Dagster instance (README "Using PostgreSQL").
+"""A real PostgreSQL-backed Dagster instance (docs/operations.md, "Using PostgreSQL").
 
 Starts Debian's PostgreSQL (installed by scripts/install_postgres.sh, which `make test` runs) as
 a throw-away cluster: initdb into a temporary folder, `postgres` on a free loopback port with its

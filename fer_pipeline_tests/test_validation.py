@@ -395,7 +395,7 @@ def test_checks_take_blocking_and_severity_from_their_definition(manifest: pd.Da
     specs = [*manifest_asset.check_specs, *splits_asset.check_specs]
     blocking = {spec.name: spec.blocking for spec in specs}
     assert blocking["manifest_class_counts"] and blocking["split_folds"]
-    assert not blocking["manifest_class_balance"] and not blocking["split_proportions"]  # as the README says
+    assert not blocking["manifest_class_balance"] and not blocking["split_proportions"]  # as docs/data.md says
     fer = FerSettings(data_root=str(tmp_path))
     few_angry = checks.Tables(manifest[(manifest["label"] != "Angry") | (manifest.index % 10 < 2)])  # Angry: 2
     by_name = {c.name: c for c in checks.MANIFEST_CHECKS}

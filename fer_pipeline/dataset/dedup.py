@@ -11,7 +11,7 @@
 * groups are connected components of the confirmed links (so near-duplicate chains end up
   together, which is the conservative choice against leakage between splits).
 
-Representative rule (documented in the README): the member with the largest original
+Representative rule (documented in docs/data.md): the member with the largest original
 resolution (width × height), then the largest file, then the first by (source, source_path).
 A group whose members carry different target labels is a *label conflict*: all its members are
 excluded, because nothing says which label is right.

@@ -233,7 +233,7 @@ class MTCNNDetector:
     * ``score_threshold`` (default 0.99): the final-stage face probability a face must exceed.
       MTCNN's own cut (0.7) leaves 0.28 false positives per face-free clutter canvas in the
       evaluation (``benchmarks/DETECTORS.md``), nearly all on scrambled mosaics of real face
-      parts; > 0.99 brings that to 0.02-0.05 while keeping 94-100% of the faces (the README's
+      parts; > 0.99 brings that to 0.02-0.05 while keeping 94-100% of the faces (docs/data.md's
       "Face detection" paragraph has the figures). Lower it (0.9-0.95) where a missed face
       costs more than a false one, or keep only the top face when an image holds one face.
     * ``min_face_size`` (default 40 px, as evaluated): the smallest face side searched, in

@@ -1,36 +1,33 @@
-"""Sensors and schedules that keep the assets up to date.
+"""What keeps the assets up to date unattended: a sensor that watches the sources, Dagster's
+declarative automation for everything downstream, and a nightly safety net.
 
 * ``source_files_sensor`` watches ``sources.yaml`` and every source it lists (new, changed or
   removed files in a folder; an archive or CSV replaced as a whole) with a stat-only
-  fingerprint (:mod:`fer_pipeline.dataset.source_watch`) and requests ONE run per change, with a run key
-  derived from the new fingerprint, so each change triggers exactly one run and nothing
-  happens when nothing changed. The run brings every data asset (inventory, faces,
-  de-duplication, manifest, splits, plots) and their checks up to date; the stages are
-  incremental, so only the new files are decoded. Off until a user turns it on.
+  fingerprint (:mod:`fer_pipeline.dataset.source_watch`) and requests ONE run of
+  ``data_pipeline`` per change, with a run key derived from the new fingerprint, so each change
+  triggers exactly one run and nothing happens when nothing changed. The run observes the
+  sources (``source_files``) and brings every data asset and its checks up to date; the stages
+  are incremental, so only the new files are decoded. Off until a user turns it on.
   Hostile sources do not stop it: a dangling or looping symbolic link, a FIFO or an unlistable
   subfolder is part of the fingerprint (its appearance is a change, the run records the file as
   excluded, the sensor logs it); a file replaced with the same size and a reset modification
   time is caught by its inode change time and inode number. It skips (keeping its cursor, and
   naming the source) only when a source's root cannot be read at all, since a run would then
   drop every file of that source.
-* Retraining switch: models are not retrained on every small data change. With the environment
-  variable ``FER_AUTO_RETRAIN=1`` (read when the code location loads: restart ``make ui`` after
-  changing it) the sensor requests the ``main`` job (data and models) instead of
-  ``data_pipeline``.
-* ``training_work_sensor`` keeps the partitioned training work (:mod:`fer_pipeline.defs.jobs`)
-  in step with ``main``: after each successful ``main`` run it requests one run per CV-fold and
-  held-out-source partition that is not current (tagged with that ``main`` run as their batch),
-  and once every run of the batch has succeeded, one ``training_reports`` run (the aggregates,
-  label issues). Run keys make each request happen once. On by default when
-  ``FER_AUTO_RETRAIN=1`` (so new data refreshes data, models, folds and reports), else off
-  until a user turns it on.
+* ``fer_automation`` (an :class:`~dagster.AutomationConditionSensorDefinition`, on by default)
+  evaluates :func:`up_to_date_condition` on every asset downstream of the data half: the
+  backbone, the models, the fold and held-out-source partitions, the aggregates and the card
+  are requested once an upstream asset has a new data version (or their code version, which
+  includes the settings they compute with, changed), after their inputs have finished. The
+  Automation page shows, per asset and partition, which part of the condition held.
 * ``full_rebuild_schedule`` reprocesses everything from scratch (no decode cache, no reused
   hashes, no cached duplicate links) daily at ``FER_REBUILD_CRON`` (default ``0 3 * * *``, in
   ``FER_REBUILD_TIMEZONE``, default UTC) as a safety net. Off until a user turns it on. It
-  rebuilds the data half only; models and training work follow through the sensors above.
+  rebuilds the data half only; automation follows where the data changed.
 
-Environment knobs (all optional): ``FER_SENSOR_INTERVAL_SECONDS`` (default 30),
-``FER_AUTO_RETRAIN``, ``FER_REBUILD_CRON``, ``FER_REBUILD_TIMEZONE``.
+Environment knobs (operational, all optional): ``FER_SENSOR_INTERVAL_SECONDS`` (default 30, both
+sensors), ``FER_REBUILD_CRON``, ``FER_REBUILD_TIMEZONE``. What is computed (recipe, budgets) is
+in the settings file (:mod:`fer_pipeline.settings`), never here.
 """
 
 from __future__ import annotations
@@ -49,38 +46,28 @@ except ImportError:  # pragma: no cover - then ScheduleDefinition's own validati
 
 from fer_pipeline.dataset import source_watch
 from fer_pipeline.dataset.catalog import CatalogError
-from fer_pipeline.defs.jobs import (
-    DATA_JOB,
-    MAIN_JOB,
-    PARTITIONED_JOBS,
-    REPORTS_JOB,
-    cv_folds_job,
-    loso_folds_job,
-    main_job,
-    training_reports_job,
-)
+from fer_pipeline.defs.jobs import DATA_JOB, SOURCE_OBSERVATION
 from fer_pipeline.defs.resources import FerSettings
 
 SENSOR_NAME = "source_files_sensor"
-TRAINING_SENSOR_NAME = "training_work_sensor"
-BATCH_TAG = "fer/batch"  # the main run a partition run refreshes after
-BATCH_SIZE_TAG = "fer/batch_size"  # how many partition runs that batch has
+AUTOMATION_SENSOR_NAME = "fer_automation"
 SCHEDULE_NAME = "full_rebuild_schedule"
 
 INTERVAL_ENV = "FER_SENSOR_INTERVAL_SECONDS"
-RETRAIN_ENV = "FER_AUTO_RETRAIN"
 CRON_ENV = "FER_REBUILD_CRON"
 TIMEZONE_ENV = "FER_REBUILD_TIMEZONE"
 DEFAULT_INTERVAL_SECONDS = 30
 DEFAULT_REBUILD_CRON = "0 3 * * *"
 REBUILD_RUN_CONFIG = {"resources": {"fer": {"config": {"rebuild": True}}}}
+DATA_GROUP = "data"
+AUTOMATED = dg.AssetSelection.all() - dg.AssetSelection.groups(DATA_GROUP) - dg.AssetSelection.assets(SOURCE_OBSERVATION)
+"""What declarative automation keeps up to date: everything downstream of the data half (the
+data half itself is the sources sensor's run)."""
 
-_TRUE = {"1", "true", "yes", "on"}
 
-
-def auto_retrain_enabled() -> bool:
-    """``FER_AUTO_RETRAIN`` is on (1/true/yes/on); off by default."""
-    return os.environ.get(RETRAIN_ENV, "").strip().lower() in _TRUE
+def is_automated(spec: dg.AssetSpec) -> bool:
+    """Whether ``spec`` is in :data:`AUTOMATED`."""
+    return spec.group_name != DATA_GROUP and spec.key != dg.AssetKey(SOURCE_OBSERVATION)
 
 
 def sensor_interval_seconds() -> int:
@@ -94,11 +81,37 @@ def rebuild_cron() -> str:
     return cron
 
 
-def build_source_sensor(job_name: str | None = None, minimum_interval_seconds: int | None = None,
+def up_to_date_condition() -> dg.AutomationCondition:
+    """Dagster's ``eager()`` with one change: an upstream update counts only when its data
+    version changed (a re-run that reproduced the same data requests nothing), and a code
+    version change (new code or settings) counts too. Each part is labelled for the UI."""
+    AC = dg.AutomationCondition
+    new_data = AC.any_deps_match(
+        (AC.data_version_changed() & ~AC.executed_with_root_target()).with_label("new data version")
+        | AC.will_be_requested()
+    ).with_label("an input has new data")
+    trigger = (AC.newly_missing() | new_data
+               | AC.code_version_changed().with_label("code or settings changed")).since_last_handled()
+    return (trigger & ~AC.any_deps_missing() & ~AC.any_deps_in_progress()
+            & ~AC.in_progress()).with_label("inputs changed and are ready")
+
+
+def build_automation_sensor(minimum_interval_seconds: int | None = None,
+                            default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
+                            ) -> dg.AutomationConditionSensorDefinition:
+    """The sensor that evaluates the assets' automation conditions."""
+    interval = minimum_interval_seconds or sensor_interval_seconds()
+    return dg.AutomationConditionSensorDefinition(
+        AUTOMATION_SENSOR_NAME, target=AUTOMATED, default_status=default_status, minimum_interval_seconds=interval,
+        run_tags={"fer/trigger": "automation"},
+        description=f"Every {interval} s: requests the models, partitions, reports and card whose inputs have new "
+                    "data, or whose code or settings changed, once those inputs are ready.")
+
+
+def build_source_sensor(job_name: str = DATA_JOB, minimum_interval_seconds: int | None = None,
                         name: str = SENSOR_NAME) -> dg.SensorDefinition:
-    """The sources sensor, targeting ``job_name`` (default: ``main`` when ``FER_AUTO_RETRAIN`` is
-    on, else ``data_pipeline``)."""
-    target = job_name or (MAIN_JOB if auto_retrain_enabled() else DATA_JOB)
+    """The sources sensor, requesting runs of ``job_name``."""
+    target = job_name
     interval = minimum_interval_seconds or sensor_interval_seconds()
 
     @dg.sensor(
@@ -108,8 +121,8 @@ def build_source_sensor(job_name: str | None = None, minimum_interval_seconds: i
         default_status=dg.DefaultSensorStatus.STOPPED,
         description=(
             f"Watches sources.yaml and every catalogued source (file names, sizes, dates and inodes; "
-            f"no image is read) every {interval} s and requests one run of '{target}' per change. Set FER_AUTO_RETRAIN=1 to "
-            f"target 'main' (also retrains the models)."),
+            f"no image is read) every {interval} s and requests one run of '{target}' per change; automation then "
+            "brings the models, partitions, reports and card up to date."),
     )
     def _sensor(context: dg.SensorEvaluationContext, fer: FerSettings) -> dg.SensorResult | dg.SkipReason:
         root = fer.paths.root
@@ -145,70 +158,6 @@ def build_source_sensor(job_name: str | None = None, minimum_interval_seconds: i
     return _sensor
 
 
-def build_training_work_sensor(name: str = TRAINING_SENSOR_NAME,
-                               default_status: dg.DefaultSensorStatus | None = None) -> dg.SensorDefinition:
-    """After a successful ``main`` run: one run per partition that is not current, then (when
-    all of them succeeded) one ``training_reports`` run. Default status: running when
-    ``FER_AUTO_RETRAIN`` is on, else stopped."""
-    if default_status is None:
-        default_status = dg.DefaultSensorStatus.RUNNING if auto_retrain_enabled() else dg.DefaultSensorStatus.STOPPED
-
-    @dg.run_status_sensor(
-        name=name,
-        run_status=dg.DagsterRunStatus.SUCCESS,
-        monitored_jobs=[main_job, cv_folds_job, loso_folds_job],
-        request_jobs=[cv_folds_job, loso_folds_job, training_reports_job],
-        minimum_interval_seconds=sensor_interval_seconds(),
-        default_status=default_status,
-        description=(f"After each successful '{MAIN_JOB}' run, requests one run per CV-fold and held-out-source "
-                     f"partition that is not current, then '{REPORTS_JOB}' once they all succeeded "
-                     f"(on by default with {RETRAIN_ENV}=1)."),
-    )
-    def _sensor(context: dg.RunStatusSensorContext) -> list[dg.RunRequest] | dg.SkipReason:
-        # imported here: it reads the loaded code location
-        from fer_pipeline.defs.refresh import partitions_to_run
-
-        run = context.dagster_run
-        if run.job_name == MAIN_JOB:
-            batch = run.run_id
-            todo: dict[str, list[str]] = {}
-            for job in PARTITIONED_JOBS:
-                keys = _static_keys(context, job)
-                todo[job] = partitions_to_run(context.instance, job, {}, keys=keys)[0]
-            size = sum(map(len, todo.values()))
-            if not size:
-                return [dg.RunRequest(run_key=f"{batch}:{REPORTS_JOB}", job_name=REPORTS_JOB,
-                                      tags={BATCH_TAG: batch, "fer/trigger": "training_work"})]
-            context.log.info(f"main run {batch[:8]} succeeded: {size} partition run(s) " +
-                             ", ".join(f"{job} {keys}" for job, keys in todo.items() if keys))
-            return [dg.RunRequest(run_key=f"{batch}:{job}:{key}", job_name=job, partition_key=key,
-                                  tags={BATCH_TAG: batch, BATCH_SIZE_TAG: str(size), "fer/trigger": "training_work"})
-                    for job, keys in todo.items() for key in keys]
-        batch = run.tags.get(BATCH_TAG)
-        if not batch or BATCH_SIZE_TAG not in run.tags:
-            return dg.SkipReason(f"run {run.run_id[:8]} of {run.job_name} is not part of a refresh after main")
-        runs = context.instance.get_runs(filters=dg.RunsFilter(tags={BATCH_TAG: batch}))
-        succeeded = {(r.job_name, r.tags.get("dagster/partition")) for r in runs
-                     if r.job_name in PARTITIONED_JOBS and r.status == dg.DagsterRunStatus.SUCCESS}
-        size = int(run.tags[BATCH_SIZE_TAG])
-        if len(succeeded) < size:
-            return dg.SkipReason(f"batch {batch[:8]}: {len(succeeded)} of {size} partition runs succeeded so far")
-        return [dg.RunRequest(run_key=f"{batch}:{REPORTS_JOB}", job_name=REPORTS_JOB,
-                              tags={BATCH_TAG: batch, "fer/trigger": "training_work"})]
-
-    return _sensor
-
-
-def _static_keys(context: dg.RunStatusSensorContext, job: str) -> list[str] | None:
-    """The partition keys of a static partitioned job from the loaded code location (None: ask
-    the definitions module, or the instance for dynamic partitions)."""
-    repo = context.repository_def
-    if repo is None or not repo.has_job(job):
-        return None
-    partitions = repo.get_job(job).partitions_def
-    return None if isinstance(partitions, dg.DynamicPartitionsDefinition) else list(partitions.get_partition_keys())
-
-
 def build_rebuild_schedule(cron: str | None = None, job_name: str = DATA_JOB) -> dg.ScheduleDefinition:
     """Daily from-scratch reprocessing (``rebuild: true``); off until a user turns it on."""
     cron = cron or rebuild_cron()
@@ -226,8 +175,8 @@ def build_rebuild_schedule(cron: str | None = None, job_name: str = DATA_JOB) ->
 
 
 source_files_sensor = build_source_sensor()
-training_work_sensor = build_training_work_sensor()
+automation_sensor = build_automation_sensor()
 full_rebuild_schedule = build_rebuild_schedule()
 
-SENSORS: list[dg.SensorDefinition] = [source_files_sensor, training_work_sensor]
+SENSORS: list[dg.SensorDefinition] = [source_files_sensor, automation_sensor]
 SCHEDULES: list[dg.ScheduleDefinition] = [full_rebuild_schedule]

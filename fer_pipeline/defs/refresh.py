@@ -1,18 +1,16 @@
-"""Bring the whole graph up to date through Dagster runs, in the order the jobs need
-(:mod:`fer_pipeline.defs.jobs`): ``main``, then one run per partition of ``cv_folds`` and
-``loso_folds`` that is not current, then ``training_reports``. ``make demo`` runs::
+"""Bring the whole graph up to date by Dagster's own definition of "out of date": observe the
+sources, then run what Dagster reports *missing* or *unsynced* (code or data versions changed),
+job by job in the order the partitions need: ``main``, one run per ``cv_folds``/``loso_folds``
+partition, ``training_reports``. ``make demo`` runs::
 
-    python -m fer_pipeline.defs.refresh -c configs/demo.yaml
+    python -m fer_pipeline.defs.refresh --settings configs/demo.yaml
 
-A partition is current when Dagster's latest materialization of it and its stored result both
-carry the identity (data version + recipe) this run config would train it with; ``--force``
-retrains every partition, ``--steps`` picks the stages. Every run goes through Dagster
-(``execute_job``) with the executor the code location selects (``FER_EXECUTOR``) and is recorded
-in the instance (``$DAGSTER_HOME``), so the UI shows it and the partitions' status.
-``--concurrency N`` launches up to N partition runs at a time, each from its own process: with
-``FER_EXECUTOR=dask`` and N workers, N folds train side by side.
-
-Exit status: 0 when every run succeeded, 1 otherwise (the table printed at the end says which).
+``--settings FILE`` first makes FILE the settings in force (it is copied to where every launch
+path reads them, :mod:`fer_pipeline.settings`), so ``make ui`` afterwards shows the same recipe
+and fold count. ``-c RUN_CONFIG`` overrides settings for these runs only (recorded on the runs
+and their materializations). Runs are created like the UI's (with the code location's origin, so
+the UI's timeline shows them) in ``$DAGSTER_HOME`` and executed in this process; partitions run
+``--concurrency`` at a time. Exit status 0 when every run succeeded.
 """
 
 from __future__ import annotations
@@ -22,239 +20,174 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import dagster as dg
 import yaml
-
-from fer_pipeline.defs.jobs import (
-    CV_FOLDS_JOB,
-    LOSO_FOLDS_JOB,
-    LOSO_PARTITIONS,
-    MAIN_JOB,
-    PARTITIONED_JOBS,
-    REPORTS_JOB,
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.execution.api import execute_run
+from dagster._core.loader import LoadingContext
+from dagster._core.remote_origin import (
+    ManagedGrpcPythonEnvCodeLocationOrigin,
+    RemoteJobOrigin,
+    RemoteRepositoryOrigin,
 )
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
-STEPS = ("main", "partitions", "reports")
+from fer_pipeline.defs.jobs import CV_FOLDS_JOB, DATA_JOB, LOSO_FOLDS_JOB, MAIN_JOB, REPORTS_JOB, SOURCE_OBSERVATION
+from fer_pipeline.paths import REPO_ROOT
+from fer_pipeline.settings import install_settings, settings_path
+
+LOCATION = "fer_pipeline.definitions"  # the code location's name in workspace.yaml
+ORDER = (MAIN_JOB, CV_FOLDS_JOB, LOSO_FOLDS_JOB, REPORTS_JOB)
 TRIGGER_TAG = {"fer/trigger": "refresh"}
 
 
+class Outcome(NamedTuple):
+    job: str
+    partition: str | None
+    status: str
+    seconds: float
+    run_id: str
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "SUCCESS"
+
+
 def job_def(name: str) -> dg.JobDefinition:
-    """A job of the code location (what each run process rebuilds; see :func:`execute`)."""
+    """A job of the code location, as a run process rebuilds it."""
     from fer_pipeline.definitions import defs
 
     return defs.resolve_job_def(name)
 
 
-@dataclass
-class RunOutcome:
-    job: str
-    partition: str | None
-    status: str  # SUCCESS, FAILURE, or "current" (not run)
-    seconds: float = 0.0
-    run_id: str = ""
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("SUCCESS", "current")
-
-
-def execute(job_name: str, partition: str | None = None, run_config: dict[str, Any] | None = None) -> RunOutcome:
-    """One run of ``job_name`` (one partition of a partitioned job) through ``execute_job``, in
-    the instance at ``$DAGSTER_HOME``; module level so that a pool process can run it."""
+def execute(job: str, keys: Sequence[dg.AssetKey] | None = None, partition: str | None = None,
+            run_config: dict[str, Any] | None = None) -> Outcome:
+    """One run of ``job`` for ``keys`` (None: all of its assets; one ``partition``), created with
+    the code location's origin exactly as the UI creates it, executed here."""
+    recon = dg.build_reconstructable_job("fer_pipeline.defs.refresh", "job_def", reconstructable_args=(job,))
+    if keys is not None:
+        recon = recon.get_subset(asset_selection=set(keys))
+    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=LOCATION,
+                                  working_directory=str(REPO_ROOT))
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(ManagedGrpcPythonEnvCodeLocationOrigin(target, LOCATION),
+                                                    "__repository__"), job)
     tags = {**TRIGGER_TAG, **({"dagster/partition": partition} if partition is not None else {})}
     start = time.perf_counter()
-    job = dg.build_reconstructable_job("fer_pipeline.defs.refresh", "job_def", reconstructable_args=(job_name,))
-    with dg.DagsterInstance.get() as instance, \
-            dg.execute_job(job, instance=instance, run_config=run_config or {}, tags=tags) as result:
-        failures = [e.message for e in result.all_events if e.is_failure]
-        status = "SUCCESS" if result.success else "FAILURE"
-        note = (failures[0] or "").splitlines()[0][:160] if failures else ""
-        return RunOutcome(job_name, partition, status, time.perf_counter() - start, result.run_id, note)
+    with dg.DagsterInstance.get() as instance:
+        run = instance.create_run_for_job(job_def=recon.get_definition(), run_config=run_config or {}, tags=tags,
+                                          asset_selection=frozenset(keys) if keys is not None else None,
+                                          remote_job_origin=origin,
+                                          job_code_origin=recon.get_python_origin())
+        result = execute_run(recon, run, instance)
+        failures = [e.message or "" for e in result.all_events if e.is_failure]
+    note = failures[0].splitlines()[0][:160] if failures and failures[0] else ""
+    return Outcome(job, partition, "SUCCESS" if result.success else "FAILURE", time.perf_counter() - start,
+                   run.run_id, note)
 
 
-# --------------------------------------------------------------------------------------------
-# which partitions are current
-# --------------------------------------------------------------------------------------------
+class _Loading(LoadingContext):
+    """The per-query cache Dagster's staleness resolver reads the instance through."""
+
+    def __init__(self, instance: dg.DagsterInstance) -> None:
+        self._instance, self._loaders = instance, {}
+
+    @property
+    def instance(self) -> dg.DagsterInstance:
+        return self._instance
+
+    @property
+    def loaders(self) -> dict:
+        return self._loaders
 
 
-def _settings(run_config: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """The ``fer``, ``training`` and ``analysis`` resources this run config gives."""
-    from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
+def out_of_date(job: str) -> dict[str | None, list[dg.AssetKey]]:
+    """Partition (None: unpartitioned) -> the assets of ``job`` Dagster reports missing or
+    unsynced (what the UI shows as Missing or Unsynced)."""
+    from fer_pipeline.definitions import defs
 
-    resources = (run_config or {}).get("resources", {})
-
-    def conf(name: str) -> dict[str, Any]:
-        return dict((resources.get(name) or {}).get("config") or {})
-
-    return FerSettings(**conf("fer")), TrainSettings(**conf("training")), AnalysisSettings(**conf("analysis"))
-
-
-def expected_identities(job_name: str, keys: Sequence[str], run_config: dict[str, Any],
-                        n_cv_folds: int) -> dict[str, str] | str:
-    """Partition -> the identity a run with ``run_config`` would give it now, or why unknown."""
-    from fer_pipeline.dataset.publish import read_published
-    from fer_pipeline.defs.assets.evaluation import cv_recipe, loso_recipe, main_start
-
-    try:
-        fer, training, analysis = _settings(run_config)
-        version = read_published(fer.paths).data_version
-    except Exception as exc:  # noqa: BLE001 - then every partition runs; the run says what is wrong
-        return f"cannot tell ({type(exc).__name__}: {exc})"
-    start = main_start(fer, training, with_weights=False)
-    if job_name == CV_FOLDS_JOB:
-        _, recipe = cv_recipe(version, training, analysis, n_cv_folds, start)
-    else:
-        _, recipe = loso_recipe(version, training, analysis, start)
-    return {k: recipe.identity(int(k) if job_name == CV_FOLDS_JOB else k) for k in keys}
-
-
-def stored_identity(job_name: str, key: str, run_config: dict[str, Any]) -> str | None:
-    """The identity of the partition's stored result under the data root (None: none)."""
-    from fer_pipeline.analysis.cross_validation import FoldStore
-    from fer_pipeline.analysis.generalisation import LosoStore
-
-    paths = _settings(run_config)[0].paths
-    if job_name == CV_FOLDS_JOB:
-        return FoldStore(paths.report("cv_fold_results")).stored_identity(int(key))
-    return LosoStore(paths.report("loso_results")).stored_identity(key)
-
-
-def recorded_identity(instance: dg.DagsterInstance, asset: str, key: str) -> str | None:
-    """The identity Dagster's latest materialization of partition ``key`` recorded (None: never)."""
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1).records
-    if not records:
-        return None
-    entry = records[0].asset_materialization.metadata.get("recipe_identity") if records[0].asset_materialization \
-        else None
-    return str(entry.value) if entry is not None else None
-
-
-def partition_keys(instance: dg.DagsterInstance, job_name: str) -> list[str]:
-    """Every partition of a partitioned job: the fold numbers, or the registered held-out sources."""
-    if job_name == LOSO_FOLDS_JOB:
-        return list(instance.get_dynamic_partitions(LOSO_PARTITIONS.name))
-    return list(job_def(job_name).partitions_def.get_partition_keys())
-
-
-def partitions_to_run(instance: dg.DagsterInstance, job_name: str, run_config: dict[str, Any], *,
-                      keys: Sequence[str] | None = None, force: bool = False) -> tuple[list[str], list[RunOutcome]]:
-    """(partitions to run, outcomes of the current ones, which are not run), among ``keys``
-    (default: every partition of the job)."""
-    keys = list(keys) if keys is not None else partition_keys(instance, job_name)
-    if force or not keys:
-        return keys, []
-    n_cv_folds = len(keys) if job_name == CV_FOLDS_JOB else 0
-    expected = expected_identities(job_name, keys, run_config, n_cv_folds)
-    if isinstance(expected, str):
-        return keys, []
-    asset = PARTITIONED_JOBS[job_name]
-    todo, current = [], []
-    for key in keys:
-        want = expected[key]
-        if recorded_identity(instance, asset, key) == want and stored_identity(job_name, key, run_config) == want:
-            current.append(RunOutcome(job_name, key, "current", note="trained on the published data with this "
-                                                                     "recipe; --force retrains"))
-        else:
-            todo.append(key)
-    return todo, current
-
-
-# --------------------------------------------------------------------------------------------
-# the refresh
-# --------------------------------------------------------------------------------------------
-
-
-def run_partitions(job_name: str, keys: Sequence[str], run_config: dict[str, Any], concurrency: int = 1,
-                   on_done: Callable[[RunOutcome], None] | None = None) -> list[RunOutcome]:
-    """One run per partition key; ``concurrency`` > 1: that many at a time, each from its own
-    process (started fresh: nothing of this process is shared with the runs)."""
-    outcomes: list[RunOutcome] = []
-    if concurrency <= 1 or len(keys) <= 1:
+    graph = defs.resolve_asset_graph()
+    keys = [k for k in job_def(job).asset_layer.selected_asset_keys if graph.get(k).is_materializable]
+    with dg.DagsterInstance.get() as instance:
+        resolver = CachingStaleStatusResolver(instance, graph, _Loading(instance))
+        todo: dict[str | None, list[dg.AssetKey]] = {}
         for key in keys:
-            outcomes.append(execute(job_name, key, run_config))
-            if on_done:
-                on_done(outcomes[-1])
-        return outcomes
-    with ProcessPoolExecutor(max_workers=min(concurrency, len(keys)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(execute, job_name, key, run_config) for key in keys]
-        for future in futures:
-            outcomes.append(future.result())
-            if on_done:
-                on_done(outcomes[-1])
-    return outcomes
+            partitions = graph.get(key).partitions_def
+            for partition in partitions.get_partition_keys() if partitions else [None]:
+                if resolver.get_status(key, partition) != StaleStatus.FRESH:
+                    todo.setdefault(partition, []).append(key)
+    return todo
 
 
-def refresh(run_config: dict[str, Any] | None = None, *, steps: Sequence[str] = STEPS, concurrency: int = 1,
-            force: bool = False, log: Callable[[str], None] = print) -> list[RunOutcome]:
-    """Run ``main``, the partitions that are not current, then ``training_reports`` (each as
-    selected by ``steps``); stops after a failed ``main``. Returns every outcome, in order."""
+def run_many(args: Sequence[tuple[str, Sequence[dg.AssetKey] | None, str | None, dict[str, Any]]],
+             concurrency: int = 1) -> list[Outcome]:
+    """:func:`execute` for each argument tuple, ``concurrency`` at a time (each in a fresh process)."""
+    if concurrency > 1 and len(args) > 1:
+        with ProcessPoolExecutor(min(concurrency, len(args)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(execute, *zip(*args, strict=True)))
+    else:
+        done = [execute(*a) for a in args]
+    for o in done:
+        print(f"refresh: {o.job}[{o.partition or '-'}]: {o.status} in {o.seconds:.1f} s (run {o.run_id[:8]}) {o.note}")
+    return done
+
+
+def run_partitions(job: str, keys: Sequence[str], run_config: dict[str, Any], concurrency: int = 1) -> list[Outcome]:
+    """One run per partition key of a partitioned job (every asset of the job)."""
+    return run_many([(job, None, key, run_config) for key in keys], concurrency)
+
+
+def refresh(run_config: dict[str, Any] | None = None, concurrency: int = 1) -> list[Outcome]:
+    """Observe the sources, then each job's missing or unsynced assets; stops after a failed ``main``."""
     run_config = run_config or {}
-    unknown = sorted(set(steps) - set(STEPS))
-    if unknown:
-        raise ValueError(f"unknown steps {unknown}; choose from {', '.join(STEPS)}")
-
-    def done(o: RunOutcome) -> None:
-        where = f"{o.job}[{o.partition}]" if o.partition is not None else o.job
-        log(f"refresh: {where}: {o.status} in {o.seconds:.1f} s (run {o.run_id[:8]}){' - ' + o.note if o.note else ''}")
-
-    outcomes: list[RunOutcome] = []
-    if "main" in steps:
-        outcomes.append(execute(MAIN_JOB, None, run_config))
-        done(outcomes[-1])
-        if not outcomes[-1].ok:
-            return outcomes
-    if "partitions" in steps:
-        with dg.DagsterInstance.get() as instance:
-            plans = {job: partitions_to_run(instance, job, run_config, force=force) for job in PARTITIONED_JOBS}
-        for job, (todo, current) in plans.items():
-            outcomes.extend(current)
-            log(f"refresh: {job} ({PARTITIONED_JOBS[job]}): {len(todo)} partition(s) to run {todo}, "
-                f"{len(current)} current")
-            outcomes.extend(run_partitions(job, todo, run_config, concurrency, on_done=done))
-    if "reports" in steps:
-        outcomes.append(execute(REPORTS_JOB, None, run_config))
-        done(outcomes[-1])
+    outcomes = [execute(DATA_JOB, [dg.AssetKey(SOURCE_OBSERVATION)], None, {})]
+    for job in ORDER:
+        work = out_of_date(job)
+        print(f"refresh: {job}: {len(work) or 'nothing'} run(s) {sorted(map(str, work)) if job in (CV_FOLDS_JOB, LOSO_FOLDS_JOB) else ''}")
+        args = [(job, keys, partition, run_config) for partition, keys in sorted(work.items(), key=lambda w: str(w[0]))]
+        done = run_many(args, concurrency)
+        outcomes += done
+        if job == MAIN_JOB and any(o.status != "SUCCESS" for o in done):
+            break
     return outcomes
 
 
-def outcome_table(outcomes: Sequence[RunOutcome]) -> str:
-    lines = [f"{'job':<18} {'partition':<24} {'status':<8} {'seconds':>8}  run",
-             *(f"{o.job:<18} {o.partition if o.partition is not None else '-'!s:<24} {o.status:<8} "
-               f"{o.seconds:>8.1f}  {o.run_id[:8] or '-'}{'  ' + o.note if o.note and not o.ok else ''}"
-               for o in outcomes)]
-    return "\n".join(lines)
+def outcome_table(outcomes: Sequence[Outcome]) -> str:
+    rows = [f"{'job':<18} {'partition':<24} {'status':<8} {'seconds':>8}  run"]
+    rows += [f"{o.job:<18} {o.partition or '-':<24} {o.status:<8} {o.seconds:>8.1f}  {o.run_id[:8]}"
+             f"{'  ' + o.note if o.note and o.status != 'SUCCESS' else ''}" for o in outcomes]
+    return "\n".join(rows)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fer_pipeline.defs.refresh", description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m fer_pipeline.defs.refresh") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", type=Path, help="make this settings file the one in force first")
     parser.add_argument("-c", "--config", action="append", default=[], type=Path,
-                        help="run config YAML (as `dagster job execute -c`); repeat to merge")
-    parser.add_argument("--steps", default=",".join(STEPS),
-                        help=f"comma-separated subset of {','.join(STEPS)} (default: all)")
+                        help="run config YAML overriding settings for these runs only; repeat to merge")
     parser.add_argument("--concurrency", type=int, default=1, help="partition runs at a time (default 1)")
-    parser.add_argument("--force", action="store_true", help="retrain partitions that are current")
     args = parser.parse_args(argv)
     if not os.environ.get("DAGSTER_HOME"):
-        parser.error("DAGSTER_HOME is not set: runs and partition status live in a persistent instance "
+        parser.error("DAGSTER_HOME is not set: runs and statuses live in a persistent instance "
                      "(make demo uses ./dagster_home)")
+    if args.settings:
+        target = settings_path()
+        if target is None:
+            parser.error("an object-store data root reads its settings from $FER_SETTINGS: set it")
+        changed = install_settings(args.settings, target)
+        print(f"refresh: settings {target} {'<- ' + str(args.settings) if changed else '(unchanged)'}")
     run_config: dict[str, Any] = {}
     for path in args.config:
         run_config = _merge(run_config, yaml.safe_load(path.read_text()) or {})
-    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     start = time.perf_counter()
-    outcomes = refresh(run_config, steps=steps, concurrency=args.concurrency, force=args.force)
+    outcomes = refresh(run_config, args.concurrency)
     print(outcome_table(outcomes))
     print(f"refresh: {time.perf_counter() - start:.1f} s in all")
-    return 0 if all(o.ok for o in outcomes) else 1
+    return 0 if all(o.status == "SUCCESS" for o in outcomes) else 1
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Every Dagster resource of the code location: the settings of the data half (``fer``), of
-training (``training``) and of the evaluation assets (``analysis``). Each knob is visible and
-editable in the UI launchpad (``resources: <name>: config: ...``); the core modules get plain
-values from the properties and methods below."""
+training (``training``) and of the evaluation assets (``analysis``). Their values come from the
+settings file when the code location loads (:mod:`fer_pipeline.defs.settings`); the defaults
+here are the full recipe. A launchpad run config may override a knob for one run (recorded).
+The core modules get plain values from the properties and methods below."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fer_pipeline.storage import ObjectStore
 
 
 class FerSettings(dg.ConfigurableResource):
-    """Settings of the data half (defaults match the README)."""
+    """Settings of the data half (defaults match docs/settings.md)."""
 
     data_root: str = Field(default="", description="Data root: a folder, or an object-store URL (s3://bucket/prefix, "
                            "gs://...) mirrored into a local working copy; empty = $FER_DATA_DIR or ./data")
@@ -157,9 +158,9 @@ class TrainSettings(dg.ConfigurableResource):
 class AnalysisSettings(dg.ConfigurableResource):
     """Knobs of the evaluation assets. Defaults are the full settings; ``configs/demo.yaml``
     shrinks the budget ones (epochs) for the five-minute demo. The number of CV folds is not
-    here: it sizes the ``cv_fold`` partitions, fixed when the code location loads (``FER_CV_FOLDS``,
-    :mod:`fer_pipeline.defs.jobs`); which folds or held-out sources run is which partitions
-    are materialized."""
+    here: it sizes the ``cv_fold`` partitions, fixed when the code location loads (``cv_folds``
+    in the settings file, :mod:`fer_pipeline.defs.jobs`); which folds or held-out sources run is
+    which partitions are materialized."""
 
     # cross-validation
     cv_epochs: int = Field(default=0, description="Max epochs per CV fold; 0 = training.epochs")

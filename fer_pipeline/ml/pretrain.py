@@ -3,7 +3,7 @@
 Why: the four target classes are a few thousand faces, while the catalogue usually holds many
 more labelled faces under other labels (FER2013's happy, sad, fear, surprise...). Learning
 face features on those first and then fine-tuning on the four classes gives better and more
-stable models (README, "Pretraining"). Only the convolutional ``features`` move from the
+stable models (docs/models.md, "Pretraining"). Only the convolutional ``features`` move from the
 backbone to a four-class model; its head (pooling, dropout, classifier) starts fresh, because
 the pool's labels are not the four classes.
 
@@ -87,7 +87,7 @@ def backbone_features(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 class PretrainConfig:
     """How the backbone is trained (the rest of the recipe is the four-class one).
 
-    Defaults measured on ``affectnet-4class`` with a FER2013 pool (README, "Pretraining"): at
+    Defaults measured on ``affectnet-4class`` with a FER2013 pool (docs/models.md, "Pretraining"): at
     most 24,000 pool images for 15 epochs gave the best and steadiest fine-tuned models of the
     recipes tried, and longer pretraining or a wider network did not help.
     """
@@ -210,18 +210,19 @@ def refresh_backbone(paths: "DataPaths", pool: "pd.DataFrame", pool_version: str
     finite. A removed backbone makes the next models start from scratch (and say so) rather
     than from features of a pool that no longer exists.
     """
-    from fer_pipeline.atomic import replace_synced
     from fer_pipeline.dataset.face_store import load_faces
     from fer_pipeline.ml.checkpoint import read_checkpoint_metadata, save_checkpoint
     from fer_pipeline.ml.plots import plot_training_curves
     from fer_pipeline.ml.workflow import weights_are_finite
+    from fer_pipeline.publish_lock import publication_lock, publish_files
 
     log = log or (lambda _m: None)
     target, curves = paths.backbone(arch.name), paths.backbone_curves(arch.name)
     counts = {str(k): int(v) for k, v in pool["pool_label"].value_counts().sort_index().items()} if len(pool) else {}
     if len(pool) < config.min_images or len(counts) < 2:
-        for stale in (target, curves):
-            stale.unlink(missing_ok=True)
+        with publication_lock(paths.root, what=f"removing backbone {arch.name}"):
+            for stale in (target, curves):
+                stale.unlink(missing_ok=True)
         why = (f"the pool has {len(pool)} images under {len(counts)} labels; pretraining needs at least "
                f"{config.min_images} images under 2 labels")
         return BackboneOutcome("none", why, labels=counts)
@@ -255,9 +256,10 @@ def refresh_backbone(paths: "DataPaths", pool: "pd.DataFrame", pool_version: str
     if not finite:
         return BackboneOutcome("rejected", f"NaN/inf weights in {', '.join(bad)}", ckpt, identity, counts,
                                len(rows), result, plot)
-    return BackboneOutcome("trained", "pool or settings changed" if target.is_file() else "no backbone yet",
-                           replace_synced(ckpt, target), identity, counts, len(rows), result,
-                           replace_synced(plot, curves))
+    why = "pool or settings changed" if target.is_file() else "no backbone yet"
+    published, published_curves = publish_files(paths.root, [(ckpt, target), (plot, curves)],
+                                                what=f"publishing backbone {arch.name}")
+    return BackboneOutcome("trained", why, published, identity, counts, len(rows), result, published_curves)
 
 
 def _pretrain_recipe(train_config: TrainConfig, config: PretrainConfig) -> TrainConfig:

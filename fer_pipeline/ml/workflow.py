@@ -7,6 +7,8 @@ recipe the assets use.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from fer_pipeline.ml.plots import plot_training_curves
 from fer_pipeline.ml.pretrain import Start
 from fer_pipeline.ml.train import TrainConfig, TrainResult, train_model
 from fer_pipeline.paths import DataPaths
+from fer_pipeline.publish_lock import publish_files
 from fer_pipeline.schema import FRAMING_COLUMN, SPLITS
 
 if TYPE_CHECKING:
@@ -125,8 +128,10 @@ def train_and_save(name: str, arch: ArchConfig, config: TrainConfig, arrays: dic
     mitigation plan), early-stop on validation, write checkpoint + curves.
 
     Write, audit, publish: checkpoint and curves are written as candidates under
-    ``models/candidates/`` and renamed over the published ones only when every weight is
-    finite, so readers never load a broken model in place of the last good one. ``preprocess``
+    ``models/candidates/`` (under names of this process's own) and renamed over the published ones,
+    under the data root's publication lock, only when every weight is finite, so readers never
+    load a broken model in place of the last good one, nor one run's checkpoint beside another's
+    curves; a rejected pair is kept as ``models/candidates/<name>``. ``preprocess``
     and the framing of the rows trained on (:func:`training_framing`, with the detection settings
     of ``catalog``, by default the data root's ``sources.yaml``) are recorded in the checkpoint
     so prediction prepares inputs exactly as the training faces were prepared. ``start`` (a
@@ -147,15 +152,27 @@ def train_and_save(name: str, arch: ArchConfig, config: TrainConfig, arrays: dic
     calibration = calibrate(logits, val.labels, fitted_on="validation")  # temperature scaling, stored below
     baseline = majority_baseline(labels, val.labels)
     candidates = paths.model_candidates_dir
-    ckpt = save_checkpoint(candidates / paths.checkpoint(name).name, result, data_version=version,
-                           preprocess=preprocess, metrics={"validation": validation.to_dict()}, model_name=name,
-                           extra=extra, framing=framing, calibration=calibration.to_dict())
-    curves = plot_training_curves(result.history, candidates / paths.curves(name).name, title=name,
-                                  best_epoch=result.best_epoch)
-    finite, bad = weights_are_finite(ckpt)
-    if finite:
-        ckpt = replace_synced(ckpt, paths.checkpoint(name))
-        curves = replace_synced(curves, paths.curves(name))
+    # this process's own candidate names: two runs training the same model never write, check or
+    # rename each other's files
+    own = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    ckpt_target, curves_target = paths.checkpoint(name), paths.curves(name)
+    own_ckpt = ckpt = candidates / f"{ckpt_target.stem}.{own}{ckpt_target.suffix}"
+    own_curves = curves = candidates / f"{curves_target.stem}.{own}{curves_target.suffix}"
+    try:
+        save_checkpoint(ckpt, result, data_version=version, preprocess=preprocess,
+                        metrics={"validation": validation.to_dict()}, model_name=name, extra=extra,
+                        framing=framing, calibration=calibration.to_dict())
+        plot_training_curves(result.history, curves, title=name, best_epoch=result.best_epoch)
+        finite, bad = weights_are_finite(ckpt)
+        if finite:  # under the data root's publication lock: never interleaved with another publisher
+            ckpt, curves = publish_files(paths.root, [(ckpt, ckpt_target), (curves, curves_target)],
+                                         what=f"publishing model {name}")
+        else:  # kept for inspection under the model's own name (the newest rejected one)
+            ckpt = replace_synced(ckpt, candidates / ckpt_target.name)
+            curves = replace_synced(curves, candidates / curves_target.name)
+    finally:
+        for leftover in (own_ckpt, own_curves):
+            leftover.unlink(missing_ok=True)  # failed before its rename
     return TrainedModel(name, ckpt, curves, result, validation, baseline, bad)
 
 

@@ -7,6 +7,7 @@ analysis that has not been materialized appears in the card as "not run"."""
 import dagster as dg
 
 from fer_pipeline.analysis.model_card import build_model_card, write_model_card
+from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings
 
 CARD_INPUTS = ("manifest", "splits", "model_evaluation", "cross_validation", "bias_report", "source_confound",
@@ -14,7 +15,7 @@ CARD_INPUTS = ("manifest", "splits", "model_evaluation", "cross_validation", "bi
 """The assets whose outputs the card reads (lineage in the UI)."""
 
 
-@dg.asset(group_name="evaluation", deps=[dg.AssetKey(k) for k in CARD_INPUTS],
+@fer_asset(group_name="evaluation", deps=[dg.AssetKey(k) for k in CARD_INPUTS],
           description="Model card (reports/model_card.md): intended and prohibited uses (EU AI Act Art. 5(1)(f)), "
                       "data sources with counts and licences, test metrics with 95% bootstrap intervals, "
                       "calibration, cross-validation, per-group, confound and leave-one-source-out findings, "

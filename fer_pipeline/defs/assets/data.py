@@ -5,8 +5,11 @@ pretraining pool rides along: its files are decoded by `faces`, built by `manife
 against the validation and test images and published by `splits`."""
 
 
+import hashlib
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -15,6 +18,8 @@ from fer_pipeline.atomic import write_parquet
 from fer_pipeline.dataset import dedup as dedup_core
 from fer_pipeline.dataset import plots
 from fer_pipeline.dataset import pool as pool_core
+from fer_pipeline.dataset import source_watch
+from fer_pipeline.dataset.catalog import CatalogError
 from fer_pipeline.dataset.face_store import FaceStore, load_faces
 from fer_pipeline.dataset.faces import SourceFraming, framing_shares, process_faces
 from fer_pipeline.dataset.inventory import POOL, UNMAPPED, build_inventory
@@ -50,11 +55,22 @@ from fer_pipeline.defs.checks import (
     results_json,
     run_checks,
 )
-from fer_pipeline.defs.metadata import SYNTHETIC_NOTE, counts, md_image, md_table
+from fer_pipeline.defs.jobs import SOURCE_OBSERVATION
+from fer_pipeline.defs.metadata import SYNTHETIC_NOTE, counts, frame_version, md_image, md_table
+from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.defs.resources import FerSettings
 from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES, SPLIT_COLUMNS
 
 GROUP = "data"
+
+
+def _beta_api_ok(decorator: Callable[..., Any]) -> Callable[..., Any]:
+    """``decorator`` without Dagster's "currently in beta" warning (observable source assets are)."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dg.BetaWarning)
+            return decorator(*args, **kwargs)
+    return call
 
 
 def _prepare_synthetic(settings: FerSettings, log: dg.DagsterLogManager) -> list[str]:
@@ -80,7 +96,27 @@ def _prepare_synthetic(settings: FerSettings, log: dg.DagsterLogManager) -> list
     return names
 
 
-@dg.asset(group_name=GROUP, description="Inventory of every file of every source in sources.yaml.")
+@_beta_api_ok(dg.observable_source_asset)(
+    name=SOURCE_OBSERVATION, group_name=GROUP, required_resource_keys={"fer"},
+    description="The files of every source in sources.yaml, observed by their names, sizes, dates and inodes (no "
+                "image is read). A new observation with another data version marks raw_sources and everything "
+                "downstream unsynced; the sources sensor observes them and runs the data job on a change.")
+def source_files(context: dg.OpExecutionContext) -> dg.ObserveResult:
+    root = context.resources.fer.paths.root
+    try:
+        fingerprint = source_watch.fingerprint_sources(root)
+    except (CatalogError, source_watch.UnreadableSourceError, OSError) as exc:
+        # raw_sources says what is wrong, naming the source and field; the observation records it
+        context.log.warning(f"sources not fingerprinted: {exc}")
+        digest = hashlib.sha256(str(exc).encode()).hexdigest()[:16]
+        return dg.ObserveResult(data_version=dg.DataVersion(f"unreadable-{digest}"),
+                                metadata={"problem": str(exc)[:500]})
+    return dg.ObserveResult(data_version=dg.DataVersion(fingerprint.digest[:16]),
+                            metadata={"sources": len(fingerprint.sources), "files": fingerprint.files})
+
+
+@fer_asset(group_name=GROUP, deps=[SOURCE_OBSERVATION],
+           description="Inventory of every file of every source in sources.yaml.")
 def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
     paths = fer.paths
     synthetic = _prepare_synthetic(fer, context.log)
@@ -115,10 +151,11 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
     }
     if synthetic:
         metadata["synthetic_data"] = dg.MetadataValue.md(f"**{', '.join(synthetic)}**: {SYNTHETIC_NOTE}")
-    return dg.MaterializeResult(metadata=metadata)
+    # the content (not the stat fingerprints, which differ between two copies of the same files)
+    return dg.MaterializeResult(metadata=metadata, data_version=frame_version(inv.drop(columns=["fingerprint"])))
 
 
-@dg.asset(group_name=GROUP, deps=[raw_sources],
+@fer_asset(group_name=GROUP, deps=[raw_sources],
           description="Decoded, validated, grayscale faces at the configured size (content-addressed cache).")
 def faces(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
     paths = fer.paths
@@ -158,10 +195,10 @@ def faces(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materialize
         "settings_key": settings.key,
         "store": dg.MetadataValue.path(str(store.dir)),
         **detection,
-    })
+    }, data_version=frame_version(table))
 
 
-@dg.asset(group_name=GROUP, deps=[faces],
+@fer_asset(group_name=GROUP, deps=[faces],
           description="Exact and near-duplicate groups, one representative each; label conflicts flagged.")
 def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
     paths = fer.paths
@@ -200,7 +237,7 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         "faces_pairs_from_cache": stats.faces_cached,
         "pairs_correlated_this_run": stats.pairs_correlated,
         "seconds": round(report.seconds, 2),
-    })
+    }, data_version=frame_version(df))
 
 
 def _audit(context: dg.AssetExecutionContext, fer: FerSettings, candidate: Candidate, stage: str,
@@ -217,7 +254,7 @@ def _audit(context: dg.AssetExecutionContext, fer: FerSettings, candidate: Candi
     return results, failed
 
 
-@dg.asset(group_name=GROUP, deps=[deduplicated_faces],
+@fer_asset(group_name=GROUP, deps=[deduplicated_faces],
           description="The run's candidate manifest (kept images) and excluded table (every file not kept, with "
                       "reason), audited by the manifest checks; `splits` publishes them once every blocking check "
                       "has passed.",
@@ -275,12 +312,12 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         "excluded_path": dg.MetadataValue.path(str(paths.excluded)),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    return dg.MaterializeResult(metadata=metadata, check_results=results)
+    return dg.MaterializeResult(metadata=metadata, check_results=results, data_version=dg.DataVersion(version))
 
 
 # Splits depend on every earlier stage directly (they are a function of the whole data half),
 # so `dagster asset materialize --select '+splits'` rebuilds the data half from the sources.
-@dg.asset(group_name=GROUP, deps=[manifest, deduplicated_faces, faces, raw_sources],
+@fer_asset(group_name=GROUP, deps=[manifest, deduplicated_faces, faces, raw_sources],
           description="Stratified train/validation/test split (duplicate groups kept together) + CV folds; "
                       "audited, then publishes manifest, excluded and splits together.",
           check_specs=check_specs(SPLIT_CHECKS, "splits"))
@@ -333,11 +370,11 @@ def splits(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materializ
         "path": dg.MetadataValue.path(str(paths.splits)),
         "pool_path": dg.MetadataValue.path(str(paths.pool)),
     }, check_results=results,
-        # the data version as Dagster's: the training work downstream goes stale only when it changes
-        data_version=dg.DataVersion(split_version))
+        # the data version as Dagster's (four-class data and pool): downstream goes stale only when it changes
+        data_version=dg.DataVersion(f"{split_version}-{pool_version}"))
 
 
-@dg.asset(group_name=GROUP, deps=[manifest, splits],
+@fer_asset(group_name=GROUP, deps=[manifest, splits],
           description="Class distribution, sample faces, intensity histograms and exclusions, as PNG.")
 def data_plots(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
     paths = fer.paths
@@ -354,4 +391,4 @@ def data_plots(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materi
     return dg.MaterializeResult(metadata=metadata)
 
 
-DATA_ASSETS = [raw_sources, faces, deduplicated_faces, manifest, splits, data_plots]
+DATA_ASSETS = [source_files, raw_sources, faces, deduplicated_faces, manifest, splits, data_plots]

@@ -59,11 +59,14 @@ from fer_pipeline.defs.jobs import (
     CV_FOLD,
     HELD_OUT_SOURCES,
     LOSO_FOLD,
-    LOSO_PARTITIONS,
     cv_fold_count,
     cv_fold_partitions,
+    held_out_partitions,
+    held_out_source_keys,
+    partition_key_problem,
 )
 from fer_pipeline.defs.metadata import md_image, md_table
+from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
 from fer_pipeline.ml.evaluate import Evaluation, evaluate_checkpoint, staleness
@@ -131,9 +134,7 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
     the code location loads, since the partitions are fixed then."""
     arch = ARCHITECTURES[MAIN_MODEL]
 
-    @dg.asset(name=CV_FOLD, group_name=GROUP, deps=[splits, pretrained_backbone], partitions_def=cv_fold_partitions(n_cv_folds),
-              # the fold count is part of what a fold means: changing FER_CV_FOLDS marks every fold stale
-              code_version=f"{n_cv_folds}-fold",
+    @fer_asset(name=CV_FOLD, group_name=GROUP, deps=[splits, pretrained_backbone], partitions_def=cv_fold_partitions(n_cv_folds),
               op_tags=GPU_OP_TAGS,  # no backfill policy: a backfill is one run per fold, side by side
               description=f"One fold of the {n_cv_folds}-fold cross-validation of the main model ({MAIN_MODEL}) "
                           "over train+validation (partition = fold number): trains it, scores the held-out "
@@ -161,7 +162,7 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
                       "data_version": version, "recipe_identity": recipe.identity(fold),
                       "files": dg.MetadataValue.json(files)})
 
-    @dg.asset(name="cross_validation", group_name=GROUP, deps=[cv_fold, splits],
+    @fer_asset(name="cross_validation", group_name=GROUP, deps=[cv_fold, splits],
               description=f"{n_cv_folds}-fold cross-validation of the main model ({MAIN_MODEL}) from the cv_fold "
                           "partitions: per-fold accuracy and macro/micro precision/recall/F1, mean ± std, "
                           "out-of-fold probabilities. Folds trained on other data (or another recipe) are refused.",
@@ -228,7 +229,7 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
 # --------------------------------------------------------------------------------------------
 
 
-@dg.asset(group_name=GROUP, deps=[MAIN_MODEL_ASSET, manifest, splits],
+@fer_asset(group_name=GROUP, deps=[MAIN_MODEL_ASSET, manifest, splits],
           description=f"Test metrics of the main model ({MAIN_MODEL}) per demographic group (gender, age group, "
                       "race): n, accuracy, macro precision/recall/F1, gap to the overall; coverage; small groups "
                       "marked, not hidden.",
@@ -282,7 +283,7 @@ def bias_report(context: dg.AssetExecutionContext, fer: FerSettings, analysis: A
 # --------------------------------------------------------------------------------------------
 
 
-@dg.asset(group_name=GROUP, deps=[manifest, splits, pretrained_backbone],
+@fer_asset(group_name=GROUP, deps=[manifest, splits, pretrained_backbone],
           description=f"The main model ({MAIN_MODEL}) retrained with the same recipe on a training set balanced "
                       "by demographic group (analysis.mitigation: oversample / reweight / both; off = skipped).")
 def mitigated_model(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
@@ -323,7 +324,7 @@ def mitigated_model(context: dg.AssetExecutionContext, fer: FerSettings, trainin
     })
 
 
-@dg.asset(group_name=GROUP, deps=[mitigated_model, MAIN_MODEL_ASSET, splits],
+@fer_asset(group_name=GROUP, deps=[mitigated_model, MAIN_MODEL_ASSET, splits],
           description="Before/after table: the main model and the mitigated model on the test split, overall "
                       "and per demographic group, side by side (reports/mitigation_comparison.csv).")
 def mitigation_comparison(context: dg.AssetExecutionContext, fer: FerSettings,
@@ -371,7 +372,7 @@ def mitigation_comparison(context: dg.AssetExecutionContext, fer: FerSettings,
 # --------------------------------------------------------------------------------------------
 
 
-@dg.asset(group_name=GROUP, deps=[manifest, splits, MAIN_MODEL_ASSET],
+@fer_asset(group_name=GROUP, deps=[manifest, splits, MAIN_MODEL_ASSET],
           description="Per class, the share of each source (a class taken mostly from one source lets a model "
                       "learn the source instead of the face), with the main model's test metrics per source.",
           check_specs=[dg.AssetCheckSpec("source_confound_check", asset="source_confound",
@@ -427,67 +428,65 @@ def loso_recipe(version: str, training: TrainSettings, analysis: AnalysisSetting
                                      backbone=start.backbone)
 
 
-def _partition_key_problem(key: str) -> str | None:
-    """Why a source name cannot be a Dagster partition key (None: it can)."""
-    bad = [s for s in ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0") if s in key]
-    return f"its name contains {bad!r}, which a partition key may not" if bad else None
+def build_loso_assets(keys: list[str]) -> list[dg.AssetsDefinition]:
+    """``held_out_sources`` and ``loso_fold`` (one partition per key: the catalogue's four-class
+    sources, read when the code location loads)."""
+
+    @fer_asset(name=HELD_OUT_SOURCES, group_name=GROUP, deps=[splits],
+               description="The sources of the published data and whether each can be held out (leave-one-source-"
+                           f"out); names a source without a {LOSO_FOLD} partition (the catalogue changed since the "
+                           "code location loaded: reload it).")
+    def held_out_sources(context: dg.AssetExecutionContext, fer: FerSettings,
+                         analysis: AnalysisSettings) -> dg.MaterializeResult:
+        _, _, arrays, version = _load(fer, with_images=False)  # labels and sources only
+        sources = loso_core.sources_of(arrays)
+        status = (loso_core.eligibility(arrays, analysis.loso_min_classes) if len(sources) > 1
+                  else {s: loso_core.NOT_APPLICABLE_ONE_SOURCE for s in sources})
+        for source, problem in ((s, partition_key_problem(s)) for s in sources):
+            if problem and status[source] == loso_core.ELIGIBLE:
+                status[source] = f"skipped: {problem}"
+                context.log.warning(f"source {source!r} cannot be held out: {problem}")
+        wanted = sorted(s for s, state in status.items() if state == loso_core.ELIGIBLE)
+        unplanned = sorted(set(wanted) - set(keys))
+        if unplanned:
+            context.log.warning(f"held-out sources {unplanned} have no {LOSO_FOLD} partition: the catalogue changed "
+                                "since the code location loaded; reload it (UI: Deployment → Reload)")
+        context.log.info(f"held-out sources: {wanted or 'none'} (partitions: {keys or 'none'})")
+        table = pd.DataFrame({"source": list(status), "status": list(status.values())})
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(stable_hash({"data_version": version, "sources": wanted})),
+            metadata={"sources": md_table(table), "eligible": wanted, "partitions": list(keys),
+                      "without_partition": unplanned, "data_version": version})
+
+    @fer_asset(name=LOSO_FOLD, group_name=GROUP, deps=[held_out_sources, splits, pretrained_backbone],
+               partitions_def=held_out_partitions(keys), op_tags=GPU_OP_TAGS,
+               description="Leave-one-source-out for one source (partition = source name, one per four-class "
+                           "source of the catalogue): the main architecture trained on the other sources' train "
+                           "split, early-stopped on their validation split, tested on every image of the held-out "
+                           "source. A source that cannot be held out records why.")
+    def loso_fold(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
+                  analysis: AnalysisSettings) -> dg.MaterializeResult:
+        source = context.partition_key
+        _, _, arrays, version = _load(fer)
+        start = main_start(fer, training)
+        config, recipe = loso_recipe(version, training, analysis, start)
+        row = loso_core.held_out_row(arrays, source, ARCHITECTURES[MAIN_MODEL], config,
+                                     train_fn=functools.partial(train_model, init_state=start.state),
+                                     min_classes=analysis.loso_min_classes, run_id=context.run.run_id,
+                                     log=context.log.info, train_log=context.log.debug)
+        if row["status"] != loso_core.STATUS_DONE:
+            context.log.warning(f"held-out source {source}: {row['status']}")
+        path = loso_core.LosoStore(fer.paths.report("loso_results")).save(row, recipe)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "run_id"}
+        return dg.MaterializeResult(data_version=dg.DataVersion(recipe.identity(source)),
+                                    metadata={**shown, "data_version": version,
+                                              "recipe_identity": recipe.identity(source),
+                                              "file": dg.MetadataValue.path(str(path))})
+
+    return [held_out_sources, loso_fold]
 
 
-@dg.asset(name=HELD_OUT_SOURCES, group_name=GROUP, deps=[splits],
-          description="The sources of the published data and whether each can be held out (leave-one-source-out); "
-                      f"keeps one partition of {LOSO_FOLD} per eligible source (adds new ones, removes gone ones).")
-def held_out_sources(context: dg.AssetExecutionContext, fer: FerSettings,
-                     analysis: AnalysisSettings) -> dg.MaterializeResult:
-    _, _, arrays, version = _load(fer, with_images=False)  # labels and sources only
-    sources = loso_core.sources_of(arrays)
-    status = (loso_core.eligibility(arrays, analysis.loso_min_classes) if len(sources) > 1
-              else {s: loso_core.NOT_APPLICABLE_ONE_SOURCE for s in sources})
-    for source, problem in ((s, _partition_key_problem(s)) for s in sources):
-        if problem and status[source] == loso_core.ELIGIBLE:
-            status[source] = f"skipped: {problem}"
-            context.log.warning(f"source {source!r} cannot be held out: {problem}")
-    wanted = sorted(s for s, state in status.items() if state == loso_core.ELIGIBLE)
-    name = LOSO_PARTITIONS.name
-    existing = set(context.instance.get_dynamic_partitions(name))
-    added, removed = sorted(set(wanted) - existing), sorted(existing - set(wanted))
-    if added:
-        context.instance.add_dynamic_partitions(name, added)
-    for key in removed:  # a source gone from the data (or no longer eligible): nothing left to train
-        context.instance.delete_dynamic_partition(name, key)
-    context.log.info(f"held-out sources: {wanted or 'none'} (added {added or 'none'}, removed {removed or 'none'})")
-    table = pd.DataFrame({"source": list(status), "status": list(status.values())})
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(stable_hash({"data_version": version, "sources": wanted})),
-        metadata={"sources": md_table(table), "partitions": wanted, "added": added, "removed": removed,
-                  "data_version": version})
-
-
-@dg.asset(name=LOSO_FOLD, group_name=GROUP, deps=[held_out_sources, splits, pretrained_backbone],
-          partitions_def=LOSO_PARTITIONS,
-          op_tags=GPU_OP_TAGS,
-          description=f"Leave-one-source-out for one source (partition = source name; partitions come from "
-                      f"{HELD_OUT_SOURCES}): the main architecture trained on the other sources' train split, "
-                      "early-stopped on their validation split, tested on every image of the held-out source.")
-def loso_fold(context: dg.AssetExecutionContext, fer: FerSettings, training: TrainSettings,
-              analysis: AnalysisSettings) -> dg.MaterializeResult:
-    source = context.partition_key
-    _, _, arrays, version = _load(fer)
-    start = main_start(fer, training)
-    config, recipe = loso_recipe(version, training, analysis, start)
-    row = loso_core.held_out_row(arrays, source, ARCHITECTURES[MAIN_MODEL], config,
-                                 train_fn=functools.partial(train_model, init_state=start.state),
-                                 min_classes=analysis.loso_min_classes, run_id=context.run.run_id,
-                                 log=context.log.info, train_log=context.log.debug)
-    if row["status"] != loso_core.STATUS_DONE:
-        context.log.warning(f"held-out source {source}: {row['status']}")
-    path = loso_core.LosoStore(fer.paths.report("loso_results")).save(row, recipe)
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "run_id"}
-    return dg.MaterializeResult(data_version=dg.DataVersion(recipe.identity(source)),
-                                metadata={**shown, "data_version": version, "recipe_identity": recipe.identity(source),
-                                          "file": dg.MetadataValue.path(str(path))})
-
-
-@dg.asset(group_name=GROUP, deps=[loso_fold, held_out_sources, MAIN_MODEL_ASSET, splits],
+@fer_asset(group_name=GROUP, deps=[dg.AssetKey(LOSO_FOLD), dg.AssetKey(HELD_OUT_SOURCES), MAIN_MODEL_ASSET, splits],
           description="Leave-one-source-out from the loso_fold partitions: per held-out source, the score of the "
                       "main architecture trained without it, beside the main model's in-domain test score on it. "
                       "Rows trained on other data (or another recipe) are refused. Not applicable with one source.",
@@ -518,7 +517,7 @@ def cross_source_generalisation(context: dg.AssetExecutionContext, fer: FerSetti
             raise dg.Failure(
                 description=f"no held-out source is materialized for the published data (version {version}) and "
                             f"this recipe: materialize the {LOSO_FOLD} partitions first (UI: {LOSO_FOLD} → "
-                            "Materialize; or `python -m fer_pipeline.defs.refresh`)",
+                            "Materialize; or `make demo`)",
                 metadata={"sources_missing": missing, "sources_refused": dg.MetadataValue.json(refused)})
         table = loso_core.loso_table(collected.rows, arrays["test"], in_domain)
     files = write_table(paths.report("loso"), table)
@@ -551,7 +550,7 @@ def cross_source_generalisation(context: dg.AssetExecutionContext, fer: FerSetti
 # label issues
 # --------------------------------------------------------------------------------------------
 
-@dg.asset(group_name=GROUP, deps=[dg.AssetKey("cross_validation"), manifest],
+@fer_asset(group_name=GROUP, deps=[dg.AssetKey("cross_validation"), manifest],
           description="Images most likely mislabelled: confident learning (cleanlab) on the cross-validation's "
                       "out-of-fold probabilities; a thumbnail grid of the top suspects; nothing is relabelled.")
 def label_issues(context: dg.AssetExecutionContext, fer: FerSettings, analysis: AnalysisSettings) -> dg.MaterializeResult:
@@ -592,7 +591,10 @@ def label_issues(context: dg.AssetExecutionContext, fer: FerSettings, analysis: 
     })
 
 
-def evaluation_assets(n_cv_folds: int | None = None) -> list[dg.AssetsDefinition]:
-    """Every evaluation asset, the CV folds sized ``n_cv_folds`` (default: ``FER_CV_FOLDS``)."""
+def evaluation_assets(n_cv_folds: int | None = None, held_out: list[str] | None = None) -> list[dg.AssetsDefinition]:
+    """Every evaluation asset, the CV folds sized ``n_cv_folds`` (default: the settings file's
+    ``cv_folds``), one held-out source partition per name in ``held_out`` (default: the
+    catalogue's four-class sources)."""
+    keys = held_out if held_out is not None else held_out_source_keys()[0]
     return [*build_cv_assets(n_cv_folds or cv_fold_count()), bias_report, mitigated_model, mitigation_comparison,
-            source_confound, held_out_sources, loso_fold, cross_source_generalisation, label_issues]
+            source_confound, *build_loso_assets(keys), cross_source_generalisation, label_issues]

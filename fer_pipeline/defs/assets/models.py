@@ -9,7 +9,8 @@ import dagster as dg
 from fer_pipeline.defs.assets.data import manifest, splits
 from fer_pipeline.defs.assets.pretrain import pretrained_backbone
 from fer_pipeline.defs.executors import GPU_OP_TAGS
-from fer_pipeline.defs.metadata import md_image, md_table
+from fer_pipeline.defs.metadata import file_version, md_image, md_table
+from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.defs.resources import FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL, ArchConfig
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
@@ -50,7 +51,7 @@ def model_asset(name: str, arch: ArchConfig, init: str | None = None) -> dg.Asse
             "the main model trained from scratch (compare with the pretrained one)" if name == SCRATCH_TWIN
             else "variant")
 
-    @dg.asset(
+    @fer_asset(
         name=key, group_name=GROUP, deps=[manifest, splits, pretrained_backbone],
         description=f"CNN '{name}' ({role}): {arch.description or arch}",
         # On Kubernetes the step's pod asks for one GPU; ignored by the other executors. The model
@@ -77,7 +78,10 @@ def model_asset(name: str, arch: ArchConfig, init: str | None = None) -> dg.Asse
         r = trained.result
         history = r.history_frame()
         fit = read_checkpoint_metadata(trained.checkpoint).get("calibration") or {}
+        published = fer.paths.checkpoint(name)
         return dg.MaterializeResult(
+            # the published weights' bytes: a retrain that gives the same weights changes nothing downstream
+            data_version=file_version(published) if published.is_file() else None,
             metadata={
                 "checkpoint": dg.MetadataValue.path(str(trained.checkpoint)),
                 "data_version": version,
@@ -111,7 +115,7 @@ def model_asset(name: str, arch: ArchConfig, init: str | None = None) -> dg.Asse
 MODEL_ASSETS = [model_asset(name, arch, "scratch" if name == SCRATCH_TWIN else None) for name, arch in MODELS.items()]
 
 
-@dg.asset(
+@fer_asset(
     group_name=GROUP, deps=[*MODEL_ASSETS, splits],
     description="Every model on the held-out test split: metrics, confusion matrices, comparison; calibration "
                 "(ECE before/after each checkpoint's temperature, reliability diagrams); the test predictions.",

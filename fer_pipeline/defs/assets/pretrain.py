@@ -10,6 +10,7 @@ from fer_pipeline.dataset.publish import pool_version, read_pool
 from fer_pipeline.defs.assets.data import splits
 from fer_pipeline.defs.executors import GPU_OP_TAGS
 from fer_pipeline.defs.metadata import md_image, md_table
+from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.defs.resources import FerSettings, TrainSettings
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
 from fer_pipeline.ml.pretrain import refresh_backbone
@@ -17,7 +18,7 @@ from fer_pipeline.ml.pretrain import refresh_backbone
 BACKBONE = "pretrained_backbone"
 
 
-@dg.asset(
+@fer_asset(
     name=BACKBONE, group_name="models", deps=[splits], op_tags=GPU_OP_TAGS,
     description=f"The main architecture ({MAIN_MODEL}) pretrained on the pool's labels (manifest/pool.parquet), "
                 "saved like every checkpoint; retrained only when the pool or the pretraining settings change. "

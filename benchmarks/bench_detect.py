@@ -39,13 +39,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import compare_detectors as cd  # noqa: E402
 
-from fer_pipeline.dataset.detect import MTCNNDetector, align_face, fit_calibration  # noqa: E402
-from fer_pipeline.dataset.preprocess import (  # noqa: E402
+from fer_pipeline.faces.detect import MTCNNDetector, align_face, fit_calibration  # noqa: E402
+from fer_pipeline.faces.preprocess import (  # noqa: E402
     PreprocessSettings,
     decode_face,
     preprocess_image,
 )
-from fer_pipeline.dataset.scenes import is_false_positive, match_boxes  # noqa: E402
+from fer_pipeline.demo.scenes import is_false_positive, match_boxes  # noqa: E402
 
 
 def jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
@@ -57,7 +57,7 @@ def jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
 def synthetic_set(n: int, seed: int) -> tuple[list[bytes], list[bytes]]:
     """Cartoon demo faces in clutter canvases (no dataset needed); and the faces as 96 px crops."""
     from fer_pipeline.classes import CLASSES
-    from fer_pipeline.dataset.synthetic_faces import render_face, sample_face_params
+    from fer_pipeline.demo.synthetic_faces import render_face, sample_face_params
 
     rng = np.random.default_rng(seed)
 

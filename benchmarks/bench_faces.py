@@ -24,14 +24,14 @@ from PIL import Image, ImageOps
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fer_pipeline.dataset.catalog import parse_catalog  # noqa: E402
-from fer_pipeline.dataset.dedup import deduplicate_incremental, link_cache_name  # noqa: E402
-from fer_pipeline.dataset.face_store import FaceStore, load_faces  # noqa: E402
-from fer_pipeline.dataset.faces import process_faces  # noqa: E402
-from fer_pipeline.dataset.inventory import build_inventory  # noqa: E402
+from fer_pipeline.sources.catalog import parse_catalog  # noqa: E402
+from fer_pipeline.dedup.groups import deduplicate_incremental, link_cache_name  # noqa: E402
+from fer_pipeline.faces.store import FaceStore, load_faces  # noqa: E402
+from fer_pipeline.faces.stage import process_faces  # noqa: E402
+from fer_pipeline.sources.inventory import build_inventory  # noqa: E402
 from fer_pipeline.dataset.manifest import candidates_for_decoding, dedup_input  # noqa: E402
-from fer_pipeline.dataset.preprocess import PreprocessSettings  # noqa: E402
-from fer_pipeline.dataset.source_readers import SourceBytes  # noqa: E402
+from fer_pipeline.faces.preprocess import PreprocessSettings  # noqa: E402
+from fer_pipeline.sources.readers import SourceBytes  # noqa: E402
 
 ALL_FER = {k: "Angry" for k in ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")}
 

@@ -33,7 +33,7 @@ BOMB = "Angry/x.png"
 
 def build_archives(tmp: Path, n_images: int, bomb_bytes: int) -> tuple[Path, Path]:
     """(faces.zip, faces_with_bomb.zip): the same faces; the second adds the zero-filled entry."""
-    from fer_pipeline.dataset.synthetic_faces import generate_demo_source
+    from fer_pipeline.demo.synthetic_faces import generate_demo_source
 
     src = generate_demo_source(tmp / "faces", n_images=n_images, seed=0).root
     files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -52,13 +52,13 @@ def build_archives(tmp: Path, n_images: int, bomb_bytes: int) -> tuple[Path, Pat
 
 def child(archive: Path, max_file_bytes: int, workers: int, parallel_min: int) -> None:
     """Run inventory + faces on ``archive`` and print what the parent measures, as JSON."""
-    from fer_pipeline.dataset.catalog import parse_catalog
-    from fer_pipeline.dataset.face_store import FaceStore
-    from fer_pipeline.dataset.faces import process_faces
-    from fer_pipeline.dataset.inventory import build_inventory
+    from fer_pipeline.sources.catalog import parse_catalog
+    from fer_pipeline.faces.store import FaceStore
+    from fer_pipeline.faces.stage import process_faces
+    from fer_pipeline.sources.inventory import build_inventory
     from fer_pipeline.dataset.manifest import candidates_for_decoding
-    from fer_pipeline.dataset.preprocess import PreprocessSettings
-    from fer_pipeline.dataset.source_readers import SourceBytes
+    from fer_pipeline.faces.preprocess import PreprocessSettings
+    from fer_pipeline.sources.readers import SourceBytes
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -91,7 +91,7 @@ def measure(archive: Path, max_file_bytes: int, workers: int, parallel_min: int)
 
 
 def main() -> None:
-    from fer_pipeline.dataset.source_readers import DEFAULT_MAX_FILE_BYTES
+    from fer_pipeline.sources.readers import DEFAULT_MAX_FILE_BYTES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=3000, help="synthetic faces in the archive")

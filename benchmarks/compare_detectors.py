@@ -65,7 +65,7 @@ from PIL import Image, ImageDraw, ImageFilter
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from fer_pipeline.dataset.scenes import is_false_positive, match_boxes, scrambled_face  # noqa: E402
+from fer_pipeline.demo.scenes import is_false_positive, match_boxes, scrambled_face  # noqa: E402
 
 DEFAULT_ZIP = REPO.parent / "shared" / "datasets" / "affectnet-4class.zip"
 W, H = 640, 480

@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from fer_pipeline.classes import CLASS_TO_INDEX, CLASSES  # noqa: E402
-from fer_pipeline.dataset.preprocess import PreprocessSettings, decode_face  # noqa: E402
+from fer_pipeline.faces.preprocess import PreprocessSettings, decode_face  # noqa: E402
 from fer_pipeline.ml import (  # noqa: E402
     ARCHITECTURES,
     MAIN_MODEL,
@@ -126,8 +126,8 @@ def guard_pool(pool: np.ndarray, target: np.ndarray, max_distance: int = 4,
     the split is fixed but the seeds vary, so the whole target set is the stricter reference.
     Same rule as the manifest's de-duplication (perceptual hash, mirrored too, confirmed by
     pixel correlation)."""
-    from fer_pipeline.dataset.dedup import duplicates_across
-    from fer_pipeline.dataset.phash import phashes
+    from fer_pipeline.dedup.groups import duplicates_across
+    from fer_pipeline.faces.phash import phashes
 
     h, m = phashes(pool)
     th, tm = phashes(target)

@@ -30,13 +30,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from fer_pipeline.dataset.source_readers import escape_char, escape_text
+from fer_pipeline.limits import MAX_FILE_BYTES
+from fer_pipeline.sources.names import escape_char, escape_text
 
 if TYPE_CHECKING:
     from fer_pipeline.ml.checkpoint import LoadedModel
     from fer_pipeline.ml.predict import Prediction
 
-MAX_INPUT_BYTES = 64 * 1024 * 1024  # = fer_pipeline.ml.predict.MAX_INPUT_BYTES (not imported: --help stays fast)
+MAX_INPUT_BYTES = MAX_FILE_BYTES  # no face image is this large; anything above is not read
 
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
 

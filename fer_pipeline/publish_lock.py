@@ -13,7 +13,7 @@ never removed (removing a lock file lets two processes lock two different files)
 
 Readers take the same lock shared (:func:`reading`) while they read a set, so they never see a
 publication half done; they wait a bounded time and then read anyway (the version check of
-:mod:`fer_pipeline.dataset.publish` still refuses a mixed set). flock works between processes on
+:mod:`fer_pipeline.publish` still refuses a mixed set). flock works between processes on
 one host and, on Linux, across hosts on NFS (emulated with POSIX locks); not on every network
 filesystem. Plain Python: no Dagster here.
 """

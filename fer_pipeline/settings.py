@@ -41,7 +41,7 @@ FILE_NAME = "settings.yaml"
 SECTIONS = ("fer", "training", "analysis")
 CV_FOLDS = "cv_folds"
 DEFAULT_CV_FOLDS = 10
-MAX_FILE_BYTES = 1 << 20  # a settings file is a few lines: anything larger is refused unread
+MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few lines: anything larger is refused unread
 
 OPERATIONAL = {
     "fer": {"data_root", "working_copy", "workers", "rebuild"},
@@ -167,9 +167,9 @@ def load_settings(path: Path | None) -> Settings:
     if not path.is_file():
         raise SettingsError(f"{origin}: not a regular file (a FIFO, device or dangling link): refused unread")
     with path.open("rb") as fh:
-        raw = fh.read(MAX_FILE_BYTES + 1)
-    if len(raw) > MAX_FILE_BYTES:
-        raise SettingsError(f"{origin}: larger than {MAX_FILE_BYTES} bytes: not a settings file")
+        raw = fh.read(MAX_SETTINGS_BYTES + 1)
+    if len(raw) > MAX_SETTINGS_BYTES:
+        raise SettingsError(f"{origin}: larger than {MAX_SETTINGS_BYTES} bytes: not a settings file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

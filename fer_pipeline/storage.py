@@ -58,12 +58,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fer_pipeline.atomic import atomic_path, write_json
 from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
+from fer_pipeline.publish import PUBLISH_ORDER, MixedSetError, published_versions
 from fer_pipeline.publish_lock import LOCK_FILE as PUBLISH_LOCK
 from fer_pipeline.publish_lock import PublishLockTimeout, publication_lock
+from fer_pipeline.sources.catalog import CatalogError, load_catalog
 
 WORKING_COPY_ENV = "FER_WORKING_COPY"
 STATE_FILE = ".fer-store.json"  # the working copy's sync record (not a pipeline output)
@@ -73,7 +73,6 @@ LOCK_FILE = ".fer-store.lock"
 CATALOGUE_FILES = ("catalog", "settings", "relabels")
 PUBLISHED_TREES = ("faces_dir", "manifest_dir", "models_dir", "reports_dir")
 LOCAL_ONLY = ("candidates_dir", "model_candidates_dir")  # except the running run's own candidate folder
-MANIFEST_LAST = ("excluded", "pool", "splits", "manifest")  # = fer_pipeline.dataset.publish.PUBLISH_ORDER
 MIXED_SET_RETRIES = 3  # a pull that lands in the middle of another worker's push pulls the set again
 STORE_LOCK_WAIT_S = 600.0  # how long a push waits for another writer's push to finish
 STORE_LOCK_LEASE_S = 3600.0  # a store lock older than this is a dead writer's: removed
@@ -374,11 +373,9 @@ class ObjectStore:
         """What a step may read (catalogue files and the ``trees``, as DataPaths attributes), plus
         the running run's own candidate folder; pulls the three published tables again while
         they are not one set (this pull landed in the middle of another worker's push)."""
-        from fer_pipeline.dataset.publish import MixedSetError, published_versions
-
         rels = [self.rel(getattr(self.paths, a)) for a in (*CATALOGUE_FILES, *trees)]
         report = self.pull(rels, run_id, log)
-        tables = [self.rel(getattr(self.paths, t)) for t in MANIFEST_LAST]
+        tables = [self.rel(getattr(self.paths, t)) for t in PUBLISH_ORDER]
         for attempt in range(MIXED_SET_RETRIES if "manifest_dir" in trees else 0):
             try:
                 versions = set(published_versions(self.paths).values())
@@ -412,7 +409,7 @@ class ObjectStore:
 
     def _upload_rank(self, rel: str) -> tuple[int, str]:
         """Faces first (tables refer to them), metrics.json after the models, manifest last."""
-        last = [self.rel(self.paths.metrics_json), *(self.rel(getattr(self.paths, t)) for t in MANIFEST_LAST)]
+        last = [self.rel(self.paths.metrics_json), *(self.rel(getattr(self.paths, t)) for t in PUBLISH_ORDER)]
         if rel in last:
             return 2 + last.index(rel), rel
         return (0 if _under(rel, self.rel(self.paths.faces_dir)) else 1), rel
@@ -566,7 +563,7 @@ class ObjectStore:
 
     def _prune_candidates(self, keep: int, own: str) -> list[str]:
         """Remove candidate folders beyond the ``keep`` newest, this run's counting as the newest
-        (as :func:`fer_pipeline.dataset.publish.prune_rejected` does locally)."""
+        (as :func:`fer_pipeline.publish.prune_rejected` does locally)."""
         top = self.rel(self.paths.candidates_dir)
         folders: dict[str, list[tuple[str, float]]] = {}
         for rel, remote in self._list(top).items():
@@ -582,21 +579,22 @@ class ObjectStore:
 
 
 def source_keys(catalogue: Path) -> list[str]:
-    """Relative paths the catalogue names (sources, demographics CSVs outside them), read leniently:
-    what is malformed is left to :func:`fer_pipeline.dataset.catalog.load_catalog` to report."""
+    """Relative paths the catalogue names (sources, demographics CSVs outside them). A catalogue
+    that cannot be read or is malformed names none: the run's own :func:`load_catalog` then
+    reports it, naming the source. Synthetic sources stay local (they are generated)."""
     try:
-        data = yaml.safe_load(catalogue.read_text(encoding="utf-8-sig"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        catalog = load_catalog(catalogue, check_paths=False)  # the sources are not pulled yet
+    except (CatalogError, OSError):
         return []
-    entries = data.get("sources") if isinstance(data, dict) else None
     keys: list[str] = []
-    for entry in entries if isinstance(entries, list) else []:
-        if not isinstance(entry, dict):
+    for spec in catalog.sources:
+        if spec.kind == "synthetic":
             continue
-        demographics = entry.get("demographics")
-        for value in (entry.get("path"), demographics.get("csv") if isinstance(demographics, dict) else None):
-            if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute():
-                keys.append(_glob_free(Path(value).as_posix().strip("/")))
+        if spec.path.is_relative_to(catalogue.parent):  # written relative to the data root
+            keys.append(_glob_free(spec.path.relative_to(catalogue.parent).as_posix()))
+        csv = spec.demographics.csv if spec.demographics is not None else None
+        if csv and csv.strip() and not Path(csv).expanduser().is_absolute():
+            keys.append(_glob_free(Path(csv).as_posix().strip("/")))
     return [k for k in dict.fromkeys(keys) if k not in ("", ".") and ".." not in k.split("/")]
 
 

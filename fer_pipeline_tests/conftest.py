@@ -1,4 +1,5 @@
-"""Shared fixtures: small real image files made by the tests, and the real-dataset folder."""
+"""Shared fixtures and helpers: small real image files made by the tests, the real-dataset folder,
+split arrays for tiny models, a catalogue on disk, and a data-half run through Dagster."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -57,3 +60,46 @@ def data_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def split_arrays():
+    """Factory ``make(n, seed, *, size=16, noise=25.0) -> SplitArrays``: ``n`` random ``size``×``size``
+    faces whose brightness follows the label (label ``i % 4``: a tiny model learns it), ids
+    ``"{seed}-{i}"``. Session-scoped, so module-scoped fixtures may use it too."""
+    from fer_pipeline.ml.data import SplitArrays  # imports torch: only for the tests that ask
+
+    def make(n: int, seed: int, *, size: int = 16, noise: float = 25.0) -> SplitArrays:
+        rng = np.random.default_rng(seed)
+        labels = np.arange(n) % 4
+        images = np.clip(labels[:, None, None] * 50 + rng.normal(60, noise, (n, size, size)), 0, 255).astype(np.uint8)
+        ids = [f"{seed}-{i}" for i in range(n)]
+        return SplitArrays(images, labels.astype(np.int64), ids, pd.DataFrame({"image_id": ids}))
+
+    return make
+
+
+def write_catalogue(root: Path, sources: list[dict]) -> Path:
+    """``root/sources.yaml`` holding ``sources``, each entry's fields in the order given."""
+    path = root / "sources.yaml"
+    path.write_text(yaml.safe_dump({"sources": sources}, sort_keys=False))
+    return path
+
+
+def run_data_pipeline(root: Path, run_config: dict | None = None):  # type: ignore[no-untyped-def]
+    """The ``data_pipeline`` job in process on the data root ``root`` (an ephemeral instance;
+    failures are returned, not raised)."""
+    import dagster as dg
+
+    from fer_pipeline.definitions import defs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FER_DATA_DIR", str(root))
+        return defs.resolve_job_def("data_pipeline").execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(), run_config=run_config, raise_on_error=False)
+
+
+def asset_metadata(result, asset: str) -> dict:  # type: ignore[no-untyped-def]
+    """The metadata values of ``asset``'s first materialization in a run's result."""
+    event = next(e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset)
+    return {k: v.value for k, v in event.materialization.metadata.items()}

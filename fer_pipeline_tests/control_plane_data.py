@@ -16,9 +16,8 @@ import pandas as pd
 import yaml
 
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.dataset.synthetic_faces import generate_demo_source
-
-REPO = Path(__file__).resolve().parent.parent
+from fer_pipeline.demo.synthetic_faces import generate_demo_source
+from fer_pipeline_tests.conftest import REPO
 
 SOURCES = ("a", "b")
 TEST_SETTINGS = {

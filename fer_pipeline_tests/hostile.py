@@ -20,20 +20,20 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fer_pipeline.dataset.catalog import Catalog
-from fer_pipeline.dataset.dedup import deduplicate_incremental, link_cache_name
-from fer_pipeline.dataset.face_batch import ChunkResult, process_chunk
-from fer_pipeline.dataset.face_store import FaceStore, load_faces
-from fer_pipeline.dataset.faces import process_faces
-from fer_pipeline.dataset.inventory import build_inventory
+from fer_pipeline.sources.catalog import Catalog
+from fer_pipeline.dedup.groups import deduplicate_incremental, link_cache_name
+from fer_pipeline.faces.batch import ChunkResult, process_chunk
+from fer_pipeline.faces.store import FaceStore, load_faces
+from fer_pipeline.faces.stage import process_faces
+from fer_pipeline.sources.inventory import build_inventory
 from fer_pipeline.dataset.manifest import (
     build_manifest,
     candidates_for_decoding,
     check_accounting,
     dedup_input,
 )
-from fer_pipeline.dataset.preprocess import PreprocessSettings
-from fer_pipeline.dataset.source_readers import DEFAULT_MAX_FILE_BYTES, SourceBytes
+from fer_pipeline.faces.preprocess import PreprocessSettings
+from fer_pipeline.sources.readers import DEFAULT_MAX_FILE_BYTES, SourceBytes
 from fer_pipeline_tests.conftest import blob_pattern as pattern
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Debian's headless Chromium for the browser end-to-end test (fer_pipeline_tests/test_ui_browser.py).
+# Install Debian's headless Chromium for the browser end-to-end test (fer_pipeline_tests/ui/test_browser.py).
 #
 # Idempotent and quiet: does nothing when the browser is already there. Nothing downloads a
 # browser build at run time; the test drives this system Chromium through Playwright.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Debian's PostgreSQL server for the Postgres-instance test
-# (fer_pipeline_tests/test_postgres_instance.py).
+# (fer_pipeline_tests/defs/test_postgres_instance.py).
 #
 # Idempotent and quiet: does nothing when a server (initdb + postgres, in
 # /usr/lib/postgresql/<version>/bin or on PATH) is already there. Only the binaries are needed:

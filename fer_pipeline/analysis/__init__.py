@@ -7,7 +7,8 @@
 * :mod:`~fer_pipeline.analysis.confound`: class-by-source shares and per-source metrics;
 * :mod:`~fer_pipeline.analysis.generalisation`: leave-one-source-out training and testing;
 * :mod:`~fer_pipeline.analysis.label_issues`: confident learning on the out-of-fold probabilities;
-* :mod:`~fer_pipeline.analysis.plots`: the figures of all of the above.
+* :mod:`~fer_pipeline.analysis.plots`: the figures of all of the above;
+* :mod:`~fer_pipeline.analysis.partition_store`: one stored result per fold or held-out source.
 
 The Dagster wiring lives in :mod:`fer_pipeline.defs.assets.evaluation`.
 """

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -36,6 +34,7 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 
+from fer_pipeline.analysis.partition_store import PartitionStore
 from fer_pipeline.atomic import write_json, write_parquet, write_table
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ArchConfig
@@ -238,63 +237,31 @@ class FoldResult:
                    run_id=str(d.get("run_id", "")))
 
 
-class FoldStore:
+class FoldStore(PartitionStore[int, FoldResult, FoldRecipe]):
     """Stored fold results, one pair per fold: ``fold_NN_oof.parquet``, then ``fold_NN.json``
     (written last: its presence marks the fold complete) with the fold's recipe."""
 
-    def __init__(self, directory: Path) -> None:
-        self.dir = Path(directory)
+    recipe_type = FoldRecipe
+    missing = NOT_MATERIALIZED
 
-    def paths(self, fold: int) -> tuple[Path, Path]:
+    def files(self, fold: int) -> tuple[Path, Path]:
         return self.dir / f"fold_{fold:02d}.json", self.dir / f"fold_{fold:02d}_oof.parquet"
 
+    paths = files
+
     def save(self, result: FoldResult, recipe: FoldRecipe) -> dict[str, str]:
-        meta_path, oof_path = self.paths(result.fold)
-        write_parquet(oof_path, result.oof)
-        write_json(meta_path, {**result.to_json(), "recipe": recipe.to_json(),
-                               "identity": recipe.identity(result.fold)})
+        meta_path, oof_path = self.write(result.fold, result, recipe)
         return {"result": str(meta_path), "oof": str(oof_path)}
 
-    def stored_identity(self, fold: int) -> str | None:
-        """The identity (:meth:`TrainingRecipe.identity`) of the stored fold, None if there is no
-        usable one (a result :meth:`load` refuses is never "current": its partition runs again)."""
-        loaded = self.load(fold)
-        return None if isinstance(loaded, str) else loaded[1].identity(fold)
+    def encode(self, result: FoldResult, data: tuple[Path, ...]) -> dict[str, Any]:
+        write_parquet(data[0], result.oof)
+        return result.to_json()
 
-    def load(self, fold: int) -> tuple[FoldResult, FoldRecipe] | str:
-        """The stored fold and its recipe, or why there is none usable (naming the file)."""
-        meta_path, oof_path = self.paths(fold)
-        if not os.path.lexists(meta_path):
-            return NOT_MATERIALIZED
-        for path in (meta_path, oof_path):
-            if why := not_a_stored_file(path):
-                return f"{path} {why}"
-        path = meta_path
-        try:
-            d = json.loads(meta_path.read_text())
-            recipe = FoldRecipe.from_json(d["recipe"])
-            path = oof_path
-            oof = pd.read_parquet(oof_path)
-            path = meta_path
-            return FoldResult.from_json(d, oof), recipe
-        except Exception as exc:  # noqa: BLE001 -- any damage (pyarrow raises many kinds): refuse, naming the file
-            return f"unreadable stored result ({type(exc).__name__}: {exc}): {path}"
+    def read(self, path: Path) -> pd.DataFrame:
+        return pd.read_parquet(path)
 
-
-def not_a_stored_file(path: Path) -> str | None:
-    """Why ``path`` is not a file a store wrote (None: it is, or there is none): stores write
-    regular files by atomic rename, so a link (to a device, to a file elsewhere) is refused unread."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot be examined ({type(exc).__name__}: {exc})"
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link, not a stored result: remove it and re-materialize"
-    if not stat.S_ISREG(mode):
-        return "is not a regular file: remove it and re-materialize"
-    return None
+    def decode(self, key: int, record: Any, data: list[Any]) -> FoldResult:
+        return FoldResult.from_json(record, data[0])
 
 
 @dataclass

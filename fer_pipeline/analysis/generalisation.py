@@ -19,8 +19,6 @@ Macro scores average the classes present in the evaluated rows (a source may lac
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -37,10 +35,9 @@ from fer_pipeline.analysis.cross_validation import (
     TrainFn,
     TrainingRecipe,
     combine_arrays,
-    not_a_stored_file,
     subset,
 )
-from fer_pipeline.atomic import write_json
+from fer_pipeline.analysis.partition_store import PartitionStore
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ArchConfig
 from fer_pipeline.ml.data import SplitArrays
@@ -141,44 +138,35 @@ def held_out_row(
     }
 
 
-class LosoStore:
+class LosoStore(PartitionStore[str, dict[str, Any], TrainingRecipe]):
     """Stored rows, one JSON file per held-out source (name made safe for a file, plus a hash of
     the exact name), with the recipe the row was trained with."""
 
-    def __init__(self, directory: Path) -> None:
-        self.dir = Path(directory)
+    recipe_type = TrainingRecipe
+    missing = MISSING
+    refusal = "refused: "
 
     def path(self, source: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", source)[:60].lstrip(".") or "source"
         return self.dir / f"{safe}-{hashlib.sha256(source.encode()).hexdigest()[:8]}.json"
 
+    def files(self, source: str) -> tuple[Path]:
+        return (self.path(source),)
+
     def save(self, row: dict[str, Any], recipe: TrainingRecipe) -> Path:
-        source = row["held_out_source"]
-        return write_json(self.path(source), {"row": row, "recipe": recipe.to_json(),
-                                              "identity": recipe.identity(source)})
+        return self.write(row["held_out_source"], row, recipe)[0]
 
-    def stored_identity(self, source: str) -> str | None:
-        """The identity (:meth:`TrainingRecipe.identity`) of the stored row, None if there is no
-        usable one (a row :meth:`load` refuses is never "current": its partition runs again)."""
-        loaded = self.load(source)
-        return None if isinstance(loaded, str) else loaded[1].identity(source)
+    def encode(self, result: dict[str, Any], data: tuple[Path, ...]) -> dict[str, Any]:
+        return {"row": result}
 
-    def load(self, source: str) -> tuple[dict[str, Any], TrainingRecipe] | str:
-        """The stored row and its recipe, or why there is none usable (naming the file)."""
-        path = self.path(source)
-        if not os.path.lexists(path):
-            return MISSING
-        if why := not_a_stored_file(path):
-            return f"refused: {path} {why}"
-        try:
-            d = json.loads(path.read_text())
-            if not isinstance(d["row"], dict):
-                raise TypeError("the row is not an object")
-            if d["row"]["held_out_source"] != source:
-                raise ValueError(f"holds source {d['row']['held_out_source']!r}")
-            return dict(d["row"]), TrainingRecipe.from_json(d["recipe"])
-        except Exception as exc:  # noqa: BLE001 -- any damage: refuse it, naming the file
-            return f"refused: unreadable stored result ({type(exc).__name__}: {exc}): {path}"
+    def check(self, key: str, record: Any) -> None:
+        if not isinstance(record["row"], dict):
+            raise TypeError("the row is not an object")
+        if record["row"]["held_out_source"] != key:
+            raise ValueError(f"holds source {record['row']['held_out_source']!r}")
+
+    def decode(self, key: str, record: Any, data: list[Any]) -> dict[str, Any]:
+        return dict(record["row"])
 
 
 @dataclass

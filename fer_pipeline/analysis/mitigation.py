@@ -33,7 +33,7 @@ from fer_pipeline.analysis.bias import (
     present_attributes,
 )
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.dataset.preprocess import PreprocessSettings
+from fer_pipeline.faces.preprocess import PreprocessSettings
 from fer_pipeline.ml.architectures import ArchConfig
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.pretrain import Start

@@ -27,8 +27,8 @@ from fer_pipeline.analysis.confound import confound_findings
 from fer_pipeline.analysis.generalisation import STATUS_DONE
 from fer_pipeline.atomic import write_text
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.dataset.catalog import Catalog
-from fer_pipeline.dataset.publish import read_pool, read_published
+from fer_pipeline.sources.catalog import Catalog
+from fer_pipeline.publish import read_pool, read_published
 from fer_pipeline.ml.architectures import MAIN_MODEL
 from fer_pipeline.ml.calibration import N_BINS
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata

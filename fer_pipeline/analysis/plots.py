@@ -15,7 +15,7 @@ import pandas as pd
 
 from fer_pipeline.atomic import save_figure
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.dataset.plots import (  # one figure factory for every report
+from fer_pipeline.quality.plots import (  # one figure factory for every report
     new_figure,
     no_data_panel,
 )

@@ -1,12 +1,7 @@
-"""The data half, in plain Python (no Dagster), one module per stage of the graph:
+"""The dataset itself, in plain Python (no Dagster): the manifest (one row per kept image, one
+excluded row per file not kept, with the reason), the train/validation/test splits with their
+folds, and the pretraining pool with its leakage guard.
 
-catalogue (:mod:`.catalog`, :mod:`.source_readers`, :mod:`.demographics`) → inventory
-(:mod:`.inventory`) → faces (:mod:`.preprocess`, :mod:`.face_batch`, :mod:`.faces`,
-:mod:`.face_store`, :mod:`.phash`; detection and alignment for photos: :mod:`.detect`,
-:mod:`.mtcnn`) → de-duplication (:mod:`.dedup`) → manifest
-(:mod:`.manifest`) → splits (:mod:`.splits`), with the data checks (:mod:`.validation`), the
-plots (:mod:`.plots`), the demo-data generator (:mod:`.synthetic_faces`) and the sensor's
-fingerprints (:mod:`.source_watch`).
-
-Deliberately empty of imports: face workers import :mod:`.face_batch` alone and must start fast.
+May import: the contracts (``classes``, ``paths``, ``schema``, ``atomic``), :mod:`fer_pipeline.sources`,
+:mod:`fer_pipeline.faces` and :mod:`fer_pipeline.dedup`. Never Dagster, never ``ml`` or above.
 """

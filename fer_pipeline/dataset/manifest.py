@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.dataset.face_batch import CROP, NO_FACE
-from fer_pipeline.dataset.inventory import CANDIDATE, POOL, UNMAPPED
+from fer_pipeline.faces.framing import NO_FACE
+from fer_pipeline.sources.framing import CROP, DETECT
+from fer_pipeline.sources.inventory import CANDIDATE, POOL, UNMAPPED
 from fer_pipeline.paths import RELABELS_FILE
 from fer_pipeline.schema import (
     DETECTION_COLUMNS,
@@ -36,8 +37,14 @@ FACE_COLUMNS = ["face_ref", "pixel_sha", "phash", "phash_mirror", "mean_intensit
                  "height", "framing", "face_index", *DETECTION_COLUMNS, "face_key"]
 
 
+def published_framing(framing: pd.Series) -> np.ndarray:
+    """A published table's ``framing`` (crop or detect), from the face store's (crop or the
+    detection's fingerprint): readers ask how a face was framed, not with which settings."""
+    return np.where(framing.fillna(CROP) == CROP, CROP, DETECT)
+
+
 def image_id_for(key: pd.Series) -> pd.Series:
-    """Content-addressed id from an item's face key (:func:`fer_pipeline.dataset.faces.face_keys`): the
+    """Content-addressed id from an item's face key (:func:`fer_pipeline.faces.stage.face_keys`): the
     same bytes framed the same way get the same id wherever they are found. For a crop the key is
     the file's SHA-256 (ids as before face detection existed); for a detected face it is a hash of
     the file's SHA-256, the framing fingerprint and the face index, so each face of a photo, and the
@@ -127,7 +134,7 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
     for col in ("mean_intensity", "std_intensity"):
         kept[col] = kept[col].astype("float64")
     kept = kept.reindex(columns=list(dict.fromkeys([*kept.columns, *MANIFEST_COLUMNS])))
-    kept["framing"] = np.where(kept["framing"].fillna(CROP) == CROP, CROP, "detect")  # not the fingerprint
+    kept["framing"] = published_framing(kept["framing"])
     kept["face_index"] = kept["face_index"].fillna(0).astype("int64")
     kept["faces_found"] = kept["faces_found"].astype("Int64")
     for col in DETECTION_COLUMNS[1:]:

@@ -10,7 +10,7 @@ stage like every other file, but they skip the four classes' de-duplication and 
   excluded as ``duplicate of <image id>`` (stage ``pool``). Near-duplicates within the pool stay:
   harmless for pretraining.
 * :func:`leakage_guard`: once the splits are known, every pool image that duplicates a validation
-  or test image (exact, near or mirrored: the manifest's rule, :func:`~fer_pipeline.dataset.dedup.duplicates_across`)
+  or test image (exact, near or mirrored: the manifest's rule, :func:`~fer_pipeline.dedup.groups.duplicates_across`)
   leaves the pool for the excluded table (stage ``leakage_guard``, ``duplicate_of`` = that image).
   A pool image that duplicates a *train* image stays: pretraining on it leaks nothing.
 
@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fer_pipeline.dataset.dedup import duplicates_across
-from fer_pipeline.dataset.face_batch import CROP
-from fer_pipeline.dataset.face_store import load_faces
-from fer_pipeline.dataset.inventory import POOL
-from fer_pipeline.dataset.manifest import ITEM, accepted_faces, image_id_for
-from fer_pipeline.dataset.phash import from_hex, phashes
+from fer_pipeline.dedup.groups import duplicates_across
+from fer_pipeline.faces.store import load_faces
+from fer_pipeline.sources.inventory import POOL
+from fer_pipeline.dataset.manifest import ITEM, accepted_faces, image_id_for, published_framing
+from fer_pipeline.faces.phash import from_hex, phashes
 from fer_pipeline.schema import (
     DETECTION_COLUMNS,
     EXCLUDED_COLUMNS,
@@ -67,7 +66,7 @@ def _typed(frame: pd.DataFrame, image_size: tuple[int, int]) -> pd.DataFrame:
         out[col] = out[col].fillna(0).astype("int64")
     for col in ("mean_intensity", "std_intensity"):
         out[col] = out[col].astype("float64")
-    out["framing"] = np.where(out["framing"].fillna(CROP) == CROP, CROP, "detect")  # not the fingerprint
+    out["framing"] = published_framing(out["framing"])
     out["faces_found"] = out["faces_found"].astype("Int64")
     for col in DETECTION_COLUMNS[1:]:
         out[col] = out[col].astype("Float64")

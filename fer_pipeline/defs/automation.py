@@ -3,7 +3,7 @@ declarative automation for everything downstream, and a nightly safety net.
 
 * ``source_files_sensor`` watches ``sources.yaml`` and every source it lists (new, changed or
   removed files in a folder; an archive or CSV replaced as a whole) with a stat-only
-  fingerprint (:mod:`fer_pipeline.dataset.source_watch`) and requests ONE run of
+  fingerprint (:mod:`fer_pipeline.sources.watch`) and requests ONE run of
   ``data_pipeline`` per change, with a run key derived from the new fingerprint, so each change
   triggers exactly one run and nothing happens when nothing changed. The run observes the
   sources (``source_files``) and brings every data asset and its checks up to date; the stages
@@ -44,10 +44,10 @@ except ImportError:  # pragma: no cover - then ScheduleDefinition's own validati
     def is_valid_cron_string(cron_string: str) -> bool:
         return True
 
-from fer_pipeline.dataset import source_watch
-from fer_pipeline.dataset.catalog import CatalogError
 from fer_pipeline.defs.jobs import DATA_JOB, SOURCE_OBSERVATION
 from fer_pipeline.defs.resources import FerSettings
+from fer_pipeline.sources import watch as source_watch
+from fer_pipeline.sources.catalog import CatalogError
 
 SENSOR_NAME = "source_files_sensor"
 AUTOMATION_SENSOR_NAME = "fer_automation"

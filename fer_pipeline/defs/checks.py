@@ -6,7 +6,7 @@ let the run continue. Each check states ``blocking`` and ``warn`` once, in its :
 entry, which gives both Dagster's check spec and the result's severity.
 
 The manifest and splits checks audit the run's *candidate* tables inside their asset, before
-anything is published (write, audit, publish: :mod:`fer_pipeline.dataset.publish`), so they are
+anything is published (write, audit, publish: :mod:`fer_pipeline.publish`), so they are
 declared as the assets' check specs rather than as separate check functions.
 """
 
@@ -19,10 +19,10 @@ import dagster as dg
 import pandas as pd
 
 from fer_pipeline.dataset import pool as pool_core
-from fer_pipeline.dataset import validation
-from fer_pipeline.dataset.faces import framing_shares
-from fer_pipeline.dataset.inventory import CANDIDATE, POOL
-from fer_pipeline.dataset.publish import empty_pool
+from fer_pipeline.quality import validation
+from fer_pipeline.faces.stage import framing_shares
+from fer_pipeline.sources.inventory import CANDIDATE, POOL
+from fer_pipeline.publish import empty_pool
 from fer_pipeline.defs.metadata import md_table
 from fer_pipeline.defs.resources import FerSettings
 
@@ -164,7 +164,7 @@ def rejection_rate(fer: FerSettings) -> dg.AssetCheckResult:
 def face_framing(fer: FerSettings) -> dg.AssetCheckResult:
     shares = framing_shares(pd.read_parquet(fer.paths.faces_table))
     limit = fer.framing_max_share
-    keep_all = {s.name for s in fer.catalog().sources if s.detect is not None and s.detect.keep == "all"}
+    keep_all = {s.name for s in fer.catalog().sources if s.detect is not None and s.detect.keep_all}
     columns = ["no_face_share", "several_faces_share", "fills_frame_share"]
     flagged = {row.source: {c: float(getattr(row, c)) for c in columns if getattr(row, c) > limit
                             and not (c == "several_faces_share" and row.source in keep_all)}  # expected there

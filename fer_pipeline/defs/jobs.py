@@ -31,10 +31,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from fer_pipeline.dataset.catalog import Catalog, CatalogError, load_catalog
 from fer_pipeline.defs.env import env_int
 from fer_pipeline.paths import data_root_setting, is_store_url
 from fer_pipeline.settings import DEFAULT_CV_FOLDS, current_settings
+from fer_pipeline.sources.catalog import Catalog, CatalogError, load_catalog
 
 CV_FOLDS_ENV = "FER_CV_FOLDS"
 SOURCE_OBSERVATION = "source_files"

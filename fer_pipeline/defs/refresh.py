@@ -61,7 +61,7 @@ class Outcome(NamedTuple):
 
 def job_def(name: str) -> dg.JobDefinition:
     """A job of the code location, as a run process rebuilds it."""
-    from fer_pipeline.definitions import defs
+    from fer_pipeline.defs.definitions import defs
 
     return defs.resolve_job_def(name)
 
@@ -109,7 +109,7 @@ class _Loading(LoadingContext):
 def out_of_date(job: str) -> dict[str | None, list[dg.AssetKey]]:
     """Partition (None: unpartitioned) -> the assets of ``job`` Dagster reports missing or
     unsynced (what the UI shows as Missing or Unsynced)."""
-    from fer_pipeline.definitions import defs
+    from fer_pipeline.defs.definitions import defs
 
     graph = defs.resolve_asset_graph()
     keys = [k for k in job_def(job).asset_layer.selected_asset_keys if graph.get(k).is_materializable]

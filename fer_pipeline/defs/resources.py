@@ -13,12 +13,13 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from fer_pipeline.analysis.bias import ATTRIBUTES
-from fer_pipeline.dataset.catalog import Catalog, CatalogError, load_catalog
-from fer_pipeline.dataset.preprocess import PreprocessSettings
-from fer_pipeline.dataset.publish import KEEP_REJECTED
+from fer_pipeline.faces.preprocess import PreprocessSettings
+from fer_pipeline.limits import MAX_FILE_BYTES
 from fer_pipeline.ml.pretrain import PretrainConfig
 from fer_pipeline.ml.train import TrainConfig
 from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
+from fer_pipeline.publish import KEEP_REJECTED
+from fer_pipeline.sources.catalog import Catalog, CatalogError, load_catalog
 from fer_pipeline.storage import ObjectStore
 
 
@@ -32,7 +33,7 @@ class FerSettings(dg.ConfigurableResource):
     image_size: int = Field(default=48, description="Processed faces are image_size × image_size grayscale")
     min_side: int = Field(default=32, description="Reject images smaller than this (pixels)")
     max_pixels: int = Field(default=40_000_000, description="Larger images are rejected as decompression bombs")
-    max_file_bytes: int = Field(default=64 * 1024 * 1024, description="Files and archive entries larger than this "
+    max_file_bytes: int = Field(default=MAX_FILE_BYTES, description="Files and archive entries larger than this "
                                 "(declared or actually read) are rejected unread: memory stays bounded on "
                                 "decompression bombs and oversized files")
     min_std: float = Field(default=3.0, description="Reject near-constant faces (pixel std below this)")

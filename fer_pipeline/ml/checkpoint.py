@@ -32,19 +32,17 @@ from torch import nn
 
 from fer_pipeline.atomic import write_bytes
 from fer_pipeline.classes import CLASSES
-from fer_pipeline.dataset.preprocess import PreprocessSettings
+from fer_pipeline.faces.preprocess import PreprocessSettings
 from fer_pipeline.ml.architectures import ArchConfig, build_model
 from fer_pipeline.ml.calibration import softmax
 from fer_pipeline.ml.data import Normalization
 from fer_pipeline.ml.inference import predict_logits
 from fer_pipeline.ml.train import TrainResult
+from fer_pipeline.sources.framing import CROP, MODEL_FRAMINGS
 
 FORMAT = "fer-pipeline-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "fer_pipeline"
-
-FRAMINGS = ("crop", "detect", "mixed")  # how a model's training faces were cut out of their images
-
 
 @dataclass(frozen=True)
 class Framing:
@@ -53,19 +51,20 @@ class Framing:
     ``mode``: "crop" (each image is a face crop, centre-cropped and resized: what checkpoints
     written before this was recorded did), "detect" (faces found by a detector and aligned) or
     "mixed" (both; prediction detects). ``detector`` is the detector's ``settings()`` (its name
-    under ``"detector"``) and ``margin`` the margin given to ``align_face``; both are ``None`` for
-    "crop". ``rows`` counts the training rows per framing (for people reading the metadata)."""
+    under ``"detector"``: :meth:`fer_pipeline.faces.framing.Detection.settings`) and ``margin`` the
+    margin given to ``align_face``; both are ``None`` for "crop". ``rows`` counts the training rows
+    per framing (for people reading the metadata)."""
 
-    mode: str = "crop"
+    mode: str = CROP
     detector: dict[str, Any] | None = None
     margin: float | None = None
     rows: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from fer_pipeline.dataset.detect import DETECTORS
+        from fer_pipeline.faces.detect import DETECTORS
 
-        if self.mode not in FRAMINGS:
-            raise ValueError(f"framing mode must be one of {', '.join(FRAMINGS)}, got {self.mode!r}")
+        if self.mode not in MODEL_FRAMINGS:
+            raise ValueError(f"framing mode must be one of {', '.join(MODEL_FRAMINGS)}, got {self.mode!r}")
         if self.detector is not None:
             if not isinstance(self.detector, dict) or not isinstance(self.detector.get("detector"), str):
                 raise ValueError(f"framing detector must be a settings object naming its detector, got {self.detector!r}")
@@ -81,7 +80,7 @@ class Framing:
     @property
     def detects(self) -> bool:
         """Whether inputs go through face detection ("detect" and "mixed")."""
-        return self.mode != "crop"
+        return self.mode != CROP
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "detector": self.detector, "margin": self.margin, "rows": dict(self.rows)}
@@ -94,7 +93,7 @@ class Framing:
         rows = data.get("rows") or {}
         if not isinstance(rows, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows.values()):
             raise ValueError(f"framing rows must map framings to counts, got {rows!r}")
-        return cls(mode=data.get("mode", "crop"), detector=data.get("detector"), margin=data.get("margin"),
+        return cls(mode=data.get("mode", CROP), detector=data.get("detector"), margin=data.get("margin"),
                    rows={str(k): int(v) for k, v in rows.items()})
 
 
@@ -254,9 +253,28 @@ def check_temperature(meta: Mapping[str, Any], origin: str) -> None:
         raise ValueError(f"{origin}: broken model: calibration temperature is {t!r} (must be a finite number > 0)")
 
 
+def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors (torch or numpy) that hold NaN or infinity: the one
+    finite-weights rule, for a model in memory and for a checkpoint on disk alike."""
+    def finite(t: Any) -> bool:
+        if isinstance(t, torch.Tensor):
+            return not t.is_floating_point() or bool(torch.isfinite(t).all())
+        return getattr(t, "dtype", None) is None or t.dtype.kind != "f" or bool(np.isfinite(t).all())
+
+    return [name for name, t in state.items() if not finite(t)]
+
+
+def weights_are_finite(checkpoint: Path) -> tuple[bool, list[str]]:
+    """(all finite, names of tensors holding NaN/inf) of a saved checkpoint (read as numpy: no model built)."""
+    from safetensors.numpy import load_file
+
+    bad = non_finite_tensors(load_file(str(checkpoint)))
+    return not bad, bad
+
+
 def check_weights(state: Mapping[str, torch.Tensor], origin: str) -> None:
     """Refuse NaN/infinite weights: such a model answers NaN for every face."""
-    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = non_finite_tensors(state)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ValueError(f"{origin}: broken model: non-finite weights (NaN or infinity) in {shown}")

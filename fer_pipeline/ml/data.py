@@ -222,7 +222,7 @@ def load_split_arrays(
     depend on the row order the tables happened to be written in. ``with_images=False`` gives
     empty (N, 0, 0) images, for callers that only need labels and rows.
     """
-    from fer_pipeline.dataset.face_store import load_faces
+    from fer_pipeline.faces.store import load_faces
 
     joined = manifest.merge(splits[["image_id", "split", "fold"]], on="image_id", how="inner")
     unknown = set(joined["label"]) - set(CLASS_TO_INDEX)

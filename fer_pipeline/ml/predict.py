@@ -2,17 +2,17 @@
 
 Every input is prepared for prediction exactly as the model's training faces were, as its
 checkpoint records (:class:`fer_pipeline.ml.checkpoint.Framing`): a model trained on face crops
-gets each image through the pipeline's own :func:`fer_pipeline.dataset.preprocess.decode_face`
+gets each image through the pipeline's own :func:`fer_pipeline.faces.preprocess.decode_face`
 (centre crop, grayscale, resize); a model trained on detected faces ("detect" or "mixed") gets
 every face the detector finds in each image, aligned with the recorded margin
-(:func:`fer_pipeline.dataset.detect.align_face`) and then the same grayscale/resize
+(:func:`fer_pipeline.faces.detect.align_face`) and then the same grayscale/resize
 (``preprocess_image``): one :class:`Prediction` per face, with its box, and one saying
 "no face found" for an image without any. ``annotate_dir`` writes a copy of each image with the
 boxes and labels drawn (:mod:`fer_pipeline.ml.annotate`).
 
 Unattended on hostile data: one bad input yields one :class:`Prediction` whose ``error`` says
 what is wrong, and never stops the others. Inputs are listed and read by the pipeline's own
-readers (:mod:`fer_pipeline.dataset.source_readers`: a folder with ``FolderReader``, a .zip with
+readers (:mod:`fer_pipeline.sources.readers`: a folder with ``FolderReader``, a .zip with
 ``ZipReader``, a single file with ``read_regular``), so predict follows the same rules, in the
 same words, as the inventory: links followed with loop protection, FIFOs/sockets/devices never
 opened, nothing read past ``max_bytes`` (:data:`MAX_INPUT_BYTES`, 64 MiB), encrypted, corrupt,
@@ -30,22 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fer_pipeline.dataset.catalog import SourceSpec
-from fer_pipeline.dataset.source_readers import (
-    FolderReader,
-    Member,
-    MemberError,
-    Problem,
-    SourceError,
-    SourceReader,
-    ZipReader,
-    file_kind,
-    is_folder_fault,
-    is_image_name,
-    junk_reason,
-    read_regular,
-    stat_path,
-)
+from fer_pipeline.faces.framing import NO_FACE, Detection
+from fer_pipeline.sources.catalog import SourceSpec
+from fer_pipeline.sources.framing import CROP, DETECT
+from fer_pipeline.limits import MAX_FILE_BYTES
+from fer_pipeline.sources.files import file_kind, MemberError, Problem, read_regular, SourceError, stat_path
+from fer_pipeline.sources.names import is_image_name, junk_reason
+from fer_pipeline.sources.readers import FolderReader, is_folder_fault, Member, SourceReader, ZipReader
 from fer_pipeline.ml.checkpoint import (
     Framing,
     LoadedModel,
@@ -54,13 +45,12 @@ from fer_pipeline.ml.checkpoint import (
 )
 
 if TYPE_CHECKING:
-    from fer_pipeline.dataset.detect import FaceDetector
-    from fer_pipeline.dataset.preprocess import PreprocessSettings
+    from fer_pipeline.faces.detect import FaceDetector
+    from fer_pipeline.faces.preprocess import PreprocessSettings
 
 ZIP_SEPARATOR = "::"  # "photos.zip::folder/face.jpg" names a zip member
-MAX_INPUT_BYTES = 64 * 1024 * 1024  # no face image is this large; anything above is not read
-FRAMING_CHOICES = ("auto", "detect", "crop")  # auto: what the checkpoint records
-NO_FACE = "no face found"
+MAX_INPUT_BYTES = MAX_FILE_BYTES  # no face image is this large; anything above is not read
+FRAMING_CHOICES = ("auto", DETECT, CROP)  # auto: what the checkpoint records
 UNCERTAIN = "uncertain"  # the label of a face whose top calibrated probability is below min_confidence
 
 
@@ -201,7 +191,7 @@ def iter_sources(paths: Sequence[str | Path], max_bytes: int = MAX_INPUT_BYTES) 
 def detector_from_settings(settings: Mapping[str, Any]) -> FaceDetector:
     """The detector a checkpoint's recorded ``settings()`` describe (``ValueError`` when they
     do not make one)."""
-    from fer_pipeline.dataset.detect import BoxCalibration, make_detector
+    from fer_pipeline.faces.detect import BoxCalibration, make_detector
 
     options = dict(settings)
     name = options.pop("detector", None)
@@ -220,14 +210,11 @@ def resolve_framing(loaded: LoadedModel, choice: str = "auto") -> Framing:
     model forced to detect uses the default detector and margin)."""
     if choice not in FRAMING_CHOICES:
         raise ValueError(f"framing must be one of {', '.join(FRAMING_CHOICES)}, got {choice!r}")
-    if choice == "crop":
-        return Framing("crop")
-    if choice == "detect" and not loaded.framing.detects:
-        from fer_pipeline.dataset.detect import DETECTORS
-        from fer_pipeline.dataset.face_batch import Detection
-
+    if choice == CROP:
+        return Framing(CROP)
+    if choice == DETECT and not loaded.framing.detects:
         default = Detection()  # a catalogue's `faces: detect` without options
-        return Framing("detect", DETECTORS[default.detector].describe(**default.detector_options()), default.margin)
+        return Framing(DETECT, default.settings(), default.margin)
     return loaded.framing
 
 
@@ -248,7 +235,7 @@ def _read(src: _Source) -> bytes | str:
 
 def _decode(data: bytes, settings: PreprocessSettings) -> np.ndarray | str:
     """The decoded face ("crop" framing), or the reason this input cannot be classified."""
-    from fer_pipeline.dataset.preprocess import decode_face
+    from fer_pipeline.faces.preprocess import decode_face
 
     try:
         decoded = decode_face(data, settings)
@@ -285,8 +272,8 @@ def _detect_input(src: _Source, data: bytes, settings: PreprocessSettings, frami
                   detector: FaceDetector) -> _Input:
     """Every face in the image, through ingestion's own per-file steps (decode, detect, align with
     the margin, normalise, the near-constant check), so a face is what the model trained on."""
-    from fer_pipeline.dataset.face_batch import Detection, detect_file
-    from fer_pipeline.dataset.preprocess import reject_blank
+    from fer_pipeline.faces.batch import detect_file
+    from fer_pipeline.faces.preprocess import reject_blank
 
     items, _ = detect_file(data, settings, Detection(margin=float(framing.margin or 0.0)), detector)
     decoded = reject_blank([item[4] for item in items], settings)
@@ -304,8 +291,8 @@ def _annotate(rows: list[Prediction], data: bytes, index: int, name: str, folder
               settings: PreprocessSettings) -> list[Prediction]:
     """Write the annotated copy of one input; its rows say where it went (or why it did not).
     Inputs that could not be decoded get none."""
-    from fer_pipeline.dataset.detect import to_rgb
-    from fer_pipeline.dataset.preprocess import open_checked
+    from fer_pipeline.faces.detect import to_rgb
+    from fer_pipeline.faces.preprocess import open_checked
     from fer_pipeline.ml.annotate import Mark, centre_crop_box, write_annotated
 
     if all(r.error is not None and r.faces_found is None for r in rows):

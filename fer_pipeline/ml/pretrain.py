@@ -25,7 +25,7 @@ from fer_pipeline.ml.train import LogFn, TrainConfig, TrainResult, train_model
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fer_pipeline.dataset.preprocess import PreprocessSettings
+    from fer_pipeline.faces.preprocess import PreprocessSettings
     from fer_pipeline.paths import DataPaths
 
 FEATURES_PREFIX = "features."
@@ -210,10 +210,9 @@ def refresh_backbone(paths: "DataPaths", pool: "pd.DataFrame", pool_version: str
     finite. A removed backbone makes the next models start from scratch (and say so) rather
     than from features of a pool that no longer exists.
     """
-    from fer_pipeline.dataset.face_store import load_faces
-    from fer_pipeline.ml.checkpoint import read_checkpoint_metadata, save_checkpoint
+    from fer_pipeline.faces.store import load_faces
+    from fer_pipeline.ml.checkpoint import read_checkpoint_metadata, save_checkpoint, weights_are_finite
     from fer_pipeline.ml.plots import plot_training_curves
-    from fer_pipeline.ml.workflow import weights_are_finite
     from fer_pipeline.publish_lock import publication_lock, publish_files
 
     log = log or (lambda _m: None)

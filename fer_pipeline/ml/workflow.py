@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 
 from fer_pipeline.atomic import replace_synced
-from fer_pipeline.dataset.preprocess import PreprocessSettings
-from fer_pipeline.dataset.publish import data_version, read_published  # noqa: F401  (data_version re-exported)
+from fer_pipeline.faces.preprocess import PreprocessSettings
+from fer_pipeline.publish import data_version, read_published  # noqa: F401  (data_version re-exported)
 from fer_pipeline.ml.architectures import ArchConfig
 from fer_pipeline.ml.calibration import calibrate, softmax
-from fer_pipeline.ml.checkpoint import Framing, save_checkpoint
+from fer_pipeline.ml.checkpoint import Framing, save_checkpoint, weights_are_finite
 from fer_pipeline.ml.data import SplitArrays, load_split_arrays
 from fer_pipeline.ml.inference import predict_logits
 from fer_pipeline.ml.metrics import (
@@ -36,9 +36,10 @@ from fer_pipeline.ml.train import TrainConfig, TrainResult, train_model
 from fer_pipeline.paths import DataPaths
 from fer_pipeline.publish_lock import publish_files
 from fer_pipeline.schema import FRAMING_COLUMN, SPLITS
+from fer_pipeline.sources.framing import CROP, DETECT, MIXED, SOURCE_FRAMINGS
 
 if TYPE_CHECKING:
-    from fer_pipeline.dataset.catalog import Catalog
+    from fer_pipeline.sources.catalog import Catalog
 
 MANIFEST_FRAMING = FRAMING_COLUMN  # kept for importers; the name lives in schema.py
 
@@ -76,40 +77,39 @@ def training_framing(rows: pd.DataFrame, catalog: Catalog | None = None) -> Fram
 
     A manifest without the ``framing`` column, or a row without a value, is "crop" (manifests
     written before detection existed). The settings are those ``catalog`` gives the detected
-    rows' sources (:meth:`fer_pipeline.dataset.faces.SourceFraming.of`, what ingestion runs);
+    rows' sources (:meth:`fer_pipeline.faces.framing.SourceFraming.of`, what ingestion runs);
     a source it does not list as ``faces: detect`` (or no catalogue) counts with the ``detect:``
     defaults. Sources detected with different settings: the settings of the most rows."""
-    from fer_pipeline.dataset.detect import DETECTORS
-    from fer_pipeline.dataset.face_batch import Detection
-    from fer_pipeline.dataset.faces import SourceFraming
+    from fer_pipeline.faces.framing import Detection, SourceFraming
 
     column = MANIFEST_FRAMING
-    values = (rows[column].astype(object).where(rows[column].notna(), "crop") if column in rows.columns
-              else pd.Series(["crop"] * len(rows), index=rows.index, dtype=object))
+    values = (rows[column].astype(object).where(rows[column].notna(), CROP) if column in rows.columns
+              else pd.Series([CROP] * len(rows), index=rows.index, dtype=object))
     counts = {str(k): int(v) for k, v in values.value_counts().sort_index().items()}
-    unknown = sorted(set(counts) - {"crop", "detect"})
+    unknown = sorted(set(counts) - set(SOURCE_FRAMINGS))
     if unknown:
-        raise ValueError(f"manifest column '{column}' holds {unknown}; expected 'crop' or 'detect'")
-    if not counts.get("detect"):
-        return Framing("crop", rows=counts)
+        raise ValueError(f"manifest column '{column}' holds {unknown}; expected {' or '.join(map(repr, SOURCE_FRAMINGS))}")
+    if not counts.get(DETECT):
+        return Framing(CROP, rows=counts)
     specs = {s.name: s for s in catalog.sources} if catalog is not None else {}
-    sources = rows.loc[values == "detect", "source"] if "source" in rows.columns else pd.Series([None] * counts["detect"])
-    weight: dict[Detection, int] = {}
+    sources = rows.loc[values == DETECT, "source"] if "source" in rows.columns else pd.Series([None] * counts[DETECT])
+    weight: dict[str, int] = {}  # face-store key (what changes the faces; not `keep`) -> rows
+    detections: dict[str, Detection] = {}
     for source, n in sources.value_counts(dropna=False).items():
         spec = specs.get(source)
         detection = (SourceFraming.of(spec).detection if spec is not None else None) or Detection()
-        weight[detection] = weight.get(detection, 0) + int(n)
-    chosen = max(weight, key=lambda d: (weight[d], d.key))
-    settings = DETECTORS[chosen.detector].describe(**chosen.detector_options())
-    return Framing("mixed" if counts.get("crop") else "detect", settings, chosen.margin, counts)
+        detections.setdefault(detection.key, detection)
+        weight[detection.key] = weight.get(detection.key, 0) + int(n)
+    chosen = detections[max(weight, key=lambda k: (weight[k], k))]
+    return Framing(MIXED if counts.get(CROP) else DETECT, chosen.settings(), chosen.margin, counts)
 
 
 def _catalog_beside(paths: DataPaths, rows: pd.DataFrame, log: LogFn | None) -> Catalog | None:
     """The data root's catalogue, read only when ``rows`` hold detected faces (None: none there)."""
-    from fer_pipeline.dataset.catalog import load_catalog
+    from fer_pipeline.sources.catalog import load_catalog
 
     column = MANIFEST_FRAMING
-    if column not in rows.columns or not (rows[column] == "detect").any():
+    if column not in rows.columns or not (rows[column] == DETECT).any():
         return None
     try:
         return load_catalog(paths.catalog, paths.root, check_paths=False)  # settings only: sources may be elsewhere
@@ -174,11 +174,3 @@ def train_and_save(name: str, arch: ArchConfig, config: TrainConfig, arrays: dic
         for leftover in (own_ckpt, own_curves):
             leftover.unlink(missing_ok=True)  # failed before its rename
     return TrainedModel(name, ckpt, curves, result, validation, baseline, bad)
-
-
-def weights_are_finite(checkpoint: Path) -> tuple[bool, list[str]]:
-    """(all finite, names of tensors holding NaN/inf)."""
-    from safetensors.numpy import load_file
-
-    bad = [k for k, v in load_file(str(checkpoint)).items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
-    return not bad, bad

@@ -7,8 +7,8 @@ analysis that has not been materialized appears in the card as "not run"."""
 import dagster as dg
 
 from fer_pipeline.analysis.model_card import build_model_card, write_model_card
-from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings
+from fer_pipeline.defs.settings import fer_asset
 
 CARD_INPUTS = ("manifest", "splits", "model_evaluation", "cross_validation", "bias_report", "source_confound",
                "cross_source_generalisation")

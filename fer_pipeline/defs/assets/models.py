@@ -6,21 +6,20 @@ import time
 
 import dagster as dg
 
+from fer_pipeline.analysis.recipes import model_start
 from fer_pipeline.defs.assets.data import manifest, splits
 from fer_pipeline.defs.assets.pretrain import pretrained_backbone
 from fer_pipeline.defs.executors import GPU_OP_TAGS
 from fer_pipeline.defs.metadata import file_version, md_image, md_table
-from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.defs.resources import FerSettings, TrainSettings
+from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL, ArchConfig
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
 from fer_pipeline.ml.evaluate import compare_checkpoints, write_comparison
-from fer_pipeline.ml.pretrain import Start, starting_point
 from fer_pipeline.ml.workflow import (
     load_pipeline_data,
     train_and_save,
 )
-from fer_pipeline.paths import DataPaths
 
 GROUP = "models"
 
@@ -36,11 +35,6 @@ that shows what pretraining bought."""
 
 MODELS: dict[str, ArchConfig] = {**ARCHITECTURES, SCRATCH_TWIN: ARCHITECTURES[MAIN_MODEL]}
 """Every model asset: the registered architectures plus the main model's scratch twin."""
-
-
-def model_start(paths: DataPaths, init: str, arch: ArchConfig, with_weights: bool = True) -> Start:
-    """Where a model of ``arch`` starts under ``init``: the main architecture's backbone if it fits."""
-    return starting_point(init, paths.backbone(MAIN_MODEL), arch, with_weights)
 
 
 def model_asset(name: str, arch: ArchConfig, init: str | None = None) -> dg.AssetsDefinition:

@@ -6,14 +6,14 @@ import time
 
 import dagster as dg
 
-from fer_pipeline.dataset.publish import pool_version, read_pool
 from fer_pipeline.defs.assets.data import splits
 from fer_pipeline.defs.executors import GPU_OP_TAGS
 from fer_pipeline.defs.metadata import md_image, md_table
-from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.defs.resources import FerSettings, TrainSettings
+from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
 from fer_pipeline.ml.pretrain import refresh_backbone
+from fer_pipeline.publish import pool_version, read_pool
 
 BACKBONE = "pretrained_backbone"
 

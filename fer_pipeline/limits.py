@@ -1,0 +1,9 @@
+"""Limits every reader of untrusted bytes shares (contracts: no imports): a file, an archive
+entry or an image given to ``predict`` is never read past :data:`MAX_FILE_BYTES`, and streamed
+reads hold :data:`READ_CHUNK` bytes at a time."""
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+"""The size cap of one input file (the ``fer`` resource's ``max_file_bytes`` default, ``predict
+--max-bytes``): no face image is this large, and memory stays bounded on decompression bombs."""
+READ_CHUNK = 1 << 20
+"""Streaming reads (hashing): memory per read, not per file."""

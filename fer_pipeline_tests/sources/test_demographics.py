@@ -1,0 +1,62 @@
+import zipfile
+from pathlib import Path
+
+from fer_pipeline.sources.catalog import parse_catalog
+from fer_pipeline.sources.inventory import build_inventory
+from fer_pipeline_tests.conftest import face_png, write
+
+
+def test_csv_with_windows_paths_partial_coverage(data_root: Path) -> None:
+    src = data_root / "raw" / "race"
+    for cls in ("Angry", "Neutral"):
+        for i in range(3):
+            write(src / "Cleaned Dataset" / cls / f"{i}.jpg", face_png(hash((cls, i)) % 1000, fmt="JPEG"))
+    (src / "DataAnnotations.csv").write_text(
+        "Indices,Path,Gender,Race\n"
+        "1,Cleaned Dataset\\Angry\\0.jpg,Female,Black\n"
+        "2,Cleaned Dataset\\Neutral\\2.jpg,M,Asian\n"
+        "3,Cleaned Dataset\\Happy\\9.jpg,Male,White\n")
+    cat = parse_catalog({"sources": [{"name": "race", "kind": "image_folders", "path": "raw/race",
+                                      "label_map": {"angry": "Angry", "neutral": "Neutral"},
+                                      "demographics": {"csv": "DataAnnotations.csv", "key": "Path",
+                                                       "columns": {"gender": "Gender", "race": "Race"}}}]},
+                        data_root)
+    report = build_inventory(cat, data_root)
+    inv = report.table.set_index("source_path")
+    assert inv.loc["Cleaned Dataset/Angry/0.jpg", ["gender", "race"]].tolist() == ["female", "black"]
+    assert inv.loc["Cleaned Dataset/Neutral/2.jpg", ["gender", "race"]].tolist() == ["male", "asian"]
+    assert inv.loc["Cleaned Dataset/Angry/1.jpg", ["gender", "race"]].isna().all()
+    assert inv["age_group"].isna().all()
+    assert report.demographics_notes["race"]["csv_keys_unmatched"] == 1  # the Happy row has no file
+
+
+def test_csv_inside_zip_keyed_by_file_name(data_root: Path) -> None:
+    with zipfile.ZipFile(data_root / "eng.zip", "w") as zf:
+        zf.writestr("Data/engaged/engaged_1.jpg", face_png(1, fmt="JPEG"))
+        zf.writestr("Data/neutral/neutral_1.jpg", face_png(2, fmt="JPEG"))
+        zf.writestr("Labels/engaged_labels.csv", "Image,Gender,Age\nengaged_1.jpg,Other/Non-binary,Middle-aged\n")
+        zf.writestr("Labels/neutral_labels.csv", "Image,Gender,Age\nneutral_1.jpg,Female,Senior\n")
+    cat = parse_catalog({"sources": [{"name": "eng", "kind": "image_folders", "path": "eng.zip",
+                                      "label_map": {"engaged": "Focused", "neutral": "Neutral"},
+                                      "demographics": {"csv": "Labels/*.csv", "key": "Image",
+                                                       "columns": {"gender": "Gender", "age_group": "Age"}}}]},
+                        data_root)
+    inv = build_inventory(cat, data_root).table.set_index("source_path")
+    assert inv.loc["Data/engaged/engaged_1.jpg", ["gender", "age_group"]].tolist() == ["other", "middle"]
+    assert inv.loc["Data/neutral/neutral_1.jpg", ["gender", "age_group"]].tolist() == ["female", "senior"]
+
+
+def test_filename_regex(data_root: Path) -> None:
+    src = data_root / "raw" / "other"
+    write(src / "Bored" / "female_young_01.png", face_png(1))
+    write(src / "Focused" / "Male_Senior_02.png", face_png(2))
+    write(src / "Focused" / "anon.png", face_png(3))
+    cat = parse_catalog({"sources": [{"name": "o", "kind": "image_folders", "path": "raw/other",
+                                      "label_map": {"Bored": "Tired", "Focused": "Focused"},
+                                      "demographics": {"filename_regex":
+                                                       "(?i)(?P<gender>female|male)_(?P<age_group>young|middle|senior)"}}]},
+                        data_root)
+    inv = build_inventory(cat, data_root).table.set_index("source_path")
+    assert inv.loc["Bored/female_young_01.png", ["gender", "age_group"]].tolist() == ["female", "young"]
+    assert inv.loc["Focused/Male_Senior_02.png", ["gender", "age_group"]].tolist() == ["male", "senior"]
+    assert inv.loc["Focused/anon.png", ["gender", "age_group"]].isna().all()

@@ -229,42 +229,37 @@ def test_a_push_waits_for_another_writers_push_or_refuses_naming_it(s3: S3, tmp_
         assert json.loads(s3.fs.cat(lock))["run_id"] == "run-b"
 
 
-def test_a_manifest_written_during_a_push_is_never_overwritten(s3: S3, tmp_path: Path) -> None:
-    """A writer that ignores the lock puts its manifest between this push's listing and its
-    manifest upload: the conditional PUT (If-Match on the listed ETag) refuses to overwrite it."""
-    url = s3.url("cas")
-    a = ObjectStore(url, tmp_path / "a")
-    _published_set(a.paths, 3, "v1")
-    a.push()
-    _published_set(a.paths, 4, "v2")
-    manifest_key = f"{s3.bucket}/cas/manifest/manifest.parquet"
-    put = a.fs.put_file
+def _another_writer_puts_first(store: ObjectStore, s3: S3, key: str, content: bytes) -> None:
+    """Make ``store``'s next upload of ``key`` find ``content`` written there just before it."""
+    put = store.fs.put_file
 
     def foreign_write_first(lpath: str, rpath: str, **kw: object) -> object:
-        if rpath == manifest_key:
-            s3.fs.pipe(manifest_key, b"another writer's manifest")
+        if rpath == key:
+            s3.fs.pipe(key, content)
         return put(lpath, rpath, **kw)
 
-    a.fs.put_file = foreign_write_first
-    with pytest.raises(StoreConflictError, match="manifest/manifest.parquet changed in the store while this push"):
-        a.push()
-    assert s3.fs.cat(manifest_key) == b"another writer's manifest"
-    assert not s3.fs.exists(f"{s3.bucket}/cas/.fer-publish.lock")
-    # the same on a prefix with no manifest yet: If-None-Match
-    b = ObjectStore(s3.url("cas-new"), tmp_path / "b")
-    _published_set(b.paths, 3, "v1")
-    fresh_key = f"{s3.bucket}/cas-new/manifest/manifest.parquet"
-    put_b = b.fs.put_file
+    store.fs.put_file = foreign_write_first
 
-    def foreign_first(lpath: str, rpath: str, **kw: object) -> object:
-        if rpath == fresh_key:
-            s3.fs.pipe(fresh_key, b"first")
-        return put_b(lpath, rpath, **kw)
 
-    b.fs.put_file = foreign_first
-    with pytest.raises(StoreConflictError, match="was kept, not overwritten"):
-        b.push()
-    assert s3.fs.cat(fresh_key) == b"first"
+@pytest.mark.parametrize(("prefix", "pushed_before", "refusal"), [
+    ("cas", True, "manifest/manifest.parquet changed in the store while this push"),  # If-Match on the listed ETag
+    ("cas-new", False, "was kept, not overwritten"),  # no manifest listed yet: If-None-Match
+])
+def test_a_manifest_written_during_a_push_is_never_overwritten(s3: S3, tmp_path: Path, prefix: str,
+                                                               pushed_before: bool, refusal: str) -> None:
+    """A writer that ignores the lock puts its manifest between this push's listing and its
+    manifest upload: the conditional PUT refuses to overwrite it."""
+    store = ObjectStore(s3.url(prefix), tmp_path / "a")
+    _published_set(store.paths, 3, "v1")
+    if pushed_before:
+        store.push()
+        _published_set(store.paths, 4, "v2")
+    key = f"{s3.bucket}/{prefix}/manifest/manifest.parquet"
+    _another_writer_puts_first(store, s3, key, b"another writer's manifest")
+    with pytest.raises(StoreConflictError, match=refusal):
+        store.push()
+    assert s3.fs.cat(key) == b"another writer's manifest"
+    assert not s3.fs.exists(f"{s3.bucket}/{prefix}/.fer-publish.lock")
 
 
 def test_a_refused_push_is_reported_by_the_run(s3: S3, tmp_path: Path) -> None:

@@ -34,6 +34,13 @@ from typing import Any
 import yaml
 
 from fer_pipeline.atomic import write_bytes
+from fer_pipeline.config_yaml import (
+    YamlRefused,
+    load_yaml,
+    read_config_text,
+    yaml_problem,
+)
+from fer_pipeline.config_yaml import short_repr as _short
 from fer_pipeline.paths import data_root_setting, is_store_url
 
 SETTINGS_ENV = "FER_SETTINGS"
@@ -72,11 +79,6 @@ class Settings:
         return str(self.path) if self.path else "defaults (no settings file)"
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def settings_path(environ: Mapping[str, str] | None = None, data_root: str | None = None) -> Path | None:
     """Where the settings file is (it may not exist): ``$FER_SETTINGS``, else ``settings.yaml``
     in a local data root; None for an object-store data root without ``$FER_SETTINGS``."""
@@ -88,36 +90,14 @@ def settings_path(environ: Mapping[str, str] | None = None, data_root: str | Non
     return None if is_store_url(root) else Path(root).expanduser() / FILE_NAME
 
 
-class _NoAliases(yaml.SafeLoader):
-    """A YAML loader that refuses anchors and aliases (an alias bomb expands a small file into
-    gigabytes) and duplicate keys (one of two values would win silently)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise SettingsError(f"line {mark.line + 1}: YAML aliases are not allowed in a settings file")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise SettingsError(f"line {key_node.start_mark.line + 1}: key {_short(key)} appears twice")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse_settings(text: str, origin: str = "<settings>") -> dict[str, Any]:
     """The YAML document of a settings file as a mapping (errors name ``origin``)."""
     try:
-        data = yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader subclass
-    except SettingsError as exc:
+        data = load_yaml(text)
+    except YamlRefused as exc:
         raise SettingsError(f"{origin}: {exc}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SettingsError(f"{origin}: not valid YAML{where}") from None
+        raise SettingsError(f"{origin}: {yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -162,18 +142,7 @@ def load_settings(path: Path | None) -> Settings:
     if path is None or not os.path.lexists(path):
         return Settings()
     origin = str(path)
-    if path.is_dir():
-        raise SettingsError(f"{origin}: is a directory, not a settings file")
-    if not path.is_file():
-        raise SettingsError(f"{origin}: not a regular file (a FIFO, device or dangling link): refused unread")
-    with path.open("rb") as fh:
-        raw = fh.read(MAX_SETTINGS_BYTES + 1)
-    if len(raw) > MAX_SETTINGS_BYTES:
-        raise SettingsError(f"{origin}: larger than {MAX_SETTINGS_BYTES} bytes: not a settings file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SettingsError(f"{origin}: not UTF-8 text") from None
+    text = read_config_text(path, MAX_SETTINGS_BYTES, "a settings file", SettingsError)
     data = parse_settings(text, origin)
     return Settings(path=path, sections=_sections(data, origin), cv_folds=_cv_folds(data, origin))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fer_pipeline"
-CONTRACTS = {"classes", "paths", "schema", "atomic", "limits", "settings", "publish_lock"}
+CONTRACTS = {"classes", "paths", "schema", "atomic", "limits", "config_yaml", "settings", "publish_lock"}
 RANK = {
     "contracts": 0,  # names, paths, table schemas, atomic writes, size limits, the settings file, the publication lock
     "sources": 1, "demo": 1,  # catalogue, readers, inventory, watching / the generated demo data

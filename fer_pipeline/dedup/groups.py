@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from fer_pipeline.faces.phash import from_hex
 
 BLOCK = 256  # rows per block of the all-pairs fallback: cache-friendly temporaries
 MAX_PAIRS_PER_STEP = 2_000_000  # candidate pairs generated at once by the band join (bounds memory)
+SMALL_RUN = 64  # a settled run up to this size has its skipped pairs listed exactly (cache bookkeeping)
 MIH_MAX_DISTANCE = 8  # up to here bands are >= 7 bits wide and the band join beats all pairs
 
 
@@ -118,9 +119,110 @@ def _all_pairs_blockwise(hashes: np.ndarray, max_distance: int, mirrored: np.nda
     return np.concatenate(rows), np.concatenate(cols)
 
 
+def _canonical(fx: np.ndarray, fy: np.ndarray, rel: np.ndarray, band: int, hashes: np.ndarray,
+               mirrored: np.ndarray | None, max_distance: int) -> np.ndarray:
+    """Mask of the occurrences (face ``fx < fy``, relation ``rel``, found in ``band``) that are
+    the pair's first: a pair close under several relations or sharing several bands is met
+    several times, and only its first meeting (lowest relation, then lowest band) is kept, so
+    every candidate pair comes out exactly once without a global ``np.unique``."""
+    def close(u: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return np.bitwise_count(u ^ w) <= max_distance
+
+    hx, hy = hashes[fx], hashes[fy]
+    keep = np.ones(len(fx), bool)
+    if mirrored is not None:
+        mx, my = mirrored[fx], mirrored[fy]
+        keep &= ~((rel >= 1) & close(hx, hy)) & ~((rel == 2) & close(hx, my))
+        u = np.where(rel == 2, mx, hx)
+        w = np.where(rel == 1, my, hy)
+    else:
+        u, w = hx, hy
+    diff = u ^ w
+    for shift, mask in _bands(max_distance)[:band]:
+        keep &= ((diff >> shift) & mask) != 0
+    return keep
+
+
+PairSink = Callable[[np.ndarray, np.ndarray], None]
+
+
+def _stream_near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | None,
+                       settled: Callable[[np.ndarray], np.ndarray] | None = None,
+                       on_skip: Callable[[np.ndarray], None] | None = None
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of candidate pairs (i < j, each pair once overall), band by band.
+
+    Per band the entries are sorted by the band's bits and the pairs of each run of equal keys
+    are walked by offset: first every entry with its next one (a chain through the run), then
+    offset 2, and so on. ``settled(faces)`` (called between offsets, with the consumer's
+    latest groups) says which runs need no more pairs because all their faces are already in
+    one group; a dense block of near-identical faces is then chained once and never
+    enumerated pair by pair; ``on_skip(faces)`` is told the faces of such runs. Without
+    ``settled`` every candidate pair is yielded (no Python loop over pairs; one vectorised step
+    per offset)."""
+    n = len(hashes)
+    values = hashes if mirrored is None else np.concatenate([hashes, mirrored])
+    face = np.arange(len(values)) % n
+    kind = np.arange(len(values)) // n  # 0: a face's hash, 1: its mirrored hash
+    for band, (shift, mask) in enumerate(_bands(max_distance)):
+        key = (values >> shift) & mask
+        order = np.argsort(key, kind="stable")
+        sk, sv, sface = key[order], values[order], face[order]
+        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+        run_len = np.diff(np.r_[starts, len(sk)])
+        run_of = np.repeat(np.arange(len(starts)), run_len)
+        active = np.flatnonzero(run_len[run_of] - (np.arange(len(sk)) - starts[run_of]) > 1)
+        rem = (starts[run_of] + run_len[run_of] - np.arange(len(sk)))[active]
+
+        def pairs_at(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """The candidate pairs (faces x < y) first met at sorted positions (p, q) of this band."""
+            ok = np.bitwise_count(sv[p] ^ sv[q]) <= max_distance
+            a, b = order[p[ok]], order[q[ok]]
+            fa, fb, ka, kb = face[a], face[b], kind[a], kind[b]
+            swap = fa > fb
+            fx, fy = np.where(swap, fb, fa), np.where(swap, fa, fb)
+            rel = np.where(swap, kb, ka) * 2 + np.where(swap, ka, kb)  # 0: h~h, 1: h x ~ m y, 2: m x ~ h y
+            pick = (fx != fy) & (rel < 3)
+            fx, fy, rel = fx[pick], fy[pick], rel[pick]
+            first = _canonical(fx, fy, rel, band, hashes, mirrored, max_distance)
+            return fx[first].astype(np.int64), fy[first].astype(np.int64)
+
+        t = 1
+        while len(active):
+            if settled is not None and t & (t - 1) == 0:  # offsets 1, 2, 4, ...: drop settled runs
+                runs = np.unique(run_of[active])
+                done = settled_runs(runs, starts, run_len, sface, settled)
+                if done.any():
+                    dropped = np.isin(run_of[active], runs[done])
+                    if on_skip is not None:  # which faces lose pairs: exactly for small runs, all for big ones
+                        small = dropped & (run_len[run_of[active]] <= SMALL_RUN)
+                        p, c = active[small], rem[small] - t
+                        p = np.repeat(p, c)
+                        fx, fy = pairs_at(p, p + t + np.arange(len(p)) - np.repeat(np.cumsum(c) - c, c))
+                        big = np.isin(run_of, runs[done]) & (run_len[run_of] > SMALL_RUN)
+                        on_skip(np.concatenate([fx, fy, sface[big]]))
+                    active, rem = active[~dropped], rem[~dropped]
+            i, j = pairs_at(active, active + t)
+            if len(i):
+                yield i, j
+            t += 1
+            longer = rem > t
+            active, rem = active[longer], rem[longer]
+
+
+def settled_runs(runs: np.ndarray, starts: np.ndarray, run_len: np.ndarray, sface: np.ndarray,
+                 settled: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Which of ``runs`` (indices into ``starts``/``run_len``) have all their faces in one group."""
+    pos = np.repeat(starts[runs], run_len[runs]) + (np.arange(run_len[runs].sum())
+                                                    - np.repeat(np.cumsum(run_len[runs]) - run_len[runs], run_len[runs]))
+    groups = settled(sface[pos])
+    bounds = np.r_[0, np.cumsum(run_len[runs])[:-1]]
+    return np.minimum.reduceat(groups, bounds) == np.maximum.reduceat(groups, bounds)
+
+
 def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | None = None,
                block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j) whose hashes differ in at most ``max_distance`` bits.
+    """All index pairs (i < j) whose hashes differ in at most ``max_distance`` bits, sorted.
 
     With ``mirrored``, a pair also matches when either face's hash is close to the other's
     mirrored hash (both directions: the rule must not depend on which face comes first).
@@ -133,11 +235,12 @@ def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | Non
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if max_distance > MIH_MAX_DISTANCE:
         return _all_pairs_blockwise(hashes, max_distance, mir, block)
-    parts = [_band_join(hashes, hashes, max_distance, lambda i, j: i < j)]
-    if mir is not None:  # hashes[i] ~ mirrored[j] for any i != j covers both directions
-        i, j = _band_join(hashes, mir, max_distance, lambda i, j: i != j)
-        parts.append((np.minimum(i, j), np.maximum(i, j)))
-    return _merge_pairs(parts, n)
+    parts = list(_stream_near_pairs(hashes, max_distance, mir))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i, j = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    order = np.lexsort((j, i))
+    return i[order], j[order]
 
 
 def pixel_correlation(faces: np.ndarray, i: np.ndarray, j: np.ndarray, mirrored: bool = False,
@@ -167,6 +270,118 @@ def exact_pairs(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return first[mask], idx[mask]
 
 
+Correlate = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+class _Linker:
+    """Union-find over faces that confirms candidate pairs as they arrive (vectorised).
+
+    A pair whose two faces are already in one group is never correlated: it cannot change the
+    groups. Per batch, one pair per pair of groups is correlated at a time (rounds), so a block
+    of near-identical faces costs about one correlation per face instead of one per pair. The
+    groups are exactly the connected components of all confirmed candidate pairs, whatever the
+    order the pairs come in."""
+
+    def __init__(self, n: int, correlate: Correlate | None, min_correlation: float) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+        self.correlate = correlate if min_correlation > 0 else None
+        self.min_correlation = min_correlation
+        self.skipped = np.zeros(n, bool)  # faces with a candidate pair left uncorrelated (already grouped)
+        self.candidates = 0  # candidate pairs met (pairs inside a settled run are never met)
+        self.correlations = 0
+        self._tested: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (a, b, correlation)
+        self._links: list[tuple[np.ndarray, np.ndarray]] = []  # confirmed pairs
+
+    def find(self, x: np.ndarray) -> np.ndarray:
+        """Roots of ``x`` (pointer jumping over the whole forest: flat after each call)."""
+        p = self.parent
+        while True:
+            gp = p[p]
+            if np.array_equal(gp, p):
+                return p[x]
+            p[:] = gp
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        while len(a):
+            ra, rb = self.find(a), self.find(b)
+            diff = ra != rb
+            if not diff.any():
+                return
+            np.minimum.at(self.parent, np.maximum(ra, rb)[diff], np.minimum(ra, rb)[diff])
+            a, b = a[diff], b[diff]
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Confirm (or reject) the candidate pairs ``(a, b)``."""
+        self.candidates += len(a)
+        while len(a):
+            ra, rb = self.find(a), self.find(b)
+            open_ = ra != rb
+            self.skipped[a[~open_]] = True
+            self.skipped[b[~open_]] = True
+            a, b, ra, rb = a[open_], b[open_], ra[open_], rb[open_]
+            if not len(a):
+                return
+            _, first = np.unique(np.minimum(ra, rb) * len(self.parent) + np.maximum(ra, rb), return_index=True)
+            ta, tb = a[first], b[first]
+            if self.correlate is None:
+                ok = np.ones(len(ta), bool)
+            else:
+                corr = self.correlate(ta, tb)
+                self.correlations += len(ta)
+                self._tested.append((ta, tb, corr))
+                ok = corr >= self.min_correlation
+            self._links.append((ta[ok], tb[ok]))
+            self.union(ta[ok], tb[ok])
+            rest = np.ones(len(a), bool)
+            rest[first] = False
+            a, b = a[rest], b[rest]
+
+    def links(self) -> tuple[np.ndarray, np.ndarray]:
+        return _cat([a for a, _ in self._links]), _cat([b for _, b in self._links])
+
+    def tested(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        corr = (np.concatenate([c for *_, c in self._tested]).astype(np.float32) if self._tested
+                else np.zeros(0, np.float32))
+        return _cat([a for a, *_ in self._tested]), _cat([b for _, b, _ in self._tested]), corr
+
+
+def _correlator(pixels_of: Callable[[np.ndarray], np.ndarray], match_mirrored: bool) -> Correlate:
+    """Pixel correlation of face pairs (the better of direct and mirrored with ``match_mirrored``);
+    ``pixels_of(faces)`` gives the pixels of those faces."""
+    def correlate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        involved, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+        pixels = pixels_of(involved)
+        ia, ib = inv[:len(a)], inv[len(a):]
+        corr = pixel_correlation(pixels, ia, ib)
+        return np.maximum(corr, pixel_correlation(pixels, ia, ib, mirrored=True)) if match_mirrored else corr
+    return correlate
+
+
+def _link_near(linker: _Linker, hashes: np.ndarray, mirrored: np.ndarray | None, max_distance: int,
+               faces: np.ndarray | None = None) -> None:
+    """Feed the candidate pairs among ``faces`` (default: all) to ``linker``, streamed: runs of
+    faces already in one group are dropped before their pairs are enumerated."""
+    idx = np.arange(len(hashes)) if faces is None else faces
+    if max_distance < 0 or len(idx) < 2:
+        return
+    h = hashes[idx]
+    m = None if mirrored is None else mirrored[idx]
+    if max_distance > MIH_MAX_DISTANCE:
+        i, j = _all_pairs_blockwise(h, max_distance, m)
+        linker.add(idx[i], idx[j])
+        return
+
+    def skip(local: np.ndarray) -> None:
+        linker.skipped[idx[local]] = True  # conservative: the whole run, its remaining pairs unmet
+
+    for i, j in _stream_near_pairs(h, max_distance, m, lambda local: linker.find(idx[local]), skip):
+        linker.add(idx[i], idx[j])
+
+
 @dataclass
 class DedupReport:
     table: pd.DataFrame  # input rows + dup_group, dup_group_size, is_representative, duplicate_of, conflict
@@ -178,6 +393,7 @@ class DedupReport:
     seconds: float
 
 
+
 def deduplicate(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool = True,
                 pixels: np.ndarray | None = None, min_correlation: float = 0.95) -> DedupReport:
     """Group the accepted faces. ``faces`` needs: image_id, source, source_path, label, width,
@@ -186,17 +402,17 @@ def deduplicate(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool
     start = time.perf_counter()
     df = faces.reset_index(drop=True).copy()
     n = len(df)
-    ei, ej = exact_pairs(df["pixel_sha"]) if n else (np.zeros(0, int), np.zeros(0, int))
-    ni, nj = (near_pairs(from_hex(df["phash"].tolist()), max_distance,
-                         from_hex(df["phash_mirror"].tolist()) if match_mirrored else None)
-              if n and max_distance >= 0 else (np.zeros(0, int), np.zeros(0, int)))
-    n_candidates = len(ni)
-    if pixels is not None and len(ni) and min_correlation > 0:
-        corr = pixel_correlation(pixels, ni, nj)
-        if match_mirrored:
-            corr = np.maximum(corr, pixel_correlation(pixels, ni, nj, mirrored=True))
-        ni, nj = ni[corr >= min_correlation], nj[corr >= min_correlation]
-    return _group(df, ei, ej, ni, nj, n_candidates, start)
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return _group(df, empty, empty, empty, empty, 0, start)
+    ei, ej = exact_pairs(df["pixel_sha"])
+    correlate = None if pixels is None else _correlator(lambda rows: pixels[rows], match_mirrored)
+    linker = _Linker(n, correlate, min_correlation)
+    linker.union(ei.astype(np.int64), ej.astype(np.int64))  # exact copies are one group before any correlation
+    _link_near(linker, from_hex(df["phash"].tolist()),
+               from_hex(df["phash_mirror"].tolist()) if match_mirrored else None, max_distance)
+    ni, nj = linker.links()
+    return _group(df, ei, ej, ni, nj, linker.candidates, start)
 
 
 def _group(df: pd.DataFrame, ei: np.ndarray, ej: np.ndarray, ni: np.ndarray, nj: np.ndarray,
@@ -232,26 +448,33 @@ def _group(df: pd.DataFrame, ei: np.ndarray, ej: np.ndarray, ni: np.ndarray, nj:
 # an all-pairs comparison over the faces it lists (faces that disappear are dropped from it), so
 # a run after a change gives the same groups as a run from scratch.
 
-LINK_CACHE_VERSION = 2  # 2: the mirror rule is symmetric
+LINK_CACHE_VERSION = 3  # 2: the mirror rule is symmetric; 3: pairs inside a group are skipped (groups, skip flags kept)
 
 
 def link_cache_name(settings_key: str, max_distance: int, match_mirrored: bool) -> str:
     """File name of the candidate-pair cache for these settings: a change of preprocessing
     settings, distance threshold or mirroring uses (and fills) another cache. The correlation
-    threshold is applied when reading, so changing it needs no recomputation."""
+    threshold is applied when reading, so changing it needs no recomputation (unless pairs were
+    skipped under the old threshold: then everything is compared again)."""
     payload = f"v{LINK_CACHE_VERSION}|{settings_key}|{max_distance}|{int(bool(match_mirrored))}"
     return f"near_links-{hashlib.sha1(payload.encode()).hexdigest()[:12]}.npz"
 
 
 @dataclass
 class NearLinkCache:
-    """Candidate pairs among the distinct faces ``shas`` (sorted): indices ``a < b`` into ``shas``
-    and their pixel correlation (NaN when it was not computed)."""
+    """Candidate pairs among the distinct faces ``shas`` (sorted) whose correlation was computed:
+    indices ``a < b`` into ``shas`` and their pixel correlation. Candidate pairs whose faces were
+    already in one group were not correlated and are not listed: ``skipped`` marks the faces that
+    had such pairs and ``group`` their group, so that a removed face re-opens (compares again)
+    exactly the groups whose skipped pairs may now matter."""
 
     shas: np.ndarray  # (K,) str, sorted
     a: np.ndarray  # (P,) int64
     b: np.ndarray  # (P,) int64
     corr: np.ndarray  # (P,) float32
+    skipped: np.ndarray  # (K,) bool
+    group: np.ndarray  # (K,) int64
+    min_correlation: float
 
     @classmethod
     def load(cls, path: Path) -> "NearLinkCache | None":
@@ -262,20 +485,30 @@ class NearLinkCache:
                     return None
                 shas = z["shas"].astype(str).astype(object)
                 a, b, corr = z["a"].astype(np.int64), z["b"].astype(np.int64), z["corr"].astype(np.float32)
+                skipped, group = z["skipped"].astype(bool), z["group"].astype(np.int64)
+                min_corr = float(z["min_correlation"])
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
             return None
-        if not (len(a) == len(b) == len(corr)) or (len(a) and (max(a.max(), b.max()) >= len(shas) or
-                                                               min(a.min(), b.min()) < 0)):
+        if not (len(a) == len(b) == len(corr)) or len(skipped) != len(shas) or len(group) != len(shas) or (
+                len(a) and (max(a.max(), b.max()) >= len(shas) or min(a.min(), b.min()) < 0)):
             return None
-        return cls(shas, a, b, corr)
+        return cls(shas, a, b, corr, skipped, group, min_corr)
 
     def save(self, path: Path) -> None:
+        wide = np.int32 if len(self.shas) < 2**31 else np.int64
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, version=np.int64(LINK_CACHE_VERSION), shas=np.asarray(self.shas, dtype="S64"),
-                         a=self.a.astype(np.int32 if len(self.shas) < 2**31 else np.int64),
-                         b=self.b.astype(np.int32 if len(self.shas) < 2**31 else np.int64),
-                         corr=self.corr.astype(np.float32))
+                         a=self.a.astype(wide), b=self.b.astype(wide), corr=self.corr.astype(np.float32),
+                         skipped=self.skipped.astype(bool), group=self.group.astype(np.int64),
+                         min_correlation=np.float64(self.min_correlation))
+
+    def reopened(self, gone: np.ndarray) -> np.ndarray:
+        """Faces (mask over ``shas``) to compare again because ``gone`` faces left their group
+        and that group had skipped pairs (a path through a removed face may have been what
+        made them skippable)."""
+        lost = np.intersect1d(self.group[gone], self.group[self.skipped])
+        return np.isin(self.group, lost) & ~gone
 
 
 def _cross_pairs(new: np.ndarray, old: np.ndarray, hashes: np.ndarray, mirrored: np.ndarray | None,
@@ -332,11 +565,12 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
 
     ``faces`` needs the columns of :func:`deduplicate` plus ``sha256`` (raw content hash).
     ``load_pixels(rows)`` returns the processed faces (N, H, W) of those row positions of
-    ``faces``; it is called once, only for faces in new candidate pairs. Candidate pairs are
-    compared between distinct faces in content-hash order, so the result does not depend on
-    row order or on the order in which files arrived. ``cache_path`` keeps the pairs between runs
-    (written only when pixels were available, so cached correlations are real ones);
-    ``ignore_cache`` recomputes everything (and rewrites the cache).
+    ``faces``; it is called only for faces in pairs that are correlated, each face loaded once
+    (possibly over several calls, as pairs are confirmed). Candidate pairs are compared between
+    distinct faces in content-hash order, so the groups do not depend on row order or on the
+    order in which files arrived. ``cache_path`` keeps the pairs between runs (written only when
+    pixels were available, so cached correlations are real ones); ``ignore_cache`` recomputes
+    everything (and rewrites the cache).
     """
     start = time.perf_counter()
     df = faces.reset_index(drop=True).copy()
@@ -349,47 +583,67 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
     order = np.argsort(first["sha256"].to_numpy(dtype=str), kind="stable")
     face_rows = first.index.to_numpy()[order]  # one row per distinct face, in content-hash order
     shas = first["sha256"].to_numpy(dtype=object)[order]
+    face_of_row = pd.Index(shas).get_indexer(df["sha256"].to_numpy(dtype=object))
     hashes = from_hex(first["phash"].to_numpy()[order])
     mirrored = from_hex(first["phash_mirror"].to_numpy()[order]) if match_mirrored else None
     u = len(shas)
 
     cache = None if ignore_cache or cache_path is None else NearLinkCache.load(cache_path)
+    if cache is not None and cache.min_correlation != min_correlation and cache.skipped.any():
+        cache = None  # pairs skipped under another threshold: their groups may differ now
     known = np.zeros(u, bool)
     old_a = old_b = empty
     old_corr = np.zeros(0, np.float32)
+    removed = False
     if cache is not None:
         pos = pd.Index(shas).get_indexer(pd.Index(cache.shas))  # where each cached face is now (-1: gone)
-        known[pos[pos >= 0]] = True
-        keep = (pos[cache.a] >= 0) & (pos[cache.b] >= 0)
+        removed = bool((pos < 0).any())
+        usable = (pos >= 0) & ~cache.reopened(pos < 0)
+        known[pos[usable]] = True
+        keep = usable[cache.a] & usable[cache.b]
         old_a, old_b, old_corr = pos[cache.a[keep]], pos[cache.b[keep]], cache.corr[keep]
-        swap = old_a > old_b  # cannot happen (both orders are content order); be safe anyway
-        old_a, old_b = np.where(swap, old_b, old_a), np.where(swap, old_a, old_b)
+        old_a, old_b = np.minimum(old_a, old_b), np.maximum(old_a, old_b)
     new = np.nonzero(~known)[0]
     old = np.nonzero(known)[0]
-    new_a = new_b = empty
+
+    loaded = np.zeros(u, bool)
+    store: dict[str, np.ndarray] = {}
+
+    def pixels_of(idx: np.ndarray) -> np.ndarray:
+        """Pixels of distinct faces ``idx``, each face loaded from ``load_pixels`` once."""
+        missing = idx[~loaded[idx]]
+        if len(missing):
+            got = np.asarray(load_pixels(face_rows[missing]))  # type: ignore[misc]
+            if "all" not in store:
+                store["all"] = np.zeros((u, *got.shape[1:]), got.dtype)
+            store["all"][missing] = got
+            loaded[missing] = True
+        return store["all"][idx]
+
+    linker = _Linker(u, None if load_pixels is None else _correlator(pixels_of, match_mirrored), min_correlation)
+    linker.union(face_of_row[ei].astype(np.int64), face_of_row[ej].astype(np.int64))
+    old_ok = ~(old_corr < min_correlation) if min_correlation > 0 else np.ones(len(old_a), bool)  # NaN: trust phash
+    linker.union(old_a[old_ok], old_b[old_ok])
+    if cache is not None:
+        linker.skipped[pos[(pos >= 0) & cache.skipped]] = True
     if len(new) and max_distance >= 0:
-        i, j = near_pairs(hashes[new], max_distance, None if mirrored is None else mirrored[new])
-        xa, xb = _cross_pairs(new, old, hashes, mirrored, max_distance) if len(old) else (empty, empty)
-        new_a = np.concatenate([new[i], xa]).astype(np.int64)
-        new_b = np.concatenate([new[j], xb]).astype(np.int64)
-    new_corr = np.full(len(new_a), np.nan, np.float32)
-    if load_pixels is not None and len(new_a):
-        involved = np.unique(np.concatenate([new_a, new_b]))
-        pixels = load_pixels(face_rows[involved])
-        ia, ib = np.searchsorted(involved, new_a), np.searchsorted(involved, new_b)
-        new_corr = pixel_correlation(pixels, ia, ib)
-        if match_mirrored:
-            new_corr = np.maximum(new_corr, pixel_correlation(pixels, ia, ib, mirrored=True))
-    a = np.concatenate([old_a, new_a]).astype(np.int64)
-    b = np.concatenate([old_b, new_b]).astype(np.int64)
-    corr = np.concatenate([old_corr, new_corr]).astype(np.float32)
-    confirmed = ~(corr < min_correlation) if min_correlation > 0 else np.ones(len(a), bool)  # NaN: trust phash
-    report = _group(df, ei, ej, face_rows[a[confirmed]], face_rows[b[confirmed]], len(a), start)
-    changed = cache is None or len(new) > 0 or len(cache.shas) != len(old)
+        _link_near(linker, hashes, mirrored, max_distance, faces=new)
+        if len(old):
+            xa, xb = _cross_pairs(new, old, hashes, mirrored, max_distance)
+            for s in range(0, len(xa), MAX_PAIRS_PER_STEP):
+                linker.add(xa[s:s + MAX_PAIRS_PER_STEP], xb[s:s + MAX_PAIRS_PER_STEP])
+    ta, tb, tcorr = linker.tested()
+    la, lb = linker.links()
+    link_a = np.concatenate([old_a[old_ok], la])
+    link_b = np.concatenate([old_b[old_ok], lb])
+    report = _group(df, ei, ej, face_rows[link_a], face_rows[link_b], len(old_a) + linker.candidates, start)
+    changed = cache is None or len(new) > 0 or removed
     if cache_path is not None and changed and load_pixels is not None:
-        NearLinkCache(shas, a, b, corr).save(cache_path)
+        NearLinkCache(shas, np.concatenate([old_a, np.minimum(ta, tb)]), np.concatenate([old_b, np.maximum(ta, tb)]),
+                      np.concatenate([old_corr, tcorr]), linker.skipped, linker.find(np.arange(u)),
+                      min_correlation).save(cache_path)
     report.seconds = time.perf_counter() - start
-    return report, IncrementalStats(int(len(new)), int(len(old)), int(len(new_a)))
+    return report, IncrementalStats(int(len(new)), int(len(old)), linker.correlations)
 
 
 def duplicates_across(hashes: np.ndarray, mirrored: np.ndarray | None, pixels: np.ndarray | None,

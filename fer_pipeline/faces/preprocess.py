@@ -3,6 +3,9 @@ training data *and* for prediction, so a model always sees inputs prepared the s
 
 Aspect ratio is kept by a **centre crop** to the target aspect before resizing (faces in
 datasets are roughly centred; padding would add borders the model could learn from).
+
+Only the formats of :mod:`fer_pipeline.sources.formats` are decoded, judged by content as the
+inventory judges them: another format (EPS, ICO, AVIF...) is refused before Pillow parses it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fer_pipeline.sources.formats import (
+    ACCEPTED_FORMATS,
+    SNIFF_BYTES,
+    format_refusal,
+    sniff_format,
+)
 
 PREPROCESS_VERSION = 1  # bump when the algorithm changes, so cached faces are recomputed
 
@@ -130,10 +140,13 @@ def open_checked(data: bytes, settings: PreprocessSettings, draft: tuple[str, tu
     size) lets a JPEG decode at a reduced scale no smaller than ``size`` (width, height)."""
     if not data:
         return OpenedImage(None, None, None, "empty file (0 bytes)")
+    fmt = sniff_format(data[:SNIFF_BYTES])
+    if fmt is not None and fmt not in ACCEPTED_FORMATS:  # never handed to a decoder (EPS runs Ghostscript)
+        return OpenedImage(None, None, None, format_refusal(fmt))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # the one format policy
             width, height = img.size
             if width * height > settings.max_pixels:
                 return OpenedImage(None, width, height,

@@ -19,6 +19,7 @@ a ``role: pretrain`` source feeds only the pool (no ``label_map``; ``pretrain_la
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,29 @@ from typing import Any
 import yaml
 
 from fer_pipeline.classes import CLASSES
+from fer_pipeline.config_yaml import (
+    BoundedAliasLoader,
+    YamlRefused,
+    load_yaml,
+    read_config_text,
+    short_repr,
+    short_text,
+    yaml_problem,
+)
 from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES
 from fer_pipeline.sources.framing import CROP, KEEP, SOURCE_FRAMINGS, DetectSpec
 
 KINDS = ("image_folders", "fer2013_csv", "synthetic")
 SYNTHETIC_OPTIONS = ("n_images", "seed", "image_size", "scenes")
+# the bounds of each synthetic option: (least, most); the least is the generator's own minimum
+# (fer_pipeline.demo.synthetic_faces: every class and defect, every pool expression twice, every
+# class's scene), the most keeps a typo from asking for terabytes or a huge array
+SYNTHETIC_BOUNDS = {"n_images": (40, 1_000_000), "seed": (0, 2**32 - 1), "image_size": (32, 1024),
+                    "scenes": (len(CLASSES), 100_000)}
+POOL_MIN_IMAGES = 6  # a `role: pretrain` synthetic source: two faces of each pool expression
+MAX_CATALOG_BYTES = 1 << 20  # a catalogue is a few lines per source: anything larger is refused unread
+MAX_NAME_CHARS = 100  # a source's name: a file-name part and a partition key
+MAX_PATH_CHARS = 4096  # PATH_MAX: a longer `path` cannot name a file
 ROLES = ("train", "pretrain")  # train: the four classes (and maybe the pool); pretrain: the pool only
 ALL_LABELS = "all"
 
@@ -107,8 +126,10 @@ def fold_label(label: str) -> str:
 
 
 def catalog_error(source: str, field_name: str, message: str) -> CatalogError:
-    """The error for one field of one source, in the one format users see."""
-    return CatalogError(f"sources.yaml: source '{source}', field '{field_name}': {message}")
+    """The error for one field of one source, in the one format users see (a hostile name or
+    field path is cut short: the message stays a line, whatever the file holds)."""
+    return CatalogError(f"sources.yaml: source '{short_text(str(source))}', field '{short_text(str(field_name))}': "
+                        f"{message}")
 
 
 _err = catalog_error
@@ -121,8 +142,8 @@ def _label_key(name: str, kind: str, src_label: Any, field_name: str = "label_ma
     if kind == "fer2013_csv" and isinstance(src_label, int) and not isinstance(src_label, bool):
         src_label = str(src_label)
     if not isinstance(src_label, str):
-        raise _err(name, where, f"label names must be text, but YAML read {src_label!r} as "
-                                f"{type(src_label).__name__}: quote it (e.g. '{src_label}': ...)")
+        raise _err(name, where, f"label names must be text, but YAML read {short_repr(src_label)} as "
+                                f"{type(src_label).__name__}: quote it (e.g. '{short_text(str(src_label))}': ...)")
     key = fold_label(src_label)
     if not key:
         raise _err(name, where, "empty label name")
@@ -155,11 +176,12 @@ def _parse_label_map(name: str, kind: str, raw: Any, role: str = "train") -> dic
         if target_class is None:
             raise _err(
                 name, f"label_map.{src_label}",
-                f"maps to '{target}', which is not one of the classes {', '.join(CLASSES)}",
+                f"maps to '{short_text(str(target))}', which is not one of the classes {', '.join(CLASSES)}",
             )
         if key in out:  # one label spelled twice would silently relabel a class
             raise _err(name, f"label_map.{src_label}",
-                       f"is the same label as '{spelled[key]}' (labels are compared case-insensitively); "
+                       f"is the same label as '{short_text(str(spelled[key]))}' (labels are compared "
+                       "case-insensitively); "
                        f"keep one of them")
         out[key], spelled[key] = target_class, src_label
     return out
@@ -178,7 +200,7 @@ def _parse_pool_labels(name: str, kind: str, raw: Any, label_map: dict[str, str]
         pairs = list(raw.items())
     else:
         raise _err(name, "pretrain_labels", f"must be '{ALL_LABELS}', a list of the source's labels or a mapping "
-                                            f"source label -> pool label, not {raw!r}")
+                                            f"source label -> pool label, not {short_repr(raw)}")
     if not pairs:
         raise _err(name, "pretrain_labels", f"is empty: name labels, or '{ALL_LABELS}' (or leave it out)")
     out: dict[str, str] = {}
@@ -190,12 +212,12 @@ def _parse_pool_labels(name: str, kind: str, raw: Any, label_map: dict[str, str]
             raise _err(name, where, f"is also in label_map (as {label_map[key]}): a label goes to the four classes "
                                     "or to the pretraining pool, not both")
         if key in out:
-            raise _err(name, where, f"is the same label as '{spelled[key]}' (labels are compared "
+            raise _err(name, where, f"is the same label as '{short_text(str(spelled[key]))}' (labels are compared "
                                     "case-insensitively); keep one of them")
         if isinstance(raw, list):  # kept under its own (folded) name; a FER2013 code names its emotion
             target = key
         elif not isinstance(pool_label, str):
-            raise _err(name, where, f"the pool label must be text, not {pool_label!r}")
+            raise _err(name, where, f"the pool label must be text, not {short_repr(pool_label)}")
         else:
             target = fold_label(pool_label)
             if not target:
@@ -209,9 +231,9 @@ def _parse_demographics(name: str, raw: Any) -> DemographicsSpec | None:
         return None
     if not isinstance(raw, dict):
         raise _err(name, "demographics", "must be a mapping with 'csv' or 'filename_regex'")
-    unknown = set(raw) - {"csv", "key", "columns", "filename_regex"}
+    unknown = sorted(set(map(str, raw)) - {"csv", "key", "columns", "filename_regex"})
     if unknown:
-        raise _err(name, f"demographics.{sorted(unknown)[0]}", "unknown field")
+        raise _err(name, f"demographics.{unknown[0]}", "unknown field")
     has_csv, has_regex = "csv" in raw, "filename_regex" in raw
     if has_csv == has_regex:
         raise _err(name, "demographics", "give exactly one of 'csv' or 'filename_regex'")
@@ -238,10 +260,11 @@ def _parse_demographics(name: str, raw: Any) -> DemographicsSpec | None:
             raise _err(name, f"demographics.columns.{attr}",
                        f"unknown attribute; use {', '.join(DEMOGRAPHIC_ATTRIBUTES)}")
         if not isinstance(column, str) or not column.strip():
-            raise _err(name, f"demographics.columns.{attr}", f"must be a CSV column name, not {column!r}")
+            raise _err(name, f"demographics.columns.{attr}", f"must be a CSV column name, not {short_repr(column)}")
         if column in used:
             raise _err(name, f"demographics.columns.{attr}",
-                       f"column '{column}' is already read as '{used[column]}'; each attribute needs its own column")
+                       f"column '{short_text(column)}' is already read as '{used[column]}'; each attribute needs "
+                       "its own column")
         used[column] = attr
     return DemographicsSpec(csv=str(raw["csv"]), key=str(raw["key"]),
                             columns={str(k): str(v) for k, v in columns.items()})
@@ -252,11 +275,11 @@ def _number(name: str, field_name: str, value: Any, lo: float, hi: float, hi_ope
     """``value`` as a number in [lo, hi] (or [lo, hi)), else the catalogue error for the field."""
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or math.isnan(value):
-        raise _err(name, field_name, f"must be {kind}, not {value!r}")
-    if value < lo or value > hi or (hi_open and value >= hi):
+    if isinstance(value, bool) or not ok_type or (isinstance(value, float) and math.isnan(value)):
+        raise _err(name, field_name, f"must be {kind}, not {short_repr(value)}")
+    if value < lo or value > hi or (hi_open and value >= hi):  # int vs float compares exactly, never overflows
         raise _err(name, field_name, f"must be between {lo} and {hi}{' (exclusive)' if hi_open else ''}, "
-                                     f"not {value}")
+                                     f"not {short_repr(value)}")
     return value
 
 
@@ -264,7 +287,7 @@ def _parse_framing(name: str, entry: dict[str, Any]) -> tuple[str, DetectSpec | 
     """``faces`` (crop | detect) and, for detect, the ``detect`` options."""
     faces = entry.get("faces", CROP)
     if faces not in SOURCE_FRAMINGS:
-        raise _err(name, "faces", f"must be {' or '.join(repr(f) for f in SOURCE_FRAMINGS)}, not {faces!r}")
+        raise _err(name, "faces", f"must be {' or '.join(repr(f) for f in SOURCE_FRAMINGS)}, not {short_repr(faces)}")
     raw = entry.get("detect")
     if faces == CROP:
         if raw is not None:
@@ -279,7 +302,7 @@ def _parse_framing(name: str, entry: dict[str, Any]) -> tuple[str, DetectSpec | 
         raise _err(name, f"detect.{unknown[0]}", "unknown field (detect takes keep, margin, min_score, min_face_size)")
     keep = raw.get("keep", DetectSpec.keep)
     if keep not in KEEP:
-        raise _err(name, "detect.keep", f"must be {' or '.join(repr(k) for k in KEEP)}, not {keep!r}")
+        raise _err(name, "detect.keep", f"must be {' or '.join(repr(k) for k in KEEP)}, not {short_repr(keep)}")
     margin = _number(name, "detect.margin", raw.get("margin", DetectSpec.margin), 0.0, 1.0)
     min_score = _number(name, "detect.min_score", raw.get("min_score", DetectSpec.min_score), 0.0, 1.0, hi_open=True)
     min_face = _number(name, "detect.min_face_size", raw.get("min_face_size", DetectSpec.min_face_size), 12, 4096,
@@ -287,12 +310,16 @@ def _parse_framing(name: str, entry: dict[str, Any]) -> tuple[str, DetectSpec | 
     return faces, DetectSpec(keep=keep, margin=float(margin), min_score=float(min_score), min_face_size=int(min_face))
 
 
-def _parse_synthetic_options(name: str, options: dict[str, Any]) -> None:
+def _parse_synthetic_options(name: str, options: dict[str, Any], role: str) -> None:
+    """Every generator option known and in its bounds (:data:`SYNTHETIC_BOUNDS`), so the
+    generator never fails halfway with a bare ``ValueError`` nor allocates a huge image."""
     for opt, value in options.items():
         if opt not in SYNTHETIC_OPTIONS:
             raise _err(name, opt, f"unknown field (synthetic takes {', '.join(SYNTHETIC_OPTIONS)})")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 and opt != "seed":
-            raise _err(name, opt, "must be a positive integer")
+        lo, hi = SYNTHETIC_BOUNDS[opt]
+        if opt == "n_images" and role == "pretrain":
+            lo = POOL_MIN_IMAGES
+        _number(name, opt, value, lo, hi, integer=True)
     if "scenes" in options and ("n_images" in options or "image_size" in options):
         clash = "n_images" if "n_images" in options else "image_size"
         raise _err(name, clash, "does not apply with 'scenes' (the scene generator draws its own sizes)")
@@ -314,6 +341,8 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None, check_
             raise _err(f"#{i + 1}", "name", "is required")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise _err(name, "name", "use letters, digits, '_', '-' or '.' only")
+        if len(name) > MAX_NAME_CHARS:  # it names folders, files and partitions
+            raise _err(name, "name", f"use at most {MAX_NAME_CHARS} characters, not {len(name)}")
         if name in seen:
             raise _err(name, "name", "is used by two sources")
         seen.add(name)
@@ -321,10 +350,14 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None, check_
         if kind is None:
             raise _err(name, "kind", "is required")
         if kind not in KINDS:
-            raise _err(name, "kind", f"unknown kind '{kind}'; expected one of {', '.join(KINDS)}")
-        if not entry.get("path"):
+            raise _err(name, "kind", f"unknown kind '{short_text(str(kind))}'; expected one of {', '.join(KINDS)}")
+        raw_path = entry.get("path")
+        if not raw_path:
             raise _err(name, "path", "is required")
-        path = Path(str(entry["path"])).expanduser()
+        if not isinstance(raw_path, str) or "\0" in raw_path or len(raw_path) > MAX_PATH_CHARS:
+            raise _err(name, "path", f"must be a file or folder name (text without NUL, at most {MAX_PATH_CHARS} "
+                                     f"characters), not {short_repr(raw_path)}")
+        path = Path(raw_path).expanduser()
         path = path if path.is_absolute() else data_root / path
         if check_paths and kind != "synthetic" and not path.exists():
             raise _err(name, "path", f"does not exist: {path}")
@@ -334,7 +367,7 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None, check_
             raise _err(name, "path", f"must be the FER2013 CSV file: {path}")
         role = entry.get("role", "train")
         if role not in ROLES:
-            raise _err(name, "role", f"must be {' or '.join(repr(r) for r in ROLES)}, not {role!r}")
+            raise _err(name, "role", f"must be {' or '.join(repr(r) for r in ROLES)}, not {short_repr(role)}")
         label_map = _parse_label_map(name, kind, entry.get("label_map"), role)
         pool_labels, pool_all = _parse_pool_labels(name, kind, entry.get("pretrain_labels"), label_map, role)
         demographics = _parse_demographics(name, entry.get("demographics"))
@@ -343,14 +376,14 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None, check_
                                             columns={"gender": "gender", "age_group": "age_group"})
         licence = entry.get("licence")
         if licence is not None and (not isinstance(licence, str) or not licence.strip()):
-            raise _err(name, "licence", f"must be text naming the licence (e.g. 'CC BY-NC 4.0'), not {licence!r}")
+            raise _err(name, "licence", f"must be text naming the licence (e.g. 'CC BY-NC 4.0'), not {short_repr(licence)}")
         known = {"name", "kind", "path", "label_map", "demographics", "licence", "faces", "detect", "role",
                  "pretrain_labels"}
         options = {k: v for k, v in entry.items() if k not in known}
         if kind != "synthetic" and options:
             raise _err(name, min(map(str, options)), "unknown field")
         if kind == "synthetic":
-            _parse_synthetic_options(name, options)
+            _parse_synthetic_options(name, options, role)
             if role == "pretrain" and "scenes" in options:
                 raise _err(name, "scenes", "does not apply with 'role: pretrain' (the pool generator draws face crops)")
         faces, detect = _parse_framing(name, entry)
@@ -361,34 +394,16 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None, check_
     return Catalog(sources=tuple(specs), path=origin)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """Safe YAML that refuses a key repeated in one mapping (plain YAML keeps the last silently)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    first: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            line = first.setdefault(key, key_node.start_mark.line + 1)
-        except TypeError:  # an unhashable key: construct_mapping reports it
-            continue
-        if line != key_node.start_mark.line + 1:
-            raise CatalogError(f"sources.yaml, line {key_node.start_mark.line + 1}: key {key!r} appears twice in "
-                               f"the same mapping (first on line {line}); keep one of them")
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def load_catalog(path: Path, data_root: Path | None = None, check_paths: bool = True) -> Catalog:
     """Read and validate ``sources.yaml`` (``check_paths``: see :func:`parse_catalog`)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CatalogError(f"sources.yaml not found at {path}")
+    text = read_config_text(path, MAX_CATALOG_BYTES, "a sources.yaml file", CatalogError)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_StrictLoader)  # a SafeLoader
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
+        data = load_yaml(text, BoundedAliasLoader)  # yaml.dump writes aliases for shared values
+    except YamlRefused as exc:
+        raise CatalogError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: {yaml_problem(exc)}") from None
     return parse_catalog(data, data_root or path.parent, origin=path, check_paths=check_paths)

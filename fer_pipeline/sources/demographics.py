@@ -22,7 +22,7 @@ from fer_pipeline.sources.catalog import (
     SourceSpec,
     catalog_error,
 )
-from fer_pipeline.sources.files import MemberError
+from fer_pipeline.sources.files import MemberError, read_regular
 from fer_pipeline.sources.readers import FolderReader, Member, SourceReader, ZipReader
 
 _GENDER = {"m": "male", "male": "male", "man": "male", "men": "male",
@@ -84,14 +84,13 @@ def _parse_csv(spec: SourceSpec, data: bytes | str, where: str) -> pd.DataFrame:
 
 
 def _csv_file(spec: SourceSpec, path: str, max_bytes: int) -> pd.DataFrame:
+    """A sheet on disk, read only if it is a regular file within the cap: a FIFO would block
+    forever and ``/dev/zero`` would be read until memory runs out."""
     try:
-        size = Path(path).stat().st_size
-    except OSError as exc:
+        data = read_regular(path, max_bytes)
+    except MemberError as exc:
         raise catalog_error(spec.name, "demographics.csv", f"cannot read {path}: {exc}") from exc
-    if size > max_bytes:
-        raise catalog_error(spec.name, "demographics.csv",
-                            f"{path} is larger than the cap ({size} > {max_bytes} bytes)")
-    return _parse_csv(spec, path, path)
+    return _parse_csv(spec, data, path)
 
 
 def read_demographics_table(spec: SourceSpec, reader: SourceReader, data_root: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -132,6 +131,12 @@ def read_demographics_table(spec: SourceSpec, reader: SourceReader, data_root: P
     return df, found
 
 
+def _suffixes(path: str) -> list[str]:
+    """``a/b/c`` -> ``["b/c", "c"]``: the path without one or more leading folders."""
+    parts = path.split("/")
+    return ["/".join(parts[k:]) for k in range(1, len(parts))]
+
+
 def demographics_from_csv(spec: SourceSpec, reader: SourceReader, paths: Sequence[str], data_root: Path,
                           table: tuple[pd.DataFrame, list[str]] | None = None) -> DemographicsResult:
     """Match CSV keys to source paths: by relative path (or path suffix) when the key has a
@@ -143,8 +148,12 @@ def demographics_from_csv(spec: SourceSpec, reader: SourceReader, paths: Sequenc
     out = _empty(paths)
     by_path = {normalise_key(p): i for i, p in enumerate(paths)}
     by_name: dict[str, list[int]] = {}
+    by_suffix: dict[str, list[int]] = {}  # proper suffixes at folder boundaries: a join, not a scan per key
     for i, p in enumerate(paths):
         by_name.setdefault(PurePosixPath(normalise_key(p)).name, []).append(i)
+    for p, i in by_path.items():
+        for suffix in _suffixes(p):
+            by_suffix.setdefault(suffix, []).append(i)
     unmatched = ambiguous = 0
     values = {attr: [None] * len(paths) for attr in DEMOGRAPHIC_ATTRIBUTES}
     for rowd in df.to_dict("records"):
@@ -157,7 +166,7 @@ def demographics_from_csv(spec: SourceSpec, reader: SourceReader, paths: Sequenc
         if "/" in key:
             idx = by_path.get(key)
             if idx is None:  # the key may include or omit a top-level folder
-                cands = [i for p, i in by_path.items() if p.endswith("/" + key) or key.endswith("/" + p)]
+                cands = sorted({*by_suffix.get(key, []), *(by_path[k] for k in _suffixes(key) if k in by_path)})
                 idx = cands[0] if len(cands) == 1 else None
                 ambiguous += len(cands) > 1
         else:

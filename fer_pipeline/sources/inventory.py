@@ -1,6 +1,8 @@
 """Raw-source inventory: every file of every catalogued source, with its content hash, raw
 label, split hint, target class (or pretraining-pool label: status ``pool``) and demographics, or
-the reason it is not an image candidate.
+the reason it is not an image candidate. Whether a file is an image is judged from its first bytes
+(:mod:`fer_pipeline.sources.formats`: the one format policy the decoder applies too), never by
+reading it whole; its name is only a hint.
 
 Members whose fingerprint (zip CRC+size, or file size+mtime) matches the previous inventory
 reuse its content hash, so an unchanged archive is listed without being decompressed again; a
@@ -35,9 +37,23 @@ from fer_pipeline.sources.catalog import (
     fold_label,
 )
 from fer_pipeline.sources.demographics import load_demographics, read_demographics_table
-from fer_pipeline.sources.files import NO_LABEL, SOURCE_ERROR, TOO_LARGE, UNREADABLE, MemberError, SourceError
-from fer_pipeline.sources.names import is_image_name, junk_reason
-from fer_pipeline.sources.readers import BrokenSource, Member, SourceReader, open_reader, source_row_path
+from fer_pipeline.sources.files import (
+    NO_LABEL,
+    SOURCE_ERROR,
+    TOO_LARGE,
+    UNREADABLE,
+    MemberError,
+    SourceError,
+)
+from fer_pipeline.sources.formats import SNIFF_BYTES, refusal
+from fer_pipeline.sources.names import junk_reason
+from fer_pipeline.sources.readers import (
+    BrokenSource,
+    Member,
+    SourceReader,
+    open_reader,
+    source_row_path,
+)
 
 # folder names (lower case) that are a source's own split, and the split (schema.SPLITS) they hint at
 SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing": "test",
@@ -49,7 +65,7 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing
 CANDIDATE, POOL, JUNK, NOT_IMAGE, UNMAPPED = "candidate", "pool", "junk", "not_image", "unmapped"
 STATUSES = (CANDIDATE, POOL, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED, UNREADABLE, TOO_LARGE, SOURCE_ERROR)
 
-INVENTORY_VERSION = 3  # bump when classification changes, so unchanged sources are listed again
+INVENTORY_VERSION = 4  # bump when classification changes, so unchanged sources are listed again
 LISTINGS_ATTR = "fer_source_listings"  # per-source listing fingerprints, kept in the table's attrs
 
 ROW_COLUMNS = ["source", "source_path", "bytes", "fingerprint", "sha256", "raw_label", "split_hint", "label",
@@ -102,10 +118,6 @@ def _classify(member: Member, spec: SourceSpec) -> dict[str, object]:
         row.update(status=member.problem.status, reason=member.problem.reason, raw_label=raw_label,
                    split_hint=hint, label=spec.map_label(raw_label), pool_label=spec.pool_label(raw_label))
         return row
-    if spec.kind != "fer2013_csv" and not is_image_name(member.path):
-        ext = PurePosixPath(member.path).suffix or "(none)"
-        row.update(status=NOT_IMAGE, reason=f"not an image file (extension {ext})")
-        return row
     row.update(raw_label=raw_label, split_hint=hint)
     if raw_label is None:
         row.update(status=NO_LABEL, reason="no label: the file is not inside a class folder")
@@ -131,17 +143,26 @@ def _source_row(spec: SourceSpec, reason: str, taken: set[str]) -> dict[str, obj
 
 
 def _hash(row: dict[str, object], member: Member, reader: SourceReader,
-          previous: dict[tuple[str, str], tuple[str, str]]) -> bool:
-    """Fill the row's SHA-256 (reused when the fingerprint is unchanged); True when read now."""
+          previous: dict[tuple[str, str], tuple[str, str]]) -> str | None:
+    """Judge the member's format from its first bytes (:mod:`fer_pipeline.sources.formats`),
+    then fill its SHA-256; ``"reused"`` when the hash is the previous inventory's (unchanged
+    fingerprint: its content was accepted then), ``"hashed"`` when read now, None when the member
+    is not an image file (never read whole)."""
     prev = previous.get((reader.spec.name, member.path))
     if prev is not None and prev[0] == member.fingerprint and prev[1]:
         row["sha256"] = prev[1]
-        return False
+        return "reused"
     try:
+        if reader.spec.kind != "fer2013_csv":  # a FER2013 row is a PNG the reader makes
+            not_image = refusal(reader.head(member, SNIFF_BYTES), member.path)
+            if not_image is not None:
+                row.update(status=NOT_IMAGE, reason=not_image, raw_label=None, label=None, pool_label=None,
+                           split_hint=member.split_hint)
+                return None
         row["sha256"] = reader.sha256(member)
     except MemberError as exc:
         row.update(status=exc.problem.status, reason=exc.problem.reason)
-    return True
+    return "hashed"
 
 
 @dataclass
@@ -165,11 +186,10 @@ def inventory_source(spec: SourceSpec, reader: SourceReader, data_root: Path,
     try:
         for member in reader.members():
             row = _classify(member, spec)
-            if row["status"] not in (JUNK, NOT_IMAGE) and member.problem is None:
-                if _hash(row, member, reader, previous):
-                    hashed += 1
-                else:
-                    reused += 1
+            if row["status"] != JUNK and member.problem is None:
+                read = _hash(row, member, reader, previous)
+                hashed += read == "hashed"
+                reused += read == "reused"
             rows.append(row)
     except SourceError as exc:
         rows.append(_source_row(spec, str(exc), {str(r["source_path"]) for r in rows}))

@@ -119,6 +119,11 @@ class SourceReader:
         """SHA-256 of the member's bytes (readers stream it in chunks where they can)."""
         return hashlib.sha256(self.read(member)).hexdigest()
 
+    def head(self, member: Member, n: int) -> bytes:
+        """The member's first ``n`` bytes (its format is judged from them), read without reading it
+        whole where the reader can; raises :class:`MemberError` like :meth:`read`."""
+        return self.read(member)[:n]
+
     def close(self) -> None:  # pragma: no cover - trivial
         pass
 
@@ -279,6 +284,15 @@ class FolderReader(SourceReader):
     def read(self, member: Member) -> bytes:
         return read_regular(self._fs_path(member.path), self.max_file_bytes)
 
+    def head(self, member: Member, n: int) -> bytes:
+        fd, _ = open_regular(self._fs_path(member.path), self.max_file_bytes)
+        try:
+            return os.read(fd, n)
+        except OSError as exc:
+            raise MemberError(Problem(UNREADABLE, describe_error(exc))) from exc
+        finally:
+            os.close(fd)
+
     def sha256(self, member: Member) -> str:
         fd, _ = open_regular(self._fs_path(member.path), self.max_file_bytes)
         h, total = hashlib.sha256(), 0
@@ -386,6 +400,15 @@ class ZipReader(SourceReader):
             try:
                 with self._zip.open(info) as f:  # zipfile stops at the declared size, then checks the CRC
                     return f.read(info.file_size + 1)
+            except Exception as exc:  # one unreadable entry is that entry's outcome, whatever it raises
+                raise MemberError(Problem(UNREADABLE, describe_error(exc))) from exc
+
+    def head(self, member: Member, n: int) -> bytes:
+        info = self._entry(member)
+        with self._lock:
+            try:
+                with self._zip.open(info) as f:  # inflates about n bytes, not the entry
+                    return f.read(min(n, info.file_size))
             except Exception as exc:  # one unreadable entry is that entry's outcome, whatever it raises
                 raise MemberError(Problem(UNREADABLE, describe_error(exc))) from exc
 

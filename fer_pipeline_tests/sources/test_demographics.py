@@ -1,5 +1,9 @@
+import os
+
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from fer_pipeline.sources.catalog import parse_catalog
 from fer_pipeline.sources.inventory import build_inventory
@@ -60,3 +64,36 @@ def test_filename_regex(data_root: Path) -> None:
     assert inv.loc["Bored/female_young_01.png", ["gender", "age_group"]].tolist() == ["female", "young"]
     assert inv.loc["Focused/Male_Senior_02.png", ["gender", "age_group"]].tolist() == ["male", "senior"]
     assert inv.loc["Focused/anon.png", ["gender", "age_group"]].isna().all()
+
+
+def _sheet_source(data_root: Path, sheet: str = "sheet.csv") -> object:
+    src = data_root / "raw" / "d"
+    write(src / "top" / "Angry" / "a.png", face_png(1))
+    write(src / "top" / "Angry" / "b.png", face_png(2))
+    return parse_catalog({"sources": [{"name": "d", "kind": "image_folders", "path": "raw/d",
+                                       "label_map": {"Angry": "Angry"},
+                                       "demographics": {"csv": sheet, "key": "Path",
+                                                        "columns": {"gender": "Gender"}}}]}, data_root)
+
+
+def test_prefixed_keys_join_both_ways(data_root: Path) -> None:
+    """Keys with an extra leading folder, or without the top folder, still find their file."""
+    cat = _sheet_source(data_root)
+    (data_root / "raw" / "d" / "sheet.csv").write_text(
+        "Path,Gender\nextra/top/Angry/a.png,F\nAngry/b.png,M\nAngry/zz.png,M\n")
+    report = build_inventory(cat, data_root)
+    inv = report.table.set_index("source_path")
+    assert inv.loc["top/Angry/a.png", "gender"] == "female" and inv.loc["top/Angry/b.png", "gender"] == "male"
+    assert report.demographics_notes["d"]["csv_keys_unmatched"] == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_sheet_that_is_not_a_regular_file_is_refused(data_root: Path, kind: str) -> None:
+    cat = _sheet_source(data_root)
+    sheet = data_root / "raw" / "d" / "sheet.csv"
+    if kind == "fifo":
+        os.mkfifo(sheet)
+    else:
+        sheet.symlink_to("/dev/zero")
+    with pytest.raises(Exception, match="not a regular file"):
+        build_inventory(cat, data_root)

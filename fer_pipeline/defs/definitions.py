@@ -52,14 +52,15 @@ def build_definitions(executor: dg.ExecutorDefinition | None = None, n_cv_folds:
     assets = [*DATA_ASSETS, pretrained_backbone, *MODEL_ASSETS, model_evaluation,
               *evaluation_assets(n_cv_folds, held_out), model_card]
     # the fold count is part of what a fold means: changing it marks every fold unsynced
-    assets = versioned(assets, settings, extra={CV_FOLD: f"{n_cv_folds}-fold"})
+    resources = bind_resources(settings)  # a bad settings file fails here, naming file and field
+    assets = versioned(assets, resources, extra={CV_FOLD: f"{n_cv_folds}-fold"})
     return dg.Definitions(
         assets=_automated(assets),
         asset_checks=[*DATA_CHECKS],
         jobs=JOBS,
         sensors=SENSORS,
         schedules=SCHEDULES,
-        resources=bind_resources(settings),
+        resources=resources,
         # Default (FER_EXECUTOR unset): one process for the whole run. Stages parallelise internally
         # (decoding pool, torch threads), and a process per step would pay Python/torch/GX start-up
         # for every step and check. FER_EXECUTOR=multiprocess / dask / k8s spread steps over

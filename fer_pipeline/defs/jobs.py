@@ -34,7 +34,7 @@ import dagster as dg
 from fer_pipeline.defs.env import env_int
 from fer_pipeline.paths import data_root_setting, is_store_url
 from fer_pipeline.settings import DEFAULT_CV_FOLDS, current_settings
-from fer_pipeline.sources.catalog import Catalog, CatalogError, load_catalog
+from fer_pipeline.sources.catalog import MAX_CATALOG_BYTES, Catalog, CatalogError, load_catalog
 
 CV_FOLDS_ENV = "FER_CV_FOLDS"
 SOURCE_OBSERVATION = "source_files"
@@ -83,7 +83,7 @@ def _catalog(root: Path | None) -> Catalog:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / CATALOG_FILE
         with fsspec.open(f"{setting.rstrip('/')}/{CATALOG_FILE}", "rb") as remote:
-            local.write_bytes(remote.read(1 << 20))
+            local.write_bytes(remote.read(MAX_CATALOG_BYTES + 1))  # one byte more: an oversized one is refused
         return load_catalog(local, Path(tmp), check_paths=False)
 
 

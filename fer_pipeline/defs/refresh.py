@@ -148,7 +148,8 @@ def refresh(run_config: dict[str, Any] | None = None, concurrency: int = 1) -> l
     outcomes = [execute(DATA_JOB, [dg.AssetKey(SOURCE_OBSERVATION)], None, {})]
     for job in ORDER:
         work = out_of_date(job)
-        print(f"refresh: {job}: {len(work) or 'nothing'} run(s) {sorted(map(str, work)) if job in (CV_FOLDS_JOB, LOSO_FOLDS_JOB) else ''}")
+        which = f" {sorted(map(str, work))}" if work and job in (CV_FOLDS_JOB, LOSO_FOLDS_JOB) else ""
+        print(f"refresh: {job}: {len(work)} run(s) to bring up to date{which}")
         args = [(job, keys, partition, run_config) for partition, keys in sorted(work.items(), key=lambda w: str(w[0]))]
         done = run_many(args, concurrency)
         outcomes += done

@@ -22,6 +22,7 @@ from typing import Any
 import dagster as dg
 import pydantic
 
+from fer_pipeline.config_yaml import short_repr
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSettings
 from fer_pipeline.settings import (
     SECTIONS,
@@ -43,11 +44,6 @@ SECTIONS_BY_GROUP: dict[str, tuple[str, ...]] = {DATA_GROUP: ("fer",), "models":
 """Which settings an asset group computes with (other groups: all three sections)."""
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def bind_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """The resources with the file's values; an unknown or bad value fails naming file and field."""
     bound: dict[str, dg.ConfigurableResource] = {}
@@ -55,7 +51,7 @@ def bind_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         values = settings.section(name)
         unknown = sorted(map(str, set(values) - set(cls.model_fields)))
         if unknown:
-            field = unknown[0] if unknown[0].isidentifier() and len(unknown[0]) <= 40 else _short(unknown[0], 40)
+            field = unknown[0] if unknown[0].isidentifier() and len(unknown[0]) <= 40 else short_repr(unknown[0], 40)
             raise SettingsError(f"{settings.source}: {name}.{field}: unknown setting (known: "
                                 f"{', '.join(cls.model_fields)})")
         try:
@@ -64,7 +60,7 @@ def bind_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             err = exc.errors()[0]
             field = ".".join(map(str, err.get("loc", ()))) or "?"
             raise SettingsError(f"{settings.source}: {name}.{field}: {err.get('msg', 'invalid')} "
-                                f"(got {_short(values.get(field.split('.')[0]))})") from None
+                                f"(got {short_repr(values.get(field.split('.')[0]))})") from None
     return bound
 
 
@@ -73,20 +69,21 @@ def section_values(resource: dg.ConfigurableResource) -> dict[str, Any]:
     return {k: getattr(resource, k) for k in type(resource).model_fields}
 
 
-def code_version(settings: Settings, sections: Iterable[str]) -> str:
-    """``CODE_VERSION`` plus the fingerprint of the named sections' values as bound."""
-    bound = bind_resources(settings)
+def code_version(bound: Mapping[str, dg.ConfigurableResource], sections: Iterable[str]) -> str:
+    """``CODE_VERSION`` plus the fingerprint of the named sections' values (``bound``: what
+    :func:`bind_resources` returned)."""
     parts = [f"{name}:{fingerprint(section_values(bound[name]), name)}" for name in sections]
     return "-".join([CODE_VERSION, *parts])
 
 
-def versioned(assets: Iterable[dg.AssetsDefinition], settings: Settings,
+def versioned(assets: Iterable[dg.AssetsDefinition], bound: Mapping[str, dg.ConfigurableResource],
               extra: Mapping[str, str] | None = None) -> list[dg.AssetsDefinition]:
-    """``assets`` with code versions that include the settings they compute with (``extra``:
-    more to fold in per asset name, e.g. the number of CV folds)."""
+    """``assets`` with code versions that include the settings they compute with (``bound``: the
+    resources as the settings file binds them; ``extra``: more to fold in per asset name, e.g.
+    the number of CV folds)."""
     extra = extra or {}
-    versions = {group: code_version(settings, sections) for group, sections in SECTIONS_BY_GROUP.items()}
-    default = code_version(settings, SECTIONS)
+    versions = {group: code_version(bound, sections) for group, sections in SECTIONS_BY_GROUP.items()}
+    default = code_version(bound, SECTIONS)
 
     def spec(s: dg.AssetSpec) -> dg.AssetSpec:
         version = versions.get(s.group_name or "", default)

@@ -18,9 +18,10 @@ import yaml
 
 from fer_pipeline import settings as core
 from fer_pipeline.defs.definitions import build_definitions
+from fer_pipeline.defs.jobs import held_out_source_keys
 from fer_pipeline.defs.resources import TrainSettings
 from fer_pipeline.defs.settings import OVERRIDES_TAG, bind_resources, code_version, fer_asset, run_overrides
-from fer_pipeline.settings import Settings, SettingsError, load_settings, settings_path
+from fer_pipeline.settings import Settings, SettingsError, install_settings, load_settings, settings_path
 from fer_pipeline_tests.conftest import REPO
 
 
@@ -118,8 +119,9 @@ def test_code_versions_follow_the_recipe_not_the_machine() -> None:
     base = Settings()
     recipe = Settings(sections={"training": {"epochs": 7}})
     machine = Settings(sections={"training": {"device": "cpu", "num_threads": 1}, "fer": {"workers": 1}})
-    assert code_version(base, ["training"]) != code_version(recipe, ["training"])
-    assert code_version(base, ["fer", "training"]) == code_version(machine, ["fer", "training"])
+    bound = {name: bind_resources(s) for name, s in (("base", base), ("recipe", recipe), ("machine", machine))}
+    assert code_version(bound["base"], ["training"]) != code_version(bound["recipe"], ["training"])
+    assert code_version(bound["base"], ["fer", "training"]) == code_version(bound["machine"], ["fer", "training"])
 
     def versions(s: Settings, folds: int = 2) -> dict[str, str | None]:
         graph = build_definitions(dg.in_process_executor, folds, settings=s, held_out=["a"]).resolve_asset_graph()
@@ -188,3 +190,38 @@ def test_a_run_config_override_is_recorded_on_the_run_and_the_materialization(
     tags = instance.get_run_by_id(override.run_id).tags
     assert json.loads(tags[OVERRIDES_TAG]) == {"training": {"epochs": 2}}
     assert OVERRIDES_TAG not in instance.get_run_by_id(plain.run_id).tags
+
+
+@pytest.mark.parametrize(("catalogue", "why"), [
+    ("sources: [", "not valid YAML"),  # truncated
+    ("a: &a [1]\nb: *a\nsources: *b\n", "alias"),  # an alias to nothing
+    (None, "is a directory"),
+    ("fifo", "not a regular file"),
+])
+def test_a_broken_catalogue_still_loads_the_code_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         catalogue: str | None, why: str) -> None:
+    """The held-out-source partitions are read from sources.yaml when the code location loads: a
+    broken catalogue gives no partitions and says why (the data run names the problem), never a
+    code location that cannot load (the UI would show nothing) nor one that hangs on a FIFO."""
+    path = tmp_path / "sources.yaml"
+    if catalogue is None:
+        path.mkdir()
+    elif catalogue == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text(catalogue)
+    keys, note = held_out_source_keys(tmp_path)
+    assert keys == [] and note is not None and why in note
+    graph = build_definitions(dg.in_process_executor, 2, settings=Settings(), held_out=keys).resolve_asset_graph()
+    assert graph.get(dg.AssetKey("loso_fold")).partitions_def.get_partition_keys() == []
+
+
+def test_installing_settings_refuses_a_bad_file_and_keeps_the_good_one(tmp_path: Path) -> None:
+    target = write(tmp_path / "settings.yaml", "cv_folds: 3\n")
+    bad = write(tmp_path / "bad.yaml", "cv_folds: [\n")
+    with pytest.raises(SettingsError, match="not valid YAML"):
+        install_settings(bad, target)
+    assert target.read_text() == "cv_folds: 3\n"
+    good = write(tmp_path / "good.yaml", "cv_folds: 4\n")
+    assert install_settings(good, target) and load_settings(target).cv_folds == 4
+    assert not install_settings(good, target)  # unchanged: nothing rewritten

@@ -15,24 +15,19 @@ pixel correlations for each, and writes benchmarks/results/bench_dedup_scale.jso
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import resource
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fer_pipeline.dedup.groups import deduplicate_incremental, near_pairs
-from fer_pipeline.faces.phash import phashes, to_hex
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-RESULTS = Path(__file__).parent / "results" / "bench_dedup_scale.json"
+from benchmarks.record import write_result  # noqa: E402
+from fer_pipeline.dedup.groups import deduplicate_incremental, near_pairs  # noqa: E402
+from fer_pipeline.faces.phash import phashes, to_hex  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -101,33 +96,16 @@ def bench_dedup(pixels: np.ndarray, tag: str) -> dict[str, float]:
             "near_links": report.n_near_links, "pixel_correlations": stats.pairs_correlated}
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for name in ("numpy", "pandas", "torch", "dagster"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
     args = parser.parse_args()
     n_hashes = 100_000 if args.quick else 1_000_000
     sizes = (500, 2000) if args.quick else (2000, 20000)
-    result: dict[str, object] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "working_tree_dirty": bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                                                  text=True).stdout.strip()),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "versions": versions(),
-    }
+    result: dict[str, object] = {}
     np_result = bench_near_pairs(n_hashes)
     print(f"near_pairs: {np_result}", flush=True)
-    result["near_pairs"] = {**np_result, "target_seconds": 20}
+    result["near_pairs"] = np_result
     rows = []
     for n in sizes:
         rng = np.random.default_rng(n)
@@ -137,10 +115,9 @@ def main() -> None:
         print(f"N={n}: distinct {distinct}\n        dense {dense}\n        dense/distinct = {ratio}", flush=True)
         rows.append({"n": n, "distinct": distinct, "dense": dense, "dense_over_distinct": ratio})
     result["dedup"] = rows
-    result["target_dense_over_distinct"] = 1.5
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    path = write_result("bench_dedup_scale" + ("_quick" if args.quick else ""), result,
+                        targets={"near_pairs.seconds": "<= 20", "dedup.dense_over_distinct": "<= 1.5"})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

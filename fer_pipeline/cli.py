@@ -1,6 +1,7 @@
 """``fer-pipeline`` command line: argparse subcommands, one ``add_*_command`` function each.
 
-Subcommands: ``predict`` (classify images), ``run`` (bring the whole graph up to date through
+Subcommands: ``predict`` (classify images, on PyTorch or onnxruntime), ``export`` (the shipped
+model as ONNX), ``run`` (bring the whole graph up to date through
 Dagster: ``make demo``), ``outputs`` (where the outputs are). ``python -m fer_pipeline.defs.refresh``
 and ``python -m fer_pipeline.outputs`` stay as aliases of the last two.
 
@@ -26,7 +27,9 @@ import io
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -34,8 +37,7 @@ from fer_pipeline.limits import MAX_FILE_BYTES
 from fer_pipeline.sources.names import escape_char, escape_text
 
 if TYPE_CHECKING:
-    from fer_pipeline.ml.checkpoint import LoadedModel
-    from fer_pipeline.ml.predict import Prediction
+    from fer_pipeline.ml.predict import Classifier, Prediction
 
 MAX_INPUT_BYTES = MAX_FILE_BYTES  # no face image is this large; anything above is not read
 
@@ -46,10 +48,26 @@ class NoModelError(RuntimeError):
     """No checkpoint was given and none is recorded as the best model."""
 
 
-def default_model_path(data_root: str | Path | None = None) -> Path:
-    """The best model recorded in ``<data root>/reports/metrics.json``
-    (:class:`fer_pipeline.schema.MetricsReport`): its recorded checkpoint (relative paths are
-    under the data root), else ``models/<best_model>.safetensors``."""
+@dataclass(frozen=True)
+class ShippedModel:
+    """The model ``predict`` and ``export`` use by default: its name, its checkpoints (one, or an
+    ensemble's members) and the data root's models folder."""
+
+    name: str
+    checkpoints: tuple[Path, ...]
+    models_dir: Path
+
+    @property
+    def export_path(self) -> Path:
+        """Where ``fer-pipeline export`` writes it by default (``predict --engine onnx`` looks there)."""
+        return self.models_dir / f"{self.name}.onnx"
+
+
+def shipped_model(data_root: str | Path | None = None) -> ShippedModel:
+    """The shipped model: the one place that says which it is. Today the best model recorded in
+    ``<data root>/reports/metrics.json`` (:class:`fer_pipeline.schema.MetricsReport`), one
+    checkpoint: its recorded path (relative paths are under the data root), else
+    ``models/<best_model>.safetensors``. ``NoModelError`` when there is none."""
     from fer_pipeline.schema import MetricsReport
     from fer_pipeline.storage import StoreError, open_data_root
 
@@ -68,7 +86,12 @@ def default_model_path(data_root: str | Path | None = None) -> Path:
     ckpt = paths.resolve(recorded) if recorded else paths.checkpoint(report.best_model)
     if not ckpt.is_file():
         raise NoModelError(f"best model {report.best_model!r} has no checkpoint at {ckpt}; {hint}")
-    return ckpt
+    return ShippedModel(report.best_model, (ckpt,), paths.models_dir)
+
+
+def default_model_path(data_root: str | Path | None = None) -> Path:
+    """The shipped model's (first) checkpoint (:func:`shipped_model`)."""
+    return shipped_model(data_root).checkpoints[0]
 
 
 def _unicode_safe(text: str) -> str:
@@ -221,30 +244,89 @@ def _probability(raw: str) -> float:
     return value
 
 
-def _load_model(model: Path) -> LoadedModel | str:
-    """The checkpoint, or why it cannot be used (missing, not a file, unreadable, broken)."""
-    from fer_pipeline.ml.checkpoint import load_checkpoint
+def _load_model(model: Path) -> Classifier | str:
+    """The model (a checkpoint, or an exported ``.onnx`` file), or why it cannot be used
+    (missing, not a file, unreadable, broken)."""
+    from fer_pipeline.ml.predict import load_model
 
     if not model.exists():
         return f"model checkpoint not found: {model}"
     if not model.is_file():
         return f"model checkpoint is not a regular file: {model}"
     try:
-        return load_checkpoint(model)
+        return load_model(model)
     except Exception as exc:  # noqa: BLE001 -- any unreadable or broken checkpoint is a usage problem here
         return f"cannot load model {model}: {exc}"
 
 
-def _run_predict(args: argparse.Namespace) -> int:
+def _sources_match(onnx_path: Path, checkpoints: Sequence[Path]) -> bool:
+    """Whether an exported file was made from exactly these checkpoints (their SHA-256s, in order)."""
+    import hashlib
+
+    from fer_pipeline.ml.exported import load_onnx
+
     try:
-        model = Path(args.model) if args.model else default_model_path(args.data_root)
-    except NoModelError as exc:
-        print(f"fer-pipeline predict: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    loaded = _load_model(model)
+        members = load_onnx(onnx_path).metadata["members"]
+        recorded = [m.get("checkpoint_sha256") for m in members]
+    except Exception:  # noqa: BLE001 -- unreadable or foreign: not a match, it is exported again
+        return False
+    return recorded == [hashlib.sha256(c.read_bytes()).hexdigest() for c in checkpoints]
+
+
+def _onnx_model_path(checkpoints: Sequence[Path], name: str | None, ready: Path | None) -> Path | str:
+    """An exported file for these checkpoints: ``ready`` when it was made from them, else an
+    export into a temporary folder (slower: torch and its exporter start), or why not."""
+    if ready is not None and ready.is_file() and _sources_match(ready, checkpoints):
+        return ready
+    models = []
+    for ckpt in checkpoints:
+        loaded = _load_model(ckpt)
+        if isinstance(loaded, str):
+            return loaded
+        models.append(loaded)
+    from fer_pipeline.ml.export import export_models
+
+    hint = f" (run `fer-pipeline export` to write {ready} once)" if ready is not None else ""
+    _write(sys.stderr, f"fer-pipeline predict: exporting {escape_text(', '.join(map(str, checkpoints)))} "
+                       f"to ONNX for this run{escape_text(hint)}\n")
+    out = Path(tempfile.mkdtemp(prefix="fer-onnx-")) / "model.onnx"
+    try:
+        return export_models(models, out, name=name)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 -- a model the exporter cannot take is a usage problem here
+        return f"cannot export {checkpoints[0]} to ONNX: {type(exc).__name__}: {exc}"
+
+
+def _predict_model(args: argparse.Namespace) -> Classifier | str:
+    """The model to predict with, on the engine asked for (``--engine``; a ``.onnx`` model is
+    always run on onnxruntime), or why there is none."""
+    model = Path(args.model) if args.model else None
+    onnx_file = model is not None and model.suffix.lower() == ".onnx"
+    if args.engine == "auto":
+        args.engine = "onnx" if onnx_file else "torch"
+    if args.engine == "torch" and onnx_file:
+        return f"--engine torch cannot run an exported model ({model}); pass its checkpoint or --engine onnx"
+    if model is not None and (onnx_file or args.engine == "torch"):
+        return _load_model(model)
+    if model is not None:
+        checkpoints, name, ready = (model,), None, None
+    else:
+        try:
+            shipped = shipped_model(args.data_root)
+        except NoModelError as exc:
+            return str(exc)
+        if args.engine == "torch":
+            return _load_model(shipped.checkpoints[0])
+        checkpoints, name, ready = shipped.checkpoints, shipped.name, shipped.export_path
+    path = _onnx_model_path(checkpoints, name, ready)
+    return path if isinstance(path, str) else _load_model(path)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    loaded = _predict_model(args)
     if isinstance(loaded, str):
         _write(sys.stderr, f"fer-pipeline predict: {escape_text(loaded)}\n")
         return EXIT_USAGE
+    model = getattr(loaded, "path", None) or args.model or "the shipped model"
 
     annotate = _annotation_folder(args.annotate)
     if isinstance(annotate, str):
@@ -252,20 +334,19 @@ def _run_predict(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     from fer_pipeline.ml.predict import (
-        detector_from_settings,
+        DetectorSetupError,
         predict_images,
         resolve_framing,
     )
 
+    framing = resolve_framing(loaded, args.framing)
     try:
-        framing = resolve_framing(loaded, args.framing)
-        detector = detector_from_settings(framing.detector or {}) if framing.detects else None
-    except Exception as exc:  # noqa: BLE001 -- unusable detector settings or weights: the model cannot be applied
+        preds = predict_images(args.paths, loaded, max_bytes=args.max_bytes, min_confidence=args.min_confidence,
+                               framing=framing, annotate_dir=annotate)
+    except DetectorSetupError as exc:  # unusable detector settings or weights: the model cannot be applied
         _write(sys.stderr, f"fer-pipeline predict: cannot set up face detection for model {escape_text(str(model))}: "
                            f"{escape_text(str(exc))}\n")
         return EXIT_USAGE
-    preds = predict_images(args.paths, loaded, max_bytes=args.max_bytes, min_confidence=args.min_confidence,
-                           framing=framing, detector=detector, annotate_dir=annotate)
     _write(sys.stdout, format_predictions(preds, args.format, loaded.classes, faces=framing.detects,
                                           annotated=annotate is not None))
     for p in preds:
@@ -302,7 +383,12 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
         "with the temperature fitted on the validation split and stored in the checkpoint.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or .zip archive")
-    p.add_argument("--model", metavar="CKPT", help="checkpoint (.safetensors); default: best model in reports/metrics.json")
+    p.add_argument("--model", metavar="CKPT", help="checkpoint (.safetensors) or exported model (.onnx, run on "
+                                                  "onnxruntime); default: the shipped model (reports/metrics.json)")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
+                   help="run the model on PyTorch or onnxruntime (onnx: the shipped model's export from "
+                        "`fer-pipeline export` when it is up to date, else one made for this run); "
+                        "auto (default): onnxruntime for a .onnx --model, else PyTorch")
     p.add_argument("--data-root", default=None, help="data root, a folder or s3://… URL (default: $FER_DATA_DIR or ./data)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--min-confidence", type=_probability, default=None, metavar="P",
@@ -314,10 +400,88 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--framing", choices=("auto", "detect", "crop"), default="auto",
                    help="how to find the face in each image: detect every face (one row per face, with its box), "
                         "or use the whole image as a face crop; auto (default): as the model's training faces were "
-                        "framed, as its checkpoint records")
+                        "framed, as its checkpoint records (a model trained on both decides per image: an image "
+                        "framed like a face crop near the model's input size is one)")
     p.add_argument("--annotate", type=Path, default=None, metavar="DIR",
                    help="write a copy of each classified image to DIR with the boxes and predicted labels drawn")
     p.set_defaults(func=_run_predict)
+
+
+def _export_members(args: argparse.Namespace) -> tuple[str, list[Path], Path] | str:
+    """(name, checkpoints, default output) for ``export``: the shipped model, or the ``--model``
+    names (models recorded in metrics.json) or checkpoint paths, several making an ensemble."""
+    if not args.model:
+        try:
+            shipped = shipped_model(args.data_root)
+        except NoModelError as exc:
+            return str(exc)
+        return shipped.name, list(shipped.checkpoints), shipped.export_path
+    checkpoints = []
+    for raw in args.model:
+        if raw.endswith(".safetensors") or Path(raw).is_file():
+            checkpoints.append(Path(raw))
+            continue
+        from fer_pipeline.schema import MetricsReport
+        from fer_pipeline.storage import StoreError, open_data_root
+
+        try:
+            paths = open_data_root(args.data_root, trees=("models_dir", "reports_dir"))
+            report = MetricsReport.read(paths.metrics_json) if paths.metrics_json.is_file() else None
+        except (StoreError, ValueError) as exc:
+            return str(exc)
+        recorded = report.checkpoints.get(raw) if report is not None else None
+        if recorded is None:
+            known = ", ".join(sorted(report.checkpoints)) if report is not None else "none (no metrics.json)"
+            return f"--model {raw}: not a checkpoint file nor a model recorded in metrics.json (recorded: {known})"
+        checkpoints.append(paths.resolve(recorded))
+    name = args.name or "+".join(c.stem for c in checkpoints)
+    return name, checkpoints, checkpoints[0].parent / f"{name}.onnx"
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    members = _export_members(args)
+    if isinstance(members, str):
+        _write(sys.stderr, f"fer-pipeline export: {escape_text(members)}\n")
+        return EXIT_USAGE
+    name, checkpoints, default_out = members
+    models = []
+    for ckpt in checkpoints:
+        if ckpt.suffix.lower() == ".onnx":
+            _write(sys.stderr, f"fer-pipeline export: {escape_text(str(ckpt))} is already an export\n")
+            return EXIT_USAGE
+        loaded = _load_model(ckpt)
+        if isinstance(loaded, str):
+            _write(sys.stderr, f"fer-pipeline export: {escape_text(loaded)}\n")
+            return EXIT_USAGE
+        models.append(loaded)
+    from fer_pipeline.ml.export import export_models
+
+    out = Path(args.out) if args.out else default_out
+    try:
+        written = export_models(models, out, name=args.name or name)  # type: ignore[arg-type]
+    except (OSError, RuntimeError, ValueError) as exc:
+        _write(sys.stderr, f"fer-pipeline export: cannot export {escape_text(name)}: {escape_text(str(exc))}\n")
+        return EXIT_USAGE
+    kind = f"ensemble of {len(models)}" if len(models) > 1 else "model"
+    _write(sys.stdout, f"{written}\n")
+    _write(sys.stderr, f"fer-pipeline export: {kind} {escape_text(name)} written to {escape_text(str(written))} "
+                       f"({written.stat().st_size:,} bytes)\n")
+    return EXIT_OK
+
+
+def add_export_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="write the shipped model as ONNX for deployment",
+        description="Write the shipped model (or --model ones; several make an ensemble) as one ONNX file: "
+        "uint8 faces (N, H, W) in, calibrated probabilities out, with the preprocessing, class names, "
+        "temperatures, data version, model names and framing in its metadata. Prints the file's path.")
+    p.add_argument("--out", metavar="PATH", help="output file (default: <data root>/models/<name>.onnx)")
+    p.add_argument("--model", metavar="NAME", action="append",
+                   help="a model recorded in reports/metrics.json (cnn4, ...) or a checkpoint file; repeat for an "
+                        "ensemble (the mean of the members' calibrated probabilities); default: the shipped model")
+    p.add_argument("--name", default=None, help="the exported model's name (default: the model's, or the members' joined by +)")
+    p.add_argument("--data-root", default=None, help="data root, a folder or s3://… URL (default: $FER_DATA_DIR or ./data)")
+    p.set_defaults(func=_run_export)
 
 
 def _run_graph(args: argparse.Namespace) -> int:
@@ -347,8 +511,8 @@ def add_outputs_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_outputs)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_predict_command, add_run_command,
-                                                                 add_outputs_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_predict_command, add_export_command,
+                                                                 add_run_command, add_outputs_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

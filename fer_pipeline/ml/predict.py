@@ -22,26 +22,41 @@ the last is classified and each earlier one is an error row (``duplicate entry n
 
 from __future__ import annotations
 
+import io
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from fer_pipeline.faces.framing import NO_FACE, Detection
-from fer_pipeline.sources.catalog import SourceSpec
-from fer_pipeline.sources.framing import CROP, DETECT
 from fer_pipeline.limits import MAX_FILE_BYTES
-from fer_pipeline.sources.files import file_kind, MemberError, Problem, read_regular, SourceError, stat_path
+from fer_pipeline.ml.framing import Framing
+from fer_pipeline.sources.catalog import SourceSpec
+from fer_pipeline.sources.files import (
+    MemberError,
+    Problem,
+    SourceError,
+    file_kind,
+    read_regular,
+    stat_path,
+)
+from fer_pipeline.sources.formats import (
+    ACCEPTED_FORMATS,
+    SNIFF_BYTES,
+    refusal,
+    sniff_format,
+)
+from fer_pipeline.sources.framing import CROP, DETECT
 from fer_pipeline.sources.names import is_image_name, junk_reason
-from fer_pipeline.sources.readers import FolderReader, is_folder_fault, Member, SourceReader, ZipReader
-from fer_pipeline.ml.checkpoint import (
-    Framing,
-    LoadedModel,
-    check_model,
-    load_checkpoint,
+from fer_pipeline.sources.readers import (
+    FolderReader,
+    Member,
+    SourceReader,
+    ZipReader,
+    is_folder_fault,
 )
 
 if TYPE_CHECKING:
@@ -52,6 +67,55 @@ ZIP_SEPARATOR = "::"  # "photos.zip::folder/face.jpg" names a zip member
 MAX_INPUT_BYTES = MAX_FILE_BYTES  # no face image is this large; anything above is not read
 FRAMING_CHOICES = ("auto", DETECT, CROP)  # auto: what the checkpoint records
 UNCERTAIN = "uncertain"  # the label of a face whose top calibrated probability is below min_confidence
+CROP_SIDE_RATIO = 2.0
+"""A "mixed" model takes an image as a face crop, without detection, when it is roughly square
+(:data:`CROP_ASPECT`) and its longer side is at most this many times the model's input side: a
+face that fills a frame near the input size (the demo's 64 px crops, AffectNet's 96 px for 48 px
+input). Detection on such images mostly fails (MTCNN needs context around a face) and is slow."""
+CROP_FALLBACK_RATIO = 6.0
+"""Larger, still roughly square images are searched for faces; when none is found in one at most
+this many times the input side, it is taken as a crop (a face filling a bigger frame, e.g. the
+256 px crops of expressions-race) rather than reported as "no face found"."""
+CROP_ASPECT = 1.25  # longer side / shorter side of a face crop at most this (photos are 4:3, 16:9)
+
+
+class Classifier(Protocol):
+    """What prediction needs of a model: a checkpoint on PyTorch
+    (:class:`fer_pipeline.ml.checkpoint.LoadedModel`) or an exported file on onnxruntime
+    (:class:`fer_pipeline.ml.exported.OnnxModel`)."""
+
+    classes: tuple[str, ...]
+    preprocess: PreprocessSettings
+    framing: Framing
+
+    def predict_proba(self, faces: np.ndarray) -> np.ndarray: ...
+
+
+class DetectorSetupError(ValueError):
+    """The model's recorded detector settings do not make a detector (the model cannot be applied)."""
+
+
+def load_model(path: str | Path) -> Classifier:
+    """A checkpoint (``.safetensors``, PyTorch) or an exported model (``.onnx``, onnxruntime:
+    torch is not imported). ``ValueError`` for a broken one."""
+    if Path(path).suffix.lower() == ".onnx":
+        from fer_pipeline.ml.exported import load_onnx
+
+        return load_onnx(path)
+    from fer_pipeline.ml.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def _checked(model: Classifier) -> Classifier:
+    """The load-time checks for a checkpoint built in memory (an exported file was checked when opened)."""
+    from fer_pipeline.ml.exported import OnnxModel
+
+    if not isinstance(model, OnnxModel):
+        from fer_pipeline.ml.checkpoint import check_model
+
+        check_model(model)  # type: ignore[arg-type]
+    return model
 
 
 @dataclass(frozen=True)
@@ -99,8 +163,21 @@ def is_junk(name: str) -> bool:
     return junk_reason(name.replace("\\", "/")) is not None
 
 
-def _is_image_name(name: str) -> bool:
-    return is_image_name(name) and not is_junk(name)
+def _is_candidate(reader: SourceReader, member: Member, name: str) -> bool:
+    """Whether a listed file is an image to classify, by the one format policy
+    (:func:`fer_pipeline.sources.formats.refusal`, judged from its first bytes as the inventory
+    judges it): accepted content whatever the name (a PNG named ``.ico``), and a file named like
+    an image whose content is refused or damaged (one row saying why, in the inventory's words).
+    Other files (notes, sheets, an ICO icon) are not images and are skipped."""
+    if is_junk(name):
+        return False
+    if member.problem is None:
+        try:
+            if refusal(reader.head(member, SNIFF_BYTES), name) is None:
+                return True
+        except (MemberError, OSError):
+            pass  # unreadable: the name decides, and reading it says why
+    return is_image_name(name)
 
 
 def _spec(path: Path) -> SourceSpec:
@@ -122,14 +199,14 @@ def _zip_sources(path: Path, max_bytes: int, shown: str | None = None) -> Iterat
         yield _Source(shown, None, str(exc))
         return
     with reader:
-        members = [m for m in reader.members() if _is_image_name(reader.entry_name(m.path))]
+        members = [m for m in reader.members() if _is_candidate(reader, m, reader.entry_name(m.path))]
         if not members:
             yield _Source(shown, None, "no images found in zip archive")
         for member in members:
             yield _member_source(f"{shown}{ZIP_SEPARATOR}{member.path}", reader, member)
 
 
-def _kind(member: Member) -> str | None:
+def _kind(reader: FolderReader, member: Member) -> str | None:
     """What a folder member is to predict: "image" (also a folder fault, a row), "zip", or None (skipped)."""
     if is_folder_fault(member.problem):  # a loop or an unlistable folder; nothing under __MACOSX/ is wanted
         return None if is_junk(f"{member.path}/x") else "image"
@@ -137,7 +214,7 @@ def _kind(member: Member) -> str | None:
         return None
     if member.path.lower().endswith(".zip"):
         return "zip"
-    return "image" if is_image_name(member.path) else None
+    return "image" if _is_candidate(reader, member, member.path) else None
 
 
 def _folder_sources(root: Path, max_bytes: int) -> Iterator[_Source]:
@@ -148,7 +225,8 @@ def _folder_sources(root: Path, max_bytes: int) -> Iterator[_Source]:
     except SourceError as exc:
         yield _Source(str(root), None, str(exc))
         return
-    found = sorted(((m.path.split("/"), kind, m) for m in members if (kind := _kind(m))), key=lambda f: f[0])
+    found = sorted(((m.path.split("/"), kind, m) for m in members if (kind := _kind(reader, m))),
+                   key=lambda f: f[0])
     if not found:
         yield _Source(str(root), None, "no images found in folder")
     for _, kind, member in found:
@@ -205,9 +283,9 @@ def detector_from_settings(settings: Mapping[str, Any]) -> FaceDetector:
         raise ValueError(f"recorded detector settings do not make a {name!r} detector: {exc}") from None
 
 
-def resolve_framing(loaded: LoadedModel, choice: str = "auto") -> Framing:
-    """The framing to apply: the checkpoint's ("auto"), or forced to "crop" or "detect" (a crop
-    model forced to detect uses the default detector and margin)."""
+def resolve_framing(loaded: Classifier, choice: str = "auto") -> Framing:
+    """The framing to apply: the model's ("auto"; "mixed" decides per image), or forced to "crop"
+    or "detect" (a crop model forced to detect uses the default detector and margin)."""
     if choice not in FRAMING_CHOICES:
         raise ValueError(f"framing must be one of {', '.join(FRAMING_CHOICES)}, got {choice!r}")
     if choice == CROP:
@@ -215,6 +293,8 @@ def resolve_framing(loaded: LoadedModel, choice: str = "auto") -> Framing:
     if choice == DETECT and not loaded.framing.detects:
         default = Detection()  # a catalogue's `faces: detect` without options
         return Framing(DETECT, default.settings(), default.margin)
+    if choice == DETECT:  # a "mixed" model forced to detect in every image
+        return replace(loaded.framing, mode=DETECT)
     return loaded.framing
 
 
@@ -287,6 +367,58 @@ def _detect_input(src: _Source, data: bytes, settings: PreprocessSettings, frami
     return _Input(rows, ready)
 
 
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of an accepted format, or None (decoding then says why)."""
+    from PIL import Image
+
+    if sniff_format(data[:SNIFF_BYTES]) not in ACCEPTED_FORMATS:
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:  # reads the header only
+            return img.size
+    except Exception:  # noqa: BLE001 -- a damaged header: the framing it gets reports it
+        return None
+
+
+def looks_like_crop(width: int, height: int, input_size: tuple[int, int], ratio: float) -> bool:
+    """Whether an image this size is framed like a face crop for a model taking ``input_size``:
+    roughly square (:data:`CROP_ASPECT`) and its longer side at most ``ratio`` times the input's."""
+    if min(width, height) <= 0:
+        return False
+    return max(width, height) / min(width, height) <= CROP_ASPECT and max(width, height) <= ratio * max(input_size)
+
+
+class _Detector:
+    """The detector, made on first use: a "mixed" model's crops never need it (nor torch)."""
+
+    def __init__(self, plan: Framing, given: FaceDetector | None) -> None:
+        self._plan, self._detector = plan, given
+
+    def get(self) -> FaceDetector:
+        if self._detector is None:
+            try:
+                self._detector = detector_from_settings(self._plan.detector or {})
+            except Exception as exc:
+                raise DetectorSetupError(str(exc)) from exc
+        return self._detector
+
+
+def _mixed_input(src: _Source, data: bytes, settings: PreprocessSettings, framing: Framing,
+                 detector: _Detector) -> _Input:
+    """A model trained on crops and detected faces decides per image: an image framed like a
+    face crop near the input size is one (no detection); a bigger one is searched, and taken as a
+    crop when it is still crop-shaped and no face is found (:data:`CROP_FALLBACK_RATIO`). A row
+    classified as a crop has no face index, faces found, box or score (all empty)."""
+    size = _image_size(data)
+    if size is not None and looks_like_crop(*size, settings.image_size, CROP_SIDE_RATIO):
+        return _crop_input(src, data, settings)
+    item = _detect_input(src, data, settings, framing, detector.get())
+    if (size is not None and looks_like_crop(*size, settings.image_size, CROP_FALLBACK_RATIO)
+            and [r.faces_found for r in item.rows] == [0]):
+        return _crop_input(src, data, settings)
+    return item
+
+
 def _annotate(rows: list[Prediction], data: bytes, index: int, name: str, folder: Path, framing: Framing,
               settings: PreprocessSettings) -> list[Prediction]:
     """Write the annotated copy of one input; its rows say where it went (or why it did not).
@@ -307,7 +439,7 @@ def _annotate(rows: list[Prediction], data: bytes, index: int, name: str, folder
             text = f"{row.label} {row.confidence:.2f}" if row.ok else ("?" if row.error != NO_FACE else NO_FACE)
             if framing.detects and row.face_index is not None:
                 marks.append(Mark(row.box, f"{row.face_index}: {text}", row.ok))
-            elif framing.detects:
+            elif framing.detects and row.faces_found is not None:  # no face found
                 marks.append(Mark(None, text, row.ok))
             else:
                 marks.append(Mark(centre_crop_box(rgb.width, rgb.height, settings.image_size), text, row.ok))
@@ -319,7 +451,7 @@ def _annotate(rows: list[Prediction], data: bytes, index: int, name: str, folder
 
 def predict_images(
     paths: Sequence[str | Path],
-    checkpoint: str | Path | LoadedModel,
+    checkpoint: str | Path | Classifier,
     batch_size: int = 256,
     max_bytes: int = MAX_INPUT_BYTES,
     *,
@@ -328,27 +460,28 @@ def predict_images(
     annotate_dir: str | Path | None = None,
     min_confidence: float | None = None,
 ) -> list[Prediction]:
-    """Classify every image in ``paths`` (files, folders, .zip archives) with a checkpoint.
+    """Classify every image in ``paths`` (files, folders, .zip archives) with a model: a
+    checkpoint or an exported ``.onnx`` file (a path, or loaded: :func:`load_model`).
 
     Returns one :class:`Prediction` per image found (per face found, when the framing detects
-    faces: ``framing`` "auto" follows the checkpoint, "crop"/"detect" force one, a
-    :class:`Framing` is applied as it is), in input
+    faces: ``framing`` "auto" follows the model, "crop"/"detect" force one, a
+    :class:`Framing` is applied as it is; a "mixed" model decides per image, see
+    :func:`_mixed_input`), in input
     order, plus one with an ``error`` for each unreadable file, missing path, bad archive or
-    entry, image-less folder or face-less image. ``detector`` replaces the one the checkpoint
+    entry, image-less folder or face-less image. ``detector`` replaces the one the model
     records (tests, a GPU detector). With ``annotate_dir``, a copy of each classified image with
-    boxes and labels goes there. Probabilities are calibrated with the checkpoint's temperature;
+    boxes and labels goes there. Probabilities are calibrated with the model's temperature;
     a face whose top probability is below ``min_confidence`` is labelled :data:`UNCERTAIN`
     (its probabilities are still given). Raises ``ValueError`` for a broken model (non-finite weights,
-    bad normalisation) or recorded detector settings that do not make a detector.
+    bad normalisation) and :class:`DetectorSetupError` for recorded detector settings that do not
+    make a detector (a "mixed" model makes its detector when an image first needs it).
     """
-    if isinstance(checkpoint, LoadedModel):
-        check_model(checkpoint)
-        loaded = checkpoint
-    else:
-        loaded = load_checkpoint(checkpoint)
+    loaded = load_model(checkpoint) if isinstance(checkpoint, (str, Path)) else _checked(checkpoint)
     plan = framing if isinstance(framing, Framing) else resolve_framing(loaded, framing)
-    if plan.detects and detector is None:
-        detector = detector_from_settings(plan.detector or {})
+    per_image = plan.per_image
+    detectors = _Detector(plan, detector)
+    if plan.detects and not per_image:
+        detectors.get()  # a broken detector is reported before any work
     folder = Path(annotate_dir) if annotate_dir is not None else None
     settings = loaded.preprocess
     results: list[list[Prediction]] = []
@@ -367,8 +500,12 @@ def predict_images(
         if isinstance(data, str):
             results.append([Prediction(src.name, error=data)])
             continue
-        item = (_detect_input(src, data, settings, plan, detector) if plan.detects and detector is not None
-                else _crop_input(src, data, settings))
+        if per_image:
+            item = _mixed_input(src, data, settings, plan, detectors)
+        elif plan.detects:
+            item = _detect_input(src, data, settings, plan, detectors.get())
+        else:
+            item = _crop_input(src, data, settings)
         results.append(item.rows)  # filled in place by flush()
         pending.extend((item, pos) for pos in item.faces)
         if folder is not None:  # one image at a time: photos are large, and the labels are drawn

@@ -58,6 +58,14 @@ def demo_faces(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarr
     return folder, faces
 
 
+@pytest.fixture(scope="module")
+def exported(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """"a" exported alone and "a+b" as an ensemble (each export costs seconds: made once)."""
+    folder = tmp_path_factory.mktemp("exported")
+    a, b = load_checkpoint(checkpoints["a"]), load_checkpoint(checkpoints["b"])
+    return {"a": export_models([a], folder / "a.onnx"), "a+b": export_models([a, b], folder / "e.onnx", name="ensemble")}
+
+
 def _largest_difference(onnx_path: Path, members: list[Path], faces: np.ndarray) -> float:
     want = np.mean([load_checkpoint(c).predict_proba(faces) for c in members], axis=0)
     got = load_onnx(onnx_path).predict_proba(faces)
@@ -66,11 +74,11 @@ def _largest_difference(onnx_path: Path, members: list[Path], faces: np.ndarray)
 
 
 @pytest.mark.parametrize("members", [["a"], ["a", "b"]])
-def test_onnx_matches_pytorch_on_demo_faces(checkpoints: dict[str, Path], demo_faces, tmp_path: Path,
+def test_onnx_matches_pytorch_on_demo_faces(checkpoints: dict[str, Path], exported: dict[str, Path], demo_faces,
                                             members: list[str]) -> None:
     _, faces = demo_faces
     paths = [checkpoints[m] for m in members]
-    out = export_models([load_checkpoint(p) for p in paths], tmp_path / "m.onnx")
+    out = exported["+".join(members)]
     assert _largest_difference(out, paths, faces) <= PARITY_TOLERANCE
     model = load_onnx(out)
     assert model.predict_proba(faces[:1]).shape == (1, 4)  # the batch axis is dynamic
@@ -78,7 +86,7 @@ def test_onnx_matches_pytorch_on_demo_faces(checkpoints: dict[str, Path], demo_f
 
 
 @pytest.mark.realdata
-def test_onnx_matches_pytorch_on_real_faces(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_onnx_matches_pytorch_on_real_faces(checkpoints: dict[str, Path], exported: dict[str, Path]) -> None:
     archive = shared_dataset("affectnet-4class.zip")
     with zipfile.ZipFile(archive) as zf:
         names = sorted(n for n in zf.namelist() if n.lower().endswith(".jpg") and "__MACOSX" not in n
@@ -87,16 +95,12 @@ def test_onnx_matches_pytorch_on_real_faces(checkpoints: dict[str, Path], tmp_pa
     faces = np.stack([d.face for d in decoded if d.ok])
     assert len(faces) >= 200
     paths = [checkpoints["a"], checkpoints["b"]]
-    out = export_models([load_checkpoint(p) for p in paths], tmp_path / "real.onnx")
-    assert _largest_difference(out, paths, faces) <= PARITY_TOLERANCE
-    assert _largest_difference(export_models([load_checkpoint(paths[0])], tmp_path / "one.onnx"),
-                               paths[:1], faces) <= PARITY_TOLERANCE
+    assert _largest_difference(exported["a+b"], paths, faces) <= PARITY_TOLERANCE
+    assert _largest_difference(exported["a"], paths[:1], faces) <= PARITY_TOLERANCE
 
 
-def test_the_file_describes_what_a_deployment_needs(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    out = export_models([load_checkpoint(checkpoints["a"]), load_checkpoint(checkpoints["b"])], tmp_path / "e.onnx",
-                        name="ensemble")
-    proto = onnx.load(str(out))
+def test_the_file_describes_what_a_deployment_needs(checkpoints: dict[str, Path], exported: dict[str, Path]) -> None:
+    proto = onnx.load(str(exported["a+b"]))
     meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
     assert meta["format"] == "fer-pipeline-onnx" and meta["model_name"] == "ensemble"
     assert meta["classes"] == list(CLASSES) and meta["data_version"] == "v42"
@@ -128,9 +132,8 @@ def test_members_that_disagree_cannot_make_one_file(checkpoints: dict[str, Path]
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_a_foreign_onnx_file_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    out = export_models([load_checkpoint(checkpoints["a"])], tmp_path / "m.onnx")
-    proto = onnx.load(str(out))
+def test_a_foreign_onnx_file_is_refused(exported: dict[str, Path], tmp_path: Path) -> None:
+    proto = onnx.load(str(exported["a"]))
     del proto.metadata_props[:]
     foreign = tmp_path / "foreign.onnx"
     onnx.save(proto, str(foreign))
@@ -179,19 +182,18 @@ def test_export_and_predict_on_onnxruntime_through_the_cli(checkpoints: dict[str
     assert "exporting" in capsys.readouterr().err  # made afresh for this run, not the stale file
 
 
-def test_the_cli_refuses_what_it_cannot_run(checkpoints: dict[str, Path], tmp_path: Path,
+def test_the_cli_refuses_what_it_cannot_run(exported: dict[str, Path], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    out = export_models([load_checkpoint(checkpoints["a"])], tmp_path / "m.onnx")
-    assert main(["predict", str(tmp_path), "--model", str(out), "--engine", "torch"]) == 2
+    assert main(["predict", str(tmp_path), "--model", str(exported["a"]), "--engine", "torch"]) == 2
     assert "cannot run an exported model" in capsys.readouterr().err
     assert main(["export", "--model", "nonesuch", "--data-root", str(tmp_path)]) == 2
     assert "not a checkpoint file nor a model recorded" in capsys.readouterr().err
 
 
-def test_predict_on_onnxruntime_never_imports_torch(checkpoints: dict[str, Path], demo_faces, tmp_path: Path) -> None:
+def test_predict_on_onnxruntime_never_imports_torch(exported: dict[str, Path], demo_faces) -> None:
     """What makes it start fast: importing torch alone takes seconds on a small machine."""
     folder, _ = demo_faces
-    out = export_models([load_checkpoint(checkpoints["a"])], tmp_path / "m.onnx")
+    out = exported["a"]
     code = ("import sys, io, contextlib; from fer_pipeline.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()): status = main(sys.argv[1:])\n"
             "print(status, 'torch' in sys.modules)")
@@ -202,6 +204,7 @@ def test_predict_on_onnxruntime_never_imports_torch(checkpoints: dict[str, Path]
 
 
 def test_an_exported_crop_model_reads_the_same_faces_as_its_checkpoint(checkpoints: dict[str, Path],
+                                                                       exported: dict[str, Path],
                                                                        tmp_path: Path) -> None:
     """A JPEG and its PNG twin decode to the faces the checkpoint's own pipeline makes."""
     from PIL import Image
@@ -212,7 +215,7 @@ def test_an_exported_crop_model_reads_the_same_faces_as_its_checkpoint(checkpoin
         buf = io.BytesIO()
         img.save(buf, format=fmt)
         (tmp_path / f"x.{fmt.lower()}").write_bytes(buf.getvalue())
-    out = export_models([load_checkpoint(checkpoints["a"])], tmp_path / "m.onnx")
+    out = exported["a"]
     from fer_pipeline.ml.predict import predict_images
 
     got = predict_images([tmp_path / "x.png", tmp_path / "x.jpeg"], out)

@@ -231,3 +231,28 @@ def test_checkpoint_saved_without_settings_records_the_defaults(ckpt: Path) -> N
     from fer_pipeline.faces.preprocess import PreprocessSettings
 
     assert load_checkpoint(ckpt).preprocess == PreprocessSettings(image_size=(SIZE, SIZE))
+
+
+def test_folders_and_archives_take_images_by_content_like_the_inventory(ckpt: Path, tmp_path: Path) -> None:
+    """Issue 19's one format policy in predict's walk: a PNG named .ico and a JPEG named .jfif are
+    faces, an EPS named .png is one row refused in the inventory's words (never decoded), a real
+    ICO icon and a text file are not images and are skipped."""
+    from fer_pipeline_tests.faces.test_format_policy import EPS, REFUSED_FILES
+
+    faces, _ = _faces(2, 9)
+    buf = io.BytesIO()
+    Image.fromarray(faces[1]).resize((40, 40)).save(buf, format="JPEG")
+    files = {"face.ico": _png(faces[0]), "face.jfif": buf.getvalue(), "bad.png": EPS,
+             "icon.ico": REFUSED_FILES["ICO"], "notes.txt": b"hello"}
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    archive = tmp_path / "faces.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    refused = "not an image file (format EPS is not accepted)"
+    for rows, prefix in ((predict_images([folder], ckpt), f"{folder}/"), (predict_images([archive], ckpt), f"{archive}::")):
+        got = {p.input.removeprefix(prefix): p.error for p in rows}
+        assert got == {"bad.png": refused, "face.ico": None, "face.jfif": None}

@@ -20,7 +20,7 @@ class Framing:
 
     ``mode``: "crop" (each image is a face crop, centre-cropped and resized: what checkpoints
     written before this was recorded did), "detect" (faces found by a detector and aligned) or
-    "mixed" (both; prediction detects). ``detector`` is the detector's ``settings()`` (its name
+    "mixed" (both; prediction decides per image, :func:`fer_pipeline.ml.predict.looks_like_crop`). ``detector`` is the detector's ``settings()`` (its name
     under ``"detector"``: :meth:`fer_pipeline.faces.framing.Detection.settings`) and ``margin`` the
     margin given to ``align_face``; both are ``None`` for "crop". ``rows`` counts the training rows
     per framing (for people reading the metadata)."""

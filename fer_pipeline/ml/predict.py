@@ -3,18 +3,25 @@
 Every input is prepared for prediction exactly as the model's training faces were, as its
 checkpoint records (:class:`fer_pipeline.ml.checkpoint.Framing`): a model trained on face crops
 gets each image through the pipeline's own :func:`fer_pipeline.faces.preprocess.decode_face`
-(centre crop, grayscale, resize); a model trained on detected faces ("detect" or "mixed") gets
+(centre crop, grayscale, resize); a model trained on detected faces ("detect") gets
 every face the detector finds in each image, aligned with the recorded margin
 (:func:`fer_pipeline.faces.detect.align_face`) and then the same grayscale/resize
 (``preprocess_image``): one :class:`Prediction` per face, with its box, and one saying
-"no face found" for an image without any. ``annotate_dir`` writes a copy of each image with the
-boxes and labels drawn (:mod:`fer_pipeline.ml.annotate`).
+"no face found" for an image without any. A model trained on both ("mixed") decides per image
+(:func:`_mixed_input`): an image framed like a face crop near the input size is a crop, and the
+detector is made only when an image needs it. ``annotate_dir`` writes a copy of each image with
+the boxes and labels drawn (:mod:`fer_pipeline.ml.annotate`).
+
+The model is a checkpoint on PyTorch or an exported ``.onnx`` file on onnxruntime
+(:func:`load_model`, :class:`Classifier`); this module imports neither torch nor onnxruntime
+itself, so the onnxruntime path never loads torch unless a photo needs the (PyTorch) detector.
 
 Unattended on hostile data: one bad input yields one :class:`Prediction` whose ``error`` says
 what is wrong, and never stops the others. Inputs are listed and read by the pipeline's own
 readers (:mod:`fer_pipeline.sources.readers`: a folder with ``FolderReader``, a .zip with
 ``ZipReader``, a single file with ``read_regular``), so predict follows the same rules, in the
-same words, as the inventory: links followed with loop protection, FIFOs/sockets/devices never
+same words, as the inventory: which files are images is judged by content with the one format
+policy (:mod:`fer_pipeline.sources.formats`), links followed with loop protection, FIFOs/sockets/devices never
 opened, nothing read past ``max_bytes`` (:data:`MAX_INPUT_BYTES`, 64 MiB), encrypted, corrupt,
 bzip2/lzma, unsafe-path and oversized zip entries refused. Of several zip entries with one name
 the last is classified and each earlier one is an error row (``duplicate entry name in archive``).

@@ -14,7 +14,11 @@ import dagster as dg
 import pandas as pd
 
 from fer_pipeline.atomic import write_parquet
-from fer_pipeline.dataset.manifest import candidates_for_decoding, dedup_input, published_framing
+from fer_pipeline.dataset.manifest import (
+    candidates_for_decoding,
+    dedup_input,
+    published_framing,
+)
 from fer_pipeline.dedup import groups as dedup_core
 from fer_pipeline.defs.jobs import SOURCE_OBSERVATION
 from fer_pipeline.defs.metadata import SYNTHETIC_NOTE, counts, frame_version, md_table
@@ -194,6 +198,7 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         "exact_links": report.n_exact_links,
         "near_links": report.n_near_links,
         "near_candidates_by_phash": report.n_near_candidates,
+        "near_candidates_given_up": report.n_given_up,
         "label_conflict_groups": report.n_conflict_groups,
         "label_conflict_images": int(df["conflict"].sum()),
         "duplicate_examples": md_table(examples, 10),

@@ -206,8 +206,9 @@ def _stream_near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarr
                         big = np.isin(run_of, runs[done]) & (run_len[run_of] > SMALL_RUN)
                         on_skip(np.concatenate([fx, fy, sface[big]]))
                     active, rem = active[~dropped], rem[~dropped]
-                blocked = yield from _walk_dominated_runs(active, run_of, starts, run_len, sface, t, settled,
-                                                          on_skip, pairs_at)
+                # after the chain (t > 1): the faces that the chain could join are joined by then
+                blocked = (yield from _walk_dominated_runs(active, run_of, starts, run_len, sface, t, settled,
+                                                           on_skip, pairs_at)) if t > 1 else ()
                 if len(blocked):
                     walked = ~np.isin(run_of[active], blocked)
                     active, rem = active[walked], rem[walked]
@@ -292,21 +293,27 @@ def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | Non
 
 
 def pixel_correlation(faces: np.ndarray, i: np.ndarray, j: np.ndarray, mirrored: bool = False,
-                      chunk: int = 4096, best_of_mirror: bool = False) -> np.ndarray:
+                      chunk: int = 4096, best_of_mirror: bool = False, enough: float | None = None) -> np.ndarray:
     """Pearson correlation of faces[i] and faces[j] (or j's mirror image), pair by pair, in chunks.
 
-    With ``best_of_mirror`` the better of the direct and the mirrored correlation, from one
-    normalisation of each side (a flip changes neither mean nor norm)."""
+    Each face of a chunk is normalised once (zero mean, unit norm), however many pairs it is in
+    (a chain through near-identical frames meets each frame twice). With ``best_of_mirror`` the
+    better of the direct and the mirrored correlation (a flip changes neither mean nor norm);
+    with ``enough`` too, the mirrored one only for pairs whose direct score is below it: the
+    pair is confirmed either way, and the returned score is then the direct one."""
     out = np.empty(len(i), dtype=np.float32)
     for start in range(0, len(i), chunk):
-        a = _normalised(faces[i[start:start + chunk]])
-        b = _normalised(faces[j[start:start + chunk]])
-        if mirrored:
-            b = b[:, :, ::-1]
-        corr = np.einsum("ij,ij->i", a.reshape(len(a), -1), b.reshape(len(b), -1))
+        ci, cj = i[start:start + chunk], j[start:start + chunk]
+        involved, inv = np.unique(np.concatenate([ci, cj]), return_inverse=True)
+        x = _normalised(faces[involved])
+        a, b = inv[:len(ci)], inv[len(ci):]
+        flat = x.reshape(len(x), -1)
+        corr = (np.einsum("ij,ij->i", flat[a], x[b][:, :, ::-1].reshape(len(b), -1)) if mirrored
+                else np.einsum("ij,ij->i", flat[a], flat[b]))
         if best_of_mirror:
-            flipped = np.ascontiguousarray(b[:, :, ::-1]).reshape(len(b), -1)
-            corr = np.maximum(corr, np.einsum("ij,ij->i", a.reshape(len(a), -1), flipped))
+            low = np.flatnonzero(corr < enough) if enough is not None else np.arange(len(corr))
+            if len(low):
+                corr[low] = np.maximum(corr[low], np.einsum("kij,kij->k", x[a[low]], x[b[low]][:, :, ::-1]))
         out[start:start + chunk] = corr
     return out
 
@@ -432,14 +439,16 @@ class _Linker:
         return _cat([a for a, *_ in self._tested]), _cat([b for _, b, _ in self._tested]), corr
 
 
-def _correlator(pixels_of: Callable[[np.ndarray], np.ndarray], match_mirrored: bool) -> Correlate:
-    """Pixel correlation of face pairs (the better of direct and mirrored with ``match_mirrored``);
+def _correlator(pixels_of: Callable[[np.ndarray], np.ndarray], match_mirrored: bool,
+                min_correlation: float) -> Correlate:
+    """Pixel correlation of face pairs (the better of direct and mirrored with ``match_mirrored``,
+    the mirrored one only where the direct one is below ``min_correlation``);
     ``pixels_of(faces)`` gives the pixels of those faces."""
     def correlate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         involved, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
         pixels = pixels_of(involved)
         ia, ib = inv[:len(a)], inv[len(a):]
-        return pixel_correlation(pixels, ia, ib, best_of_mirror=match_mirrored)
+        return pixel_correlation(pixels, ia, ib, best_of_mirror=match_mirrored, enough=min_correlation)
     return correlate
 
 
@@ -505,7 +514,7 @@ def deduplicate(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool
         empty = np.zeros(0, np.int64)
         return _group(df, empty, empty, empty, empty, 0, start)
     ei, ej = exact_pairs(df["pixel_sha"])
-    correlate = None if pixels is None else _correlator(lambda rows: pixels[rows], match_mirrored)
+    correlate = None if pixels is None else _correlator(lambda rows: pixels[rows], match_mirrored, min_correlation)
     linker = _Linker(n, correlate, min_correlation)
     linker.union(ei.astype(np.int64), ej.astype(np.int64))  # exact copies are one group before any correlation
     _link_near(linker, from_hex(df["phash"].tolist()),
@@ -564,7 +573,8 @@ def link_cache_name(settings_key: str, max_distance: int, match_mirrored: bool) 
 @dataclass
 class NearLinkCache:
     """Candidate pairs among the distinct faces ``shas`` (sorted) whose correlation was computed:
-    indices ``a < b`` into ``shas`` and their pixel correlation. Candidate pairs whose faces were
+    indices ``a < b`` into ``shas`` and their pixel correlation (the direct one where it reached
+    ``min_correlation``, else the better of direct and mirrored: so a cache serves one threshold). Candidate pairs whose faces were
     already in one group were not correlated and are not listed: ``skipped`` marks the faces that
     had such pairs and ``group`` their group, so that a removed face re-opens (compares again)
     exactly the groups whose skipped pairs may now matter."""
@@ -707,8 +717,8 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
     u = len(shas)
 
     cache = None if ignore_cache or cache_path is None else NearLinkCache.load(cache_path)
-    if cache is not None and cache.min_correlation != min_correlation and cache.skipped.any():
-        cache = None  # pairs skipped under another threshold: their groups may differ now
+    if cache is not None and cache.min_correlation != min_correlation:
+        cache = None  # pairs skipped, and mirrored scores not computed, under another threshold
     known = np.zeros(u, bool)
     old_a = old_b = empty
     old_corr = np.zeros(0, np.float32)
@@ -738,7 +748,8 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
             loaded[missing] = True
         return store["all"][idx]
 
-    linker = _Linker(u, None if load_pixels is None else _correlator(pixels_of, match_mirrored), min_correlation)
+    correlate = None if load_pixels is None else _correlator(pixels_of, match_mirrored, min_correlation)
+    linker = _Linker(u, correlate, min_correlation)
     linker.union(face_of_row[ei].astype(np.int64), face_of_row[ej].astype(np.int64))
     old_ok = ~(old_corr < min_correlation) if min_correlation > 0 else np.ones(len(old_a), bool)  # NaN: trust phash
     linker.union(old_a[old_ok], old_b[old_ok])

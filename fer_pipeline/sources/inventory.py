@@ -65,7 +65,7 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing
 CANDIDATE, POOL, JUNK, NOT_IMAGE, UNMAPPED = "candidate", "pool", "junk", "not_image", "unmapped"
 STATUSES = (CANDIDATE, POOL, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED, UNREADABLE, TOO_LARGE, SOURCE_ERROR)
 
-INVENTORY_VERSION = 4  # bump when classification changes, so unchanged sources are listed again
+INVENTORY_VERSION = 5  # bump when classification changes, so unchanged sources are listed again
 LISTINGS_ATTR = "fer_source_listings"  # per-source listing fingerprints, kept in the table's attrs
 
 ROW_COLUMNS = ["source", "source_path", "bytes", "fingerprint", "sha256", "raw_label", "split_hint", "label",

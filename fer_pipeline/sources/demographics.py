@@ -25,6 +25,7 @@ from fer_pipeline.sources.catalog import (
 from fer_pipeline.sources.files import MemberError, read_regular
 from fer_pipeline.sources.names import escape_text
 from fer_pipeline.sources.readers import FolderReader, Member, SourceReader, ZipReader
+from fer_pipeline.sources.regex_guard import MAX_NAME_CHARS
 
 _GENDER = {"m": "male", "male": "male", "man": "male", "men": "male",
            "f": "female", "female": "female", "woman": "female", "women": "female"}
@@ -210,12 +211,14 @@ def _assign(column: list[str | None], conflicts: dict[tuple[int, str], set[str]]
 
 
 def demographics_from_regex(pattern: str, paths: Sequence[str]) -> DemographicsResult:
-    """Named groups of ``pattern`` searched in each file name (not the folders)."""
+    """Named groups of ``pattern`` searched in each file name (not the folders), on its first
+    ``MAX_NAME_CHARS`` characters: the catalogue refused patterns that backtrack catastrophically
+    (:mod:`fer_pipeline.sources.regex_guard`), the bound keeps the rest's work per name bounded."""
     rx = re.compile(pattern)
     out = _empty(paths)
     values = {attr: [None] * len(paths) for attr in DEMOGRAPHIC_ATTRIBUTES}
     for i, p in enumerate(paths):
-        m = rx.search(PurePosixPath(p).name)
+        m = rx.search(PurePosixPath(p).name[:MAX_NAME_CHARS])
         if not m:
             continue
         for attr, val in m.groupdict().items():

@@ -24,12 +24,16 @@ a source that cannot be listed at all raises :class:`SourceError` from ``members
   a folder that cannot be listed is one row ``cannot list folder: ...``. No folder is listed
   twice and no file is dropped; a file reachable under two names (a file link) is two rows, and
   de-duplication keeps one. A name that is not valid UTF-8 is shown with ``\\xNN`` escapes and
-  still read.
+  still read: member paths are :func:`~fer_pipeline.sources.names.fs_name`, one to one, and a
+  file is re-opened by its inverse, never by guessing which of two files is meant.
 * **Archives**: encrypted entries, entries with a bad CRC or a corrupt header, entries compressed
   with bzip2/lzma (``zipfile`` inflates those without an output limit, so only stored and
   deflated entries are read), entries with an unsafe path (absolute or ``..``) and all but the
-  last of several entries with the same name (after ``\\`` -> ``/``) are rows with their reason;
-  directory entries are not files; archives inside archives are not opened (not an image file).
+  last of several entries with the same name (after ``\\`` -> ``/``; their paths get a
+  ``[duplicate entry k of n]`` suffix that never takes a real entry's name), an entry whose name
+  is flagged UTF-8 but is not, and a directory entry that carries data are rows with their
+  reason; empty directory entries are not files; archives inside archives are not opened (not
+  an image file).
   An archive that cannot be opened (not a zip, truncated) is one ``source_error`` row.
 * **FER2013 CSV**: read as UTF-8 (a byte-order mark is skipped, undecodable bytes become U+FFFD),
   header names matched case-insensitively; every data row is one member, and a bad row (wrong

@@ -88,6 +88,20 @@ def source_files(context: dg.OpExecutionContext) -> dg.ObserveResult:
                             metadata={"sources": len(fingerprint.sources), "files": fingerprint.files})
 
 
+def _conflicts(notes: dict[str, dict[str, object]], context: dg.AssetExecutionContext) -> dict[str, object]:
+    """Files whose demographics rows disagree, per source (their attribute is left empty, not
+    guessed), with a few examples; warned in the run log, since coverage silently drops."""
+    out: dict[str, object] = {}
+    for source, note in sorted(notes.items()):
+        n = int(note.get("csv_conflicting_files") or 0)  # type: ignore[call-overload]
+        if n:
+            examples = list(note.get("csv_conflict_examples") or [])  # type: ignore[call-overload]
+            out[source] = {"files": n, "examples": examples}
+            context.log.warning(f"source '{source}': demographics CSV rows disagree for {n} file(s); their "
+                                f"attribute is left empty (e.g. {'; '.join(examples[:3])})")
+    return out
+
+
 @fer_asset(group_name=GROUP, deps=[SOURCE_OBSERVATION],
            description="Inventory of every file of every source in sources.yaml.")
 def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
@@ -117,6 +131,7 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
                                                 ["source", "source_path", "status", "reason"]], 20),
         "demographics_coverage": md_table(coverage.reset_index()),
         "demographics_csv_notes": report.demographics_notes,
+        "demographics_conflicts": _conflicts(report.demographics_notes, context),
         "hashed_this_run": report.hashed,
         "hash_reused_from_previous": report.reused,
         "seconds": round(report.seconds, 2),

@@ -90,9 +90,20 @@ TEST_PREDICTION_COLUMNS: tuple[str, ...] = ("model", "image_id", "true", "predic
 # --------------------------------------------------------------------------------------------
 
 
+SELECTED_BY_VALIDATION = "validation macro-F1"
+"""``selected_by`` of a model chosen on the validation split (metrics.json, shipped.json)."""
+SELECTED_BY_OOF = "out-of-fold macro-F1 (cross-validation)"
+"""``selected_by`` of a fold ensemble chosen on its members' out-of-fold predictions."""
+
+
 @dataclass(frozen=True)
 class MetricsReport:
-    """The test-split comparison of every model, and which one is best."""
+    """The test-split report of every model, and which one is best *on validation*.
+
+    ``best_model`` is chosen by ``selected_by`` (validation macro-F1; reports written before
+    this was recorded chose on the test split and read back as ``"test macro-F1 (legacy)"``);
+    ``validation`` holds each model's validation accuracy, macro-F1 and n beside the test
+    metrics in ``models``."""
 
     best_model: str
     data_version: str
@@ -104,6 +115,8 @@ class MetricsReport:
     # model name -> the checkpoint's temperature on the test split: temperature, ece_before, ece_after,
     # nll_before, nll_after, n_bins, reliability bins, and the validation fit it recorded ("fit")
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    selected_by: str = SELECTED_BY_VALIDATION
+    validation: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> accuracy, macro_f1, n
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +132,9 @@ class MetricsReport:
                        n_test=int(data.get("n_test", 0)), models=dict(data.get("models") or {}),
                        majority_baseline=dict(data.get("majority_baseline") or {}),
                        checkpoints=dict(data.get("checkpoints") or {}), split=str(data.get("split", "test")),
-                       calibration=dict(data.get("calibration") or {}))
+                       calibration=dict(data.get("calibration") or {}),
+                       selected_by=str(data.get("selected_by", "test macro-F1 (legacy)")),
+                       validation=dict(data.get("validation") or {}))
         except KeyError as exc:
             raise ValueError(f"{path} records no {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
@@ -128,4 +143,9 @@ class MetricsReport:
     def best_macro_f1(self) -> float | None:
         """The best model's test macro-F1, when recorded."""
         value = ((self.models.get(self.best_model) or {}).get("f1") or {}).get("macro")
+        return float(value) if value is not None else None
+
+    def best_validation_macro_f1(self) -> float | None:
+        """The best model's validation macro-F1, when recorded."""
+        value = (self.validation.get(self.best_model) or {}).get("macro_f1")
         return float(value) if value is not None else None

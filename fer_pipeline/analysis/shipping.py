@@ -40,7 +40,13 @@ from fer_pipeline.ml.calibration import apply_temperature
 from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.metrics import evaluate_predictions
-from fer_pipeline.ml.shipped import ENSEMBLE, SINGLE, EnsembleModel, ShippedMember, ShippedSpec
+from fer_pipeline.ml.shipped import (
+    ENSEMBLE,
+    SINGLE,
+    EnsembleModel,
+    ShippedMember,
+    ShippedSpec,
+)
 from fer_pipeline.paths import DataPaths
 from fer_pipeline.schema import SELECTED_BY_OOF, SELECTED_BY_VALIDATION, MetricsReport
 

@@ -12,7 +12,12 @@ import pandas as pd
 import pytest
 from torch import nn
 
-from fer_pipeline.analysis.shipping import decide, shipped_spec, single_candidate, single_test_scores
+from fer_pipeline.analysis.shipping import (
+    decide,
+    shipped_spec,
+    single_candidate,
+    single_test_scores,
+)
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.cli import default_model
 from fer_pipeline.ml import ArchConfig, TrainConfig

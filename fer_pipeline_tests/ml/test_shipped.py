@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from fer_pipeline.ml.calibration import softmax
-from fer_pipeline.ml.shipped import EnsembleModel, ShippedMember, ShippedSpec, load_shipped
+from fer_pipeline.ml.shipped import (
+    EnsembleModel,
+    ShippedMember,
+    ShippedSpec,
+    load_shipped,
+)
 from fer_pipeline.paths import DataPaths
 from fer_pipeline_tests.ml.test_evaluate import SIZE, constant_model
 

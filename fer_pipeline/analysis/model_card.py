@@ -39,7 +39,7 @@ from fer_pipeline.ml.evaluate import (
     bootstrap_intervals,
 )
 from fer_pipeline.paths import DataPaths
-from fer_pipeline.schema import SPLITS, MetricsReport
+from fer_pipeline.schema import SPLITS, MetricsReport, ShippedSpec
 
 NOT_RUN = "not run"
 NOT_DECLARED = "not declared"
@@ -268,8 +268,6 @@ def _test_results(report: MetricsReport, predictions: pd.DataFrame | None,
 def _selection(paths: DataPaths, report: MetricsReport) -> tuple[str, dict[str, Any] | None]:
     """How the shipped model was chosen (``models/shipped.json``): every candidate with the
     estimate it was judged on beside its test score."""
-    from fer_pipeline.ml.shipped import ShippedSpec
-
     if not paths.shipped_json.is_file():
         return (f"{NOT_RUN} (materialize `shipped_model`): `fer-pipeline predict` uses the best single model, "
                 f"**{report.best_model}**, chosen by {report.selected_by}.", None)

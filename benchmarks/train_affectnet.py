@@ -282,7 +282,7 @@ def summarize(runs: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
-QUICK = {"limit": 600, "pool_limit": 3000, "recipes": [(1000, 1), (2000, 2)], "epochs": 3, "folds": 3}
+QUICK = {"limit": 400, "pool_limit": 1000, "recipes": [(300, 1), (600, 1)], "epochs": 2, "folds": 3}
 
 
 def main(argv: list[str] | None = None) -> int:

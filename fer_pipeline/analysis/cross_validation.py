@@ -38,8 +38,8 @@ from fer_pipeline.analysis.partition_store import PartitionStore
 from fer_pipeline.atomic import write_json, write_parquet, write_table
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ArchConfig
-from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.calibration import calibrate, softmax
+from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.inference import predict_logits
 from fer_pipeline.ml.metrics import ClassificationMetrics, evaluate_predictions
 from fer_pipeline.ml.train import TrainConfig, train_model

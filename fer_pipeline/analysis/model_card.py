@@ -269,8 +269,9 @@ def _selection(paths: DataPaths, report: MetricsReport) -> tuple[str, dict[str, 
     """How the shipped model was chosen (``models/shipped.json``): every candidate with the
     estimate it was judged on beside its test score."""
     if not paths.shipped_json.is_file():
-        return (f"{NOT_RUN} (materialize `shipped_model`): `fer-pipeline predict` uses the best single model, "
-                f"**{report.best_model}**, chosen by {report.selected_by}.", None)
+        text = (f"{NOT_RUN} (materialize `shipped_model`): `fer-pipeline predict` uses the best single model, "
+                f"**{report.best_model}**, chosen by {report.selected_by}.")
+        return text, None
     try:
         spec = ShippedSpec.read(paths.shipped_json)
     except ValueError as exc:

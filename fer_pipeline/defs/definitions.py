@@ -20,7 +20,7 @@ from fer_pipeline.defs.assets.data import DATA_ASSETS  # noqa: E402
 from fer_pipeline.defs.assets.evaluation import evaluation_assets  # noqa: E402
 from fer_pipeline.defs.assets.models import MODEL_ASSETS, model_evaluation  # noqa: E402
 from fer_pipeline.defs.assets.pretrain import pretrained_backbone  # noqa: E402
-from fer_pipeline.defs.assets.shipped import build_shipped_asset  # noqa: E402
+from fer_pipeline.defs.assets.shipped import build_shipped_asset
 from fer_pipeline.defs.automation import SCHEDULES, SENSORS, is_automated, up_to_date_condition  # noqa: E402
 from fer_pipeline.defs.checks import DATA_CHECKS  # noqa: E402
 from fer_pipeline.defs.executors import executor_from_env  # noqa: E402

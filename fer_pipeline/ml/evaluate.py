@@ -33,7 +33,11 @@ from fer_pipeline.ml.metrics import (
     select_by_validation,
 )
 from fer_pipeline.paths import DataPaths
-from fer_pipeline.schema import SELECTED_BY_VALIDATION, TEST_PREDICTION_COLUMNS, MetricsReport
+from fer_pipeline.schema import (
+    SELECTED_BY_VALIDATION,
+    TEST_PREDICTION_COLUMNS,
+    MetricsReport,
+)
 
 BASELINE_NAME = "majority_baseline"
 

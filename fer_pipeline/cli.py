@@ -43,13 +43,36 @@ EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class NoModelError(RuntimeError):
-    """No checkpoint was given and none is recorded as the best model."""
+    """No checkpoint was given and none is recorded as the shipped or the best model."""
+
+
+def default_model(data_root: str | Path | None = None) -> tuple[LoadedModel | Path, str]:
+    """(predict's default model, where it comes from): the shipped model of
+    ``<data root>/models/shipped.json`` (one checkpoint or a fold ensemble, loaded), else, for
+    data roots written before it existed, the best model of ``reports/metrics.json`` (a path)."""
+    from fer_pipeline.ml.shipped import load_shipped
+    from fer_pipeline.storage import StoreError, open_data_root
+
+    try:  # a folder, or an object-store URL pulled into its working copy (models and reports only)
+        paths = open_data_root(data_root, trees=("models_dir", "reports_dir"))
+    except StoreError as exc:
+        raise NoModelError(str(exc)) from None
+    if paths.shipped_json.is_file():
+        try:
+            shipped = load_shipped(paths)
+        except (OSError, ValueError) as exc:
+            raise NoModelError(f"cannot load the shipped model: {exc}; re-materialize shipped_model or pass "
+                               "--model CKPT") from None
+        return shipped.model, str(paths.shipped_json)
+    path = default_model_path(paths.root)
+    return path, str(path)
 
 
 def default_model_path(data_root: str | Path | None = None) -> Path:
     """The best model recorded in ``<data root>/reports/metrics.json``
     (:class:`fer_pipeline.schema.MetricsReport`): its recorded checkpoint (relative paths are
-    under the data root), else ``models/<best_model>.safetensors``."""
+    under the data root), else ``models/<best_model>.safetensors``. ``predict`` prefers the
+    shipped model (:func:`default_model`); this is its fallback for older data roots."""
     from fer_pipeline.schema import MetricsReport
     from fer_pipeline.storage import StoreError, open_data_root
 
@@ -237,11 +260,11 @@ def _load_model(model: Path) -> LoadedModel | str:
 
 def _run_predict(args: argparse.Namespace) -> int:
     try:
-        model = Path(args.model) if args.model else default_model_path(args.data_root)
+        chosen, model = (Path(args.model), args.model) if args.model else default_model(args.data_root)
     except NoModelError as exc:
         print(f"fer-pipeline predict: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    loaded = _load_model(model)
+    loaded = _load_model(chosen) if isinstance(chosen, Path) else chosen
     if isinstance(loaded, str):
         _write(sys.stderr, f"fer-pipeline predict: {escape_text(loaded)}\n")
         return EXIT_USAGE
@@ -302,7 +325,9 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
         "with the temperature fitted on the validation split and stored in the checkpoint.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or .zip archive")
-    p.add_argument("--model", metavar="CKPT", help="checkpoint (.safetensors); default: best model in reports/metrics.json")
+    p.add_argument("--model", metavar="CKPT", help="checkpoint (.safetensors); default: the shipped model "
+                   "(models/shipped.json: one checkpoint or the fold ensemble), else the best model in "
+                   "reports/metrics.json")
     p.add_argument("--data-root", default=None, help="data root, a folder or s3://… URL (default: $FER_DATA_DIR or ./data)")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--min-confidence", type=_probability, default=None, metavar="P",

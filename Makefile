@@ -9,7 +9,7 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 3000
 
-.PHONY: setup demo data test test-fast ui ui-stop clean-data docs
+.PHONY: setup demo data test test-fast ui ui-stop clean-data docs benchmark-table
 
 # Virtual environment + editable install; redone only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -50,6 +50,11 @@ test-fast: setup
 # The documentation site (docs/, mkdocs.yml) into build/docs/; warnings (a broken link) fail it.
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir build/docs
+
+# The benchmark tables in README.md and docs/benchmarks.md, regenerated from benchmarks/results/*.json
+# (run a benchmark first: each writes its results file); the test suite checks they are in sync.
+benchmark-table:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/benchmark_table.py
 
 ui: setup
 	bash scripts/ui.sh start

@@ -45,6 +45,8 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 import yaml
 
+from benchmarks.record import write_result
+
 SHARED = REPO.parent / "shared" / "datasets"
 AFFECTNET = {"Anger": "Angry", "Bored_Tired": "Tired", "Focused_Engaged": "Focused", "Neutral": "Neutral"}
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -218,6 +220,14 @@ def main() -> int:
     print(f"per fold step: in-process mean {statistics.mean(float(inproc[k]['step_s'] or nan) for k in keys):.1f} s; "
           f"dask mean {statistics.mean(steps):.1f} s, sd {statistics.pstdev(steps):.1f} s. A dask run's time includes "
           "its launching process starting (the first run of each) and waiting for a free worker.")
+    figures = {
+        "folds": args.folds, "epochs": args.epochs, "workers": args.workers,
+        "in_process_seconds": round(inproc_wall, 1), "dask_seconds": round(dask_wall, 1),
+        "dask_speedup": round(inproc_wall / dask_wall, 2),
+        "estimate_workers": args.estimate_workers, "estimate_seconds": round(estimate, 1),
+        "estimate_speedup": round(inproc_wall / estimate, 2), "overhead_seconds": round(overhead, 1),
+        "background_load": {"in_process": round(inproc_load, 2), "dask": round(dask_load, 2)}}
+    print(f"wrote {write_result('bench_cv_distributed', figures)}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import compare_detectors as cd  # noqa: E402
 
+from benchmarks.record import write_result  # noqa: E402
+
 from fer_pipeline.faces.detect import MTCNNDetector, align_face, fit_calibration  # noqa: E402
 from fer_pipeline.faces.preprocess import (  # noqa: E402
     PreprocessSettings,
@@ -133,6 +135,16 @@ def bench(args: argparse.Namespace) -> None:
     for name, ips, fps, ms in rows:
         print(f"| {name} | {ips:.1f} | {fps:.1f} | {ms:.1f} |")
     print(f"\nload average after {os.getloadavg()[0]:.2f}")
+    keys = [f"detect_{t}_threads" for t in args.threads] + [f"detect_crops_{max(args.threads)}_threads",
+                                                             "decode_canvases", "decode_crops"]
+    figures: dict[str, object] = {"faces": "real AffectNet" if real else "synthetic demo", "canvases": len(canvases),
+                                  "load_average_before": round(load0[0], 2),
+                                  "load_average_after": round(os.getloadavg()[0], 2)}
+    for key, (name, ips, fps, ms) in zip(keys, rows):
+        figures[key] = {"path": name, "images_per_s": round(ips, 1), "faces_per_s": round(fps, 1),
+                        "ms_per_image": round(ms, 2)}
+    name = "bench_detect" if real else "bench_detect_synthetic"
+    print(f"wrote {write_result(name, figures)}")
 
 
 def fit(args: argparse.Namespace) -> None:

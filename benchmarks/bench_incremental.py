@@ -48,6 +48,8 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 import yaml  # noqa: E402
 
+from benchmarks.record import write_result  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "datasets"
 # load-only mapping: every FER2013 folder goes to some project class so that all images are processed
 ALL_FER = {"angry": "Angry", "disgust": "Angry", "fear": "Tired", "sad": "Tired", "happy": "Focused",
@@ -243,6 +245,15 @@ def main() -> None:
     target = 0.05 * full + same
     print(f"target: incremental <= 5% of full + fixed overhead = {target:.2f} s -> "
           f"{'MET' if delta <= 0.05 * full else 'NOT MET'} (median extra cost {delta:.2f} s)")
+    figures = {
+        "dataset": args.zip.name, "classes": args.classes, "candidates": candidates, "new_images": args.n_new,
+        "rounds": args.rounds, "full_seconds": round(full, 2), "no_change_seconds": round(same, 2),
+        "incremental_seconds": round(inc, 2), "extra_seconds": round(delta, 2),
+        "extra_share_of_full": round(delta / full, 4),
+        "background_load": {k: round(statistics.median(v), 2) for k, v in BACKGROUND.items()}}
+    path = write_result("bench_incremental", figures, targets={"extra_share_of_full": "<= 0.05"})
+    print(f"wrote {path}")
+
 
 if __name__ == "__main__":
     main()

@@ -64,6 +64,7 @@ def provenance(command: str | None = None) -> dict[str, Any]:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device(),
         "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # a shared machine slows timings
         "platform": platform.platform(),
         "versions": versions(),
     }

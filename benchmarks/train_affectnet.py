@@ -1,40 +1,46 @@
-"""Real-data benchmark: the registered CNNs on AffectNet-4class, several seeds, one fixed split.
+"""Real-data benchmark of the shipped model on AffectNet-4class, chosen without the test split.
 
 Protocol: ``../shared/datasets/affectnet-4class.zip`` (relative to the repository root);
 folders Anger->Angry, Bored_Tired->Tired, Focused_Engaged->Focused, Neutral->Neutral; files
 whose bytes are filed under two classes are dropped, byte-identical copies within one class
 kept once; faces preprocessed exactly as the pipeline does (48x48 grayscale, centre crop);
-stratified 70/15/15 split with seed 0; each model trained with seeds 0, 1, 2; test accuracy
-and macro-F1 reported as mean +- std over seeds.
+stratified 70/15/15 split with seed 0 (fixed). The pretraining pool is FER2013 (six non-disgust
+emotions) minus every face that duplicates an AffectNet face (the manifest's rule).
 
-    .venv/bin/python benchmarks/train_affectnet.py            # full run (~20 min on 2 cores)
-    .venv/bin/python benchmarks/train_affectnet.py --models cnn4 --seeds 0 --epochs 5
+1. **Recipe choice, on validation.** Each candidate pretraining recipe (pool images x epochs,
+   ``--recipes``) pretrains a backbone (seed 0) and fine-tunes the main model on train; the
+   recipe with the best *validation* macro-F1 wins. No test prediction is made in this step.
+2. **Rows, same run, seeds 0/1/2 with the backbone re-seeded too** (pool sample, pretraining
+   and fine-tuning seed all = the seed):
 
-Measured on the 2-core dev VM (shared with other jobs; 31.5 min wall, ~18 min estimated idle),
-recipe = TrainConfig() defaults (30 epochs cosine, AdamW, label smoothing 0.1, weight EMA,
-flip TTA), mean +- sample std over seeds 0/1/2:
+   * ``scratch``: the main model from random weights;
+   * ``single``: the main model fine-tuned from the chosen recipe's backbone;
+   * ``fold_ensemble``: the k cross-validation fold models over train+validation (each calibrated
+     on its own held-out fold), mean of calibrated probabilities, flip TTA as the recipe says;
+   * ``shipped``: per seed, ``single`` or ``fold_ensemble`` by the pipeline's own rule
+     (:func:`fer_pipeline.analysis.shipping.decide`: the ensemble's out-of-fold macro-F1 on the
+     validation images against the single model's validation macro-F1).
 
-    model    test_accuracy   test_macro_f1
-    cnn4     0.716 +- 0.017  0.686 +- 0.023   (main)
-    cnn3     0.664 +- 0.010  0.604 +- 0.021   (one block fewer)
-    cnn4_k5  0.703 +- 0.020  0.677 +- 0.018   (5x5 kernels)
+   Test accuracy and macro-F1 are reported as mean +- sample std over the seeds; the test split
+   is read only after every choice is made.
 
-The issue's reference (plain 3-block 32-64-128 CNN, early stopping) was 0.58 +- 0.04 macro-F1.
+    .venv/bin/python benchmarks/train_affectnet.py            # full run (GPU: minutes; 2 CPUs: hours)
+    .venv/bin/python benchmarks/train_affectnet.py --quick    # a small smoke run of the same protocol
 
-Loading is one function (:func:`load_affectnet_zip`), so it can later be swapped for the
-pipeline's manifest without touching the rest.
+Writes ``benchmarks/results/train_affectnet.json`` (``--quick``: ``train_affectnet_quick.json``:
+its figures are not the benchmark's) through :func:`benchmarks.record.write_result`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
-import multiprocessing
+import json
 import sys
 import time
 import zipfile
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,16 +50,17 @@ import pandas as pd
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from fer_pipeline.classes import CLASS_TO_INDEX, CLASSES  # noqa: E402
-from fer_pipeline.faces.preprocess import PreprocessSettings, decode_face  # noqa: E402
-from fer_pipeline.ml import (  # noqa: E402
+from fer_pipeline.classes import CLASS_TO_INDEX, CLASSES
+from fer_pipeline.faces.preprocess import PreprocessSettings, decode_face
+from fer_pipeline.ml import (
     ARCHITECTURES,
     MAIN_MODEL,
     TrainConfig,
     evaluate_predictions,
     train_model,
 )
-from fer_pipeline.ml.inference import predict_proba  # noqa: E402
+from fer_pipeline.ml.calibration import softmax
+from fer_pipeline.ml.inference import predict_logits
 
 DEFAULT_ZIP = REPO_ROOT.parent / "shared" / "datasets" / "affectnet-4class.zip"
 FOLDER_TO_CLASS = {"Anger": "Angry", "Bored_Tired": "Tired", "Focused_Engaged": "Focused", "Neutral": "Neutral"}
@@ -101,15 +108,18 @@ POOL_LABELS = ("angry", "fear", "happy", "neutral", "sad", "surprise")  # FER201
 
 
 def load_pool_zip(zip_path: Path = POOL_ZIP, labels: tuple[str, ...] = POOL_LABELS,
-                  size: tuple[int, int] = (48, 48)) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """FER2013 faces of ``labels`` (all three of its splits) as a pretraining pool, sorted by name."""
+                  size: tuple[int, int] = (48, 48), limit: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """FER2013 faces of ``labels`` (all three of its splits) as a pretraining pool, sorted by name;
+    ``limit``: a seeded random sample of that many files, decoded alone (quick runs)."""
     settings = PreprocessSettings(image_size=size)
     faces, ys, names = [], [], []
     with zipfile.ZipFile(zip_path) as zf:
-        for name in sorted(zf.namelist()):
+        wanted = [n for n in sorted(zf.namelist()) if len(p := n.split("/")) == 3 and p[1] in labels
+                  and p[2].lower().endswith(".jpg")]
+        if limit and limit < len(wanted):
+            wanted = sorted(np.random.default_rng(0).choice(wanted, limit, replace=False).tolist())
+        for name in wanted:
             parts = name.split("/")
-            if len(parts) != 3 or parts[1] not in labels or not parts[2].lower().endswith(".jpg"):
-                continue
             decoded = decode_face(zf.read(name), settings)
             if decoded.ok:
                 faces.append(decoded.face)
@@ -150,172 +160,195 @@ def stratified_split(
     return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
 
 
-def _train_one(job: dict) -> dict:
-    """Train and test one (model, seed); runs in a worker process with its own thread count."""
-    import torch
+def stratified_subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-stratified sample of ``n`` rows (all rows when ``n`` >= len)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    idx = [rng.permutation(np.flatnonzero(labels == c))[: max(1, round(n * np.mean(labels == c)))]
+           for c in np.unique(labels)]
+    return np.sort(np.concatenate(idx))
 
-    torch.set_num_threads(job["threads"])
-    images, labels, split, name, cfg = job["images"], job["labels"], job["split"], job["model"], job["config"]
+
+def stored_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """A fold number per row, stratified by class (shuffled per class, dealt round-robin), like
+    the ``fold`` column of ``splits.parquet``."""
+    folds = np.empty(len(labels), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        folds[idx] = np.arange(len(idx)) % k
+    return folds
+
+
+def pretrain(px: np.ndarray, py: np.ndarray, max_images: int, epochs: int, seed: int, config: TrainConfig) -> dict:
+    """A backbone of the main architecture pretrained on a seeded stratified sample of the pool."""
+    from fer_pipeline.ml.pretrain import backbone_features, cap_pool, pretrain_backbone
+
+    keep = cap_pool(py, max_images, seed=seed)
+    t0 = time.perf_counter()
+    cfg = replace(config, epochs=epochs, patience=0, seed=seed)
+    result, _ = pretrain_backbone(px[keep], py[keep], len(POOL_LABELS), ARCHITECTURES[MAIN_MODEL], cfg)
+    print(f"  pretrained on {len(keep)} pool faces x {epochs} epochs (seed {seed}) in "
+          f"{(time.perf_counter() - t0) / 60:.1f} min; pool validation macro-F1 {result.best_val_macro_f1:.3f}",
+          flush=True)
+    return backbone_features(result.state_dict)
+
+
+def _scores(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    m = evaluate_predictions(y, probs.argmax(1), probs, classes=CLASSES)
+    return {"accuracy": m.accuracy, "macro_f1": m.macro_f1}
+
+
+def _probs(result, images: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    logits = predict_logits(result.build(), images, result.normalization, tta_flip=result.config.tta_flip)
+    return softmax(logits.double().numpy(), temperature)
+
+
+def choose_recipe(images, labels, split, px, py, recipes, config: TrainConfig) -> tuple[tuple[int, int], list[dict]]:
+    """The pretraining recipe (pool images, epochs) with the best validation macro-F1 of the
+    fine-tuned main model (seed 0). Reads train and validation only."""
+    tr, va = split["train"], split["validation"]
+    rows = []
+    for max_images, epochs in recipes:
+        print(f"recipe {max_images} pool images x {epochs} epochs:", flush=True)
+        state = pretrain(px, py, max_images, epochs, 0, config)
+        result = train_model(images[tr], labels[tr], images[va], labels[va], ARCHITECTURES[MAIN_MODEL],
+                             replace(config, seed=0), init_state=state)
+        val = _scores(labels[va], _probs(result, images[va]))
+        rows.append({"pool_images": max_images, "pretrain_epochs": epochs, "val_macro_f1": val["macro_f1"],
+                     "val_accuracy": val["accuracy"]})
+        print(f"  validation macro-F1 {val['macro_f1']:.4f}", flush=True)
+    best = max(rows, key=lambda r: (r["val_macro_f1"], r["val_accuracy"], -r["pool_images"], -r["pretrain_epochs"]))
+    return (best["pool_images"], best["pretrain_epochs"]), rows
+
+
+def run_seed(images, labels, split, px, py, recipe: tuple[int, int], seed: int, config: TrainConfig,
+             n_folds: int) -> list[dict]:
+    """Scratch, single, fold ensemble and shipped rows of one seed (backbone re-seeded too)."""
+    from fer_pipeline.analysis.cross_validation import combine_arrays, train_fold
+    from fer_pipeline.analysis.shipping import Candidate, decide, oof_scores
+    from fer_pipeline.ml.data import SplitArrays
+    from fer_pipeline.ml.shipped import ShippedMember
+
     tr, va, te = split["train"], split["validation"], split["test"]
+    arch, cfg = ARCHITECTURES[MAIN_MODEL], replace(config, seed=seed)
     t0 = time.perf_counter()
-    result = train_model(
-        images[tr], labels[tr], images[va], labels[va], ARCHITECTURES[job.get("arch", name)], cfg,
-        init_state=job.get("init_state"),
-        log=(lambda m: print(m, flush=True)) if job["verbose"] else None,
-    )
-    probs = predict_proba(result.build(), images[te], result.normalization, tta_flip=cfg.tta_flip)
-    m = evaluate_predictions(labels[te], probs.argmax(1), probs, classes=CLASSES)
-    row = {
-        "model": name,
-        "seed": cfg.seed,
-        "test_accuracy": m.accuracy,
-        "test_macro_f1": m.macro_f1,
-        "val_macro_f1": result.best_val_macro_f1,
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "img_per_s": result.mean_images_per_second,
-        "minutes": (time.perf_counter() - t0) / 60,
-    }
-    print(
-        f"{name} seed {cfg.seed}: test acc {m.accuracy:.4f} macro-F1 {m.macro_f1:.4f} "
-        f"(val F1 {result.best_val_macro_f1:.4f} @ epoch {result.best_epoch}/{len(result.history)}, "
-        f"{row['img_per_s']:.0f} img/s, {row['minutes']:.1f} min)",
-        flush=True,
-    )
-    return row
+    scratch = train_model(images[tr], labels[tr], images[va], labels[va], arch, cfg)
+    state = pretrain(px, py, recipe[0], recipe[1], seed, config)
+    single = train_model(images[tr], labels[tr], images[va], labels[va], arch, cfg, init_state=state)
+    single_val = _scores(labels[va], _probs(single, images[va]))
+
+    def arrays(rows: np.ndarray, tag: str) -> SplitArrays:
+        ids = [f"{tag}{i:05d}" for i in rows]
+        return SplitArrays(images[rows], labels[rows], ids, pd.DataFrame({"image_id": ids}))
+
+    pool = combine_arrays([arrays(tr, "t"), arrays(va, "v")])
+    pool.frame["fold"] = stored_folds(pool.labels, n_folds, seed=0)
+    folds = [train_fold(pool, f, arch, cfg, n_cv_folds=n_folds, train_fn=functools.partial(train_model, init_state=state))
+             for f in range(n_folds)]
+    oof = oof_scores(folds, {f"v{i:05d}" for i in va})
+    # the choice: validation and out-of-fold estimates only
+    members = [ShippedMember(f"fold_{r.fold}", "", float(r.calibration["temperature"])) for r in folds]
+    decision = decide(Candidate("single", "single", single_val["macro_f1"], "validation", []),
+                      Candidate("fold_ensemble", "ensemble", oof["oof_validation_images_macro_f1"],
+                                "out-of-fold on the validation images", members))
+    # the test split, after every choice
+    y = labels[te]
+    ensemble = np.mean([_probs(r.trained, images[te], float(r.calibration["temperature"])) for r in folds], axis=0)
+    test = {"scratch": _scores(y, _probs(scratch, images[te])),
+            "single": _scores(y, _probs(single, images[te], 1.0)),
+            "fold_ensemble": _scores(y, ensemble)}
+    test["shipped"] = test[decision.chosen.name]
+    estimates = {"single": single_val["macro_f1"], "fold_ensemble": oof["oof_validation_images_macro_f1"]}
+    rows = [{"seed": seed, "row": name, "test_accuracy": t["accuracy"], "test_macro_f1": t["macro_f1"],
+             "selection_macro_f1": estimates.get(decision.chosen.name if name == "shipped" else name),
+             "shipped_kind": decision.chosen.kind if name == "shipped" else ""} for name, t in test.items()]
+    print(f"seed {seed}: " + ", ".join(f"{r['row']} {r['test_macro_f1']:.4f}" for r in rows)
+          + f" (shipped {decision.chosen.name}: {decision.reason}; pooled OOF {oof['oof_macro_f1']:.4f}; "
+          f"{(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+    return rows
 
 
-def run_benchmark(
-    images: np.ndarray,
-    labels: np.ndarray,
-    models: list[str],
-    seeds: list[int],
-    config: TrainConfig,
-    jobs: int = 2,
-    verbose: bool = False,
-    backbones: dict[str, tuple[str, dict]] | None = None,
-) -> pd.DataFrame:
-    """Train every (model, seed) on the fixed seed-0 split; one row per run.
-
-    With ``jobs > 1`` runs go to that many worker processes, one torch thread each: for
-    small convolutions, one run per core scales better than two threads on one run, and it
-    degrades gracefully when other programs share the CPU. ``backbones`` adds rows named
-    after their key: (architecture, initial ``features.*`` weights) fine-tuned the same way.
-    """
-    split = stratified_split(labels, seed=0)
-    print("split sizes: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
-    # Slowest models first, so the pool's last job is a short one.
-    order = sorted(models, key=lambda n: -ARCHITECTURES[n].kernel_size ** 2 * len(ARCHITECTURES[n].channels))
-    threads = 1 if jobs > 1 else torch_threads()
-    todo = [
-        {"images": images, "labels": labels, "split": split, "model": name, "threads": threads,
-         "config": replace(config, seed=seed), "verbose": verbose}
-        for name in order
-        for seed in seeds
-    ]
-    for row_name, (arch, state) in (backbones or {}).items():
-        todo += [{"images": images, "labels": labels, "split": split, "model": row_name, "arch": arch,
-                  "init_state": state, "threads": threads, "config": replace(config, seed=seed), "verbose": verbose}
-                 for seed in seeds]
-        models = [*models, row_name]
-    if jobs > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            rows = list(pool.map(_train_one, todo))
-    else:
-        rows = [_train_one(job) for job in todo]
-    df = pd.DataFrame(rows)
-    df["model"] = pd.Categorical(df["model"], categories=models, ordered=True)
-    return df.sort_values(["model", "seed"]).reset_index(drop=True)
-
-
-def pretrain_on_pool(target: np.ndarray, pool_zip: Path, arch: str, epochs: int, max_images: int,
-                     seed: int = 0, verbose: bool = False) -> dict:
-    """Guard, cap and pretrain: the FER2013 pool, minus every face that duplicates a target face,
-    at most ``max_images`` of it (stratified sample, seeded), trained on its six labels."""
-    from fer_pipeline.ml.pretrain import backbone_features, pretrain_backbone
-
-    t0 = time.perf_counter()
-    px, py, _ = load_pool_zip(pool_zip)
-    keep = guard_pool(px, target)
-    px, py = px[keep], py[keep]
-    if len(py) > max_images:
-        idx = np.sort(np.random.default_rng(seed).permutation(len(py))[:max_images])
-        px, py = px[idx], py[idx]
-    print(f"pool: {int(keep.size)} FER2013 faces ({', '.join(POOL_LABELS)}), {int((~keep).sum())} dropped as "
-          f"duplicates of target faces, {len(py)} used", flush=True)
-    t1 = time.perf_counter()
-    cfg = replace(TrainConfig(), epochs=epochs, patience=0, seed=seed)
-    result, split = pretrain_backbone(px, py, len(POOL_LABELS), ARCHITECTURES[arch], cfg,
-                                      log=(lambda m: print(m, flush=True)) if verbose else None)
-    minutes = (time.perf_counter() - t1) / 60
-    print(f"pretrained {arch} on {len(split.train)} pool faces for {epochs} epochs in {minutes:.1f} min "
-          f"({result.mean_images_per_second:.0f} images/s); pool validation macro-F1 "
-          f"{result.best_val_macro_f1:.3f} (loading + guard {(t1 - t0) / 60:.1f} min)", flush=True)
-    return {"state": backbone_features(result.state_dict), "pool_size": len(py), "minutes": minutes}
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean +- std (sample std, ddof=1) over seeds per model."""
-    g = runs.groupby("model", sort=False, observed=True)
-    out = pd.DataFrame(
-        {
-            "seeds": g.size(),
-            "test_accuracy": g["test_accuracy"].agg(lambda s: f"{s.mean():.3f} ± {s.std(ddof=1) if len(s) > 1 else 0:.3f}"),
-            "test_macro_f1": g["test_macro_f1"].agg(lambda s: f"{s.mean():.3f} ± {s.std(ddof=1) if len(s) > 1 else 0:.3f}"),
-            "best_epoch": g["best_epoch"].agg(lambda s: "/".join(str(v) for v in s)),
-            "minutes_per_run": g["minutes"].mean().round(1),
-        }
-    )
+def summarize(runs: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per row: mean and sample std (ddof=1) over seeds of test accuracy and macro-F1."""
+    out = {}
+    for name, g in runs.groupby("row", sort=False):
+        out[str(name)] = {"seeds": len(g), **{f"{col}_{stat}": float(getattr(g[col], stat)(**kw))
+                          for col in ("test_accuracy", "test_macro_f1")
+                          for stat, kw in (("mean", {}), ("std", {"ddof": 1}))}}
+        if name == "shipped":
+            out[str(name)]["kinds"] = "/".join(g["shipped_kind"])
     return out
+
+
+QUICK = {"limit": 400, "pool_limit": 1000, "recipes": [(300, 1), (600, 1)], "epochs": 2, "folds": 3}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
-    p.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None, help="override TrainConfig.epochs")
-    p.add_argument("--jobs", type=int, default=2, help="parallel runs, one torch thread each (1: one run, all threads)")
-    p.add_argument("--verbose", action="store_true", help="print every epoch")
-    p.add_argument("--csv", type=Path, default=None, help="also write the per-run table here")
-    p.add_argument("--pretrain", action="store_true",
-                   help="add the main model fine-tuned from a backbone pretrained on the FER2013 pool")
     p.add_argument("--pool-zip", type=Path, default=POOL_ZIP)
-    p.add_argument("--pretrain-epochs", type=int, default=15)
-    p.add_argument("--pool-max-images", type=int, default=24_000)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--recipes", nargs="+", default=["12000x15", "24000x15", "24000x25", "35000x15"],
+                   help="candidate pretraining recipes, POOL_IMAGESxEPOCHS, chosen among by validation")
+    p.add_argument("--folds", type=int, default=5, help="CV folds over train+validation (the ensemble's members)")
+    p.add_argument("--epochs", type=int, default=None, help="override TrainConfig.epochs (fine-tuning)")
+    p.add_argument("--limit", type=int, default=None, help="stratified sample of this many AffectNet faces")
+    p.add_argument("--pool-limit", type=int, default=None, help="read at most this many pool faces")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
-
-    if not args.zip.exists():
-        print(f"dataset not found: {args.zip}", file=sys.stderr)
-        return 2
-    config = TrainConfig()
+    if args.quick:
+        args.limit = args.limit or QUICK["limit"]
+        args.pool_limit = args.pool_limit or QUICK["pool_limit"]
+        args.epochs = args.epochs or QUICK["epochs"]
+        args.folds = QUICK["folds"]
+        recipes = QUICK["recipes"]
+    else:
+        recipes = [tuple(int(v) for v in r.lower().split("x")) for r in args.recipes]
+    for path in (args.zip, args.pool_zip):
+        if not path.exists():
+            print(f"dataset not found: {path}", file=sys.stderr)
+            return 2
+    config = TrainConfig(num_threads=args.threads)
     if args.epochs is not None:
         config = replace(config, epochs=args.epochs)
     t0 = time.perf_counter()
     images, labels, _ = load_affectnet_zip(args.zip)
-    print(f"main model: {MAIN_MODEL}; config: {config.to_dict()}")
-    backbones = None
-    if args.pretrain:
-        if not args.pool_zip.exists():
-            print(f"pool dataset not found: {args.pool_zip}", file=sys.stderr)
-            return 2
-        pre = pretrain_on_pool(images, args.pool_zip, MAIN_MODEL, args.pretrain_epochs, args.pool_max_images,
-                               verbose=args.verbose)
-        backbones = {f"{MAIN_MODEL} pretrained": (MAIN_MODEL, pre["state"])}
-    runs = run_benchmark(images, labels, args.models, args.seeds, config, jobs=args.jobs, verbose=args.verbose,
-                         backbones=backbones)
-    if args.csv:
-        runs.to_csv(args.csv, index=False)
-    print()
-    print(summarize(runs).to_string())
-    print(f"\ntotal {(time.perf_counter() - t0) / 60:.1f} min")
+    if args.limit:
+        keep = stratified_subsample(labels, args.limit)
+        images, labels = images[keep], labels[keep]
+    split = stratified_split(labels, seed=0)
+    print("split sizes: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()), flush=True)
+    px, py, _ = load_pool_zip(args.pool_zip, limit=args.pool_limit)
+    guard = guard_pool(px, images)
+    px, py = px[guard], py[guard]
+    print(f"pool: {len(py)} faces after the leakage guard ({int((~guard).sum())} dropped)", flush=True)
+    t_load = time.perf_counter() - t0
+
+    recipe, recipe_rows = choose_recipe(images, labels, split, px, py, recipes, config)
+    print(f"chosen by validation: {recipe[0]} pool images x {recipe[1]} epochs", flush=True)
+    runs = pd.DataFrame([row for seed in args.seeds
+                         for row in run_seed(images, labels, split, px, py, recipe, seed, config, args.folds)])
+    summary = summarize(runs)
+    minutes = (time.perf_counter() - t0) / 60
+    print(json.dumps(summary, indent=2))
+    print(f"total {minutes:.1f} min (loading {t_load / 60:.1f} min)")
+
+    from benchmarks.record import write_result
+
+    name = "train_affectnet_quick" if args.quick else "train_affectnet"
+    path = write_result(name, {
+        "mode": "quick (smoke run: not the benchmark's figures)" if args.quick else "full",
+        "n_images": len(labels), "split_sizes": {k: len(v) for k, v in split.items()},
+        "pool_images_after_guard": len(py), "n_folds": args.folds, "seeds": args.seeds,
+        "fine_tune_config": config.to_dict(),
+        "recipe_candidates_validation": recipe_rows,
+        "recipe_chosen_by_validation": {"pool_images": recipe[0], "pretrain_epochs": recipe[1]},
+        "rows": summary, "runs": runs.to_dict(orient="records"), "minutes": round(minutes, 1),
+    }, targets={"shipped test_macro_f1_mean": ">= 0.75", "shipped test_macro_f1_std": "<= 0.015"})
+    print(f"wrote {path}")
     return 0
 
 

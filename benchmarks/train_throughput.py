@@ -14,6 +14,8 @@ Settings: on CUDA, deterministic on/off x bf16 autocast on/off; on the CPU one s
     .venv/bin/python benchmarks/train_throughput.py --device cpu --threads 1 2
     .venv/bin/python benchmarks/train_throughput.py --device cuda            # exits 2 without a GPU
     .venv/bin/python benchmarks/train_throughput.py --models cnn4 cnn3 cnn4_k5 --steps 100
+
+Results: ``benchmarks/results/train_throughput_<cpu|cuda>.json`` (``benchmarks/record.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.record import write_result  # noqa: E402
 from fer_pipeline.classes import CLASSES  # noqa: E402
 from fer_pipeline.ml import (  # noqa: E402
     ARCHITECTURES,
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads available, "
           f"batch {args.batch_size}, {steps} steps x {args.epochs} epochs x 2 runs per setting")
     failed = False
+    runs: list[dict[str, object]] = []
+    figures: dict[str, object] = {"batch_size": args.batch_size, "steps": steps, "epochs": args.epochs, "runs": runs}
     for name in args.models:
         for threads in args.threads if device.type == "cpu" else args.threads[:1]:
             for setting in settings_for(device):
@@ -136,9 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:8s} {device.type:4s} threads={threads:<2d} {setting.label(device)}  "
                       f"{ips:8.0f} training images/s  reproducible: {repro}", flush=True)
                 failed |= setting.deterministic and not same
+                runs.append({"model": name, "threads": threads, "deterministic": setting.deterministic,
+                             "amp": "bf16" if autocast_dtype(setting.amp, device) == torch.bfloat16 else "off",
+                             "cuda_graphs": setting.cuda_graphs and device.type == "cuda",
+                             "images_per_s": round(ips, 1), "reproducible": same})
+                if name == MAIN_MODEL and setting == settings_for(device)[0]:  # the default mode
+                    mode = "default" if device.type == "cuda" else f"threads_{threads}"
+                    figures[f"{name}_{mode}_images_per_s"] = round(ips, 1)
                 if device.type == "cuda" and setting == settings_for(device)[0] and name == MAIN_MODEL:
                     verdict = "met" if ips >= TARGET_CUDA_IMAGES_PER_S else "NOT met"
                     print(f"{'':8s} target >= {TARGET_CUDA_IMAGES_PER_S} images/s in the default mode: {verdict}")
+    targets = {f"{MAIN_MODEL}_default_images_per_s": f">= {TARGET_CUDA_IMAGES_PER_S}"} if device.type == "cuda" else {}
+    print(f"wrote {write_result(f'train_throughput_{device.type}', figures, targets=targets)}")
     if failed:
         print("a deterministic setting gave different results for the same seed", file=sys.stderr)
     return 1 if failed else 0

@@ -37,6 +37,7 @@ from fer_pipeline.limits import MAX_FILE_BYTES
 from fer_pipeline.sources.names import escape_char, escape_text
 
 if TYPE_CHECKING:
+    from fer_pipeline.ml.checkpoint import LoadedModel
     from fer_pipeline.ml.predict import Classifier, Prediction
 
 MAX_INPUT_BYTES = MAX_FILE_BYTES  # no face image is this large; anything above is not read
@@ -45,29 +46,36 @@ EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class NoModelError(RuntimeError):
-    """No checkpoint was given and none is recorded as the best model."""
+    """No checkpoint was given and none is recorded as the shipped or the best model."""
 
 
-@dataclass(frozen=True)
-class ShippedModel:
-    """The model ``predict`` and ``export`` use by default: its name, its checkpoints (one, or an
-    ensemble's members) and the data root's models folder."""
+def default_model(data_root: str | Path | None = None) -> tuple[LoadedModel | Path, str]:
+    """(predict's default model, where it comes from): the shipped model of
+    ``<data root>/models/shipped.json`` (one checkpoint or a fold ensemble, loaded), else, for
+    data roots written before it existed, the best model of ``reports/metrics.json`` (a path)."""
+    from fer_pipeline.ml.shipped import load_shipped
+    from fer_pipeline.storage import StoreError, open_data_root
 
-    name: str
-    checkpoints: tuple[Path, ...]
-    models_dir: Path
+    try:  # a folder, or an object-store URL pulled into its working copy (models and reports only)
+        paths = open_data_root(data_root, trees=("models_dir", "reports_dir"))
+    except StoreError as exc:
+        raise NoModelError(str(exc)) from None
+    if paths.shipped_json.is_file():
+        try:
+            shipped = load_shipped(paths)
+        except (OSError, ValueError) as exc:
+            raise NoModelError(f"cannot load the shipped model: {exc}; re-materialize shipped_model or pass "
+                               "--model CKPT") from None
+        return shipped.model, str(paths.shipped_json)
+    path = default_model_path(paths.root)
+    return path, str(path)
 
-    @property
-    def export_path(self) -> Path:
-        """Where ``fer-pipeline export`` writes it by default (``predict --engine onnx`` looks there)."""
-        return self.models_dir / f"{self.name}.onnx"
 
-
-def shipped_model(data_root: str | Path | None = None) -> ShippedModel:
-    """The shipped model: the one place that says which it is. Today the best model recorded in
-    ``<data root>/reports/metrics.json`` (:class:`fer_pipeline.schema.MetricsReport`), one
-    checkpoint: its recorded path (relative paths are under the data root), else
-    ``models/<best_model>.safetensors``. ``NoModelError`` when there is none."""
+def default_model_path(data_root: str | Path | None = None) -> Path:
+    """The best model recorded in ``<data root>/reports/metrics.json``
+    (:class:`fer_pipeline.schema.MetricsReport`): its recorded checkpoint (relative paths are
+    under the data root), else ``models/<best_model>.safetensors``. ``predict`` prefers the
+    shipped model (:func:`default_model`); this is its fallback for older data roots."""
     from fer_pipeline.schema import MetricsReport
     from fer_pipeline.storage import StoreError, open_data_root
 
@@ -86,12 +94,60 @@ def shipped_model(data_root: str | Path | None = None) -> ShippedModel:
     ckpt = paths.resolve(recorded) if recorded else paths.checkpoint(report.best_model)
     if not ckpt.is_file():
         raise NoModelError(f"best model {report.best_model!r} has no checkpoint at {ckpt}; {hint}")
-    return ShippedModel(report.best_model, (ckpt,), paths.models_dir)
+    return ckpt
 
 
-def default_model_path(data_root: str | Path | None = None) -> Path:
-    """The shipped model's (first) checkpoint (:func:`shipped_model`)."""
-    return shipped_model(data_root).checkpoints[0]
+@dataclass(frozen=True)
+class ShippedModel:
+    """The shipped model named without loading it (no torch): its name, its checkpoints (one, or
+    the fold ensemble's members), the data root's models folder and its record (``shipped.json``;
+    None for a data root from before it existed)."""
+
+    name: str
+    checkpoints: tuple[Path, ...]
+    models_dir: Path
+    record: Path | None = None
+
+    @property
+    def export_path(self) -> Path:
+        """Where ``fer-pipeline export`` writes it by default (``predict --engine onnx`` looks there)."""
+        return self.models_dir / f"{self.name}.onnx"
+
+
+def shipped_model(data_root: str | Path | None = None) -> ShippedModel:
+    """Which model ships, the one place ``export`` and ``predict --engine onnx`` ask: the members of
+    ``models/shipped.json`` (:class:`fer_pipeline.schema.ShippedSpec`, read without torch), else
+    the best model of ``reports/metrics.json``. ``NoModelError`` when there is none."""
+    from fer_pipeline.schema import ShippedSpec
+    from fer_pipeline.storage import StoreError, open_data_root
+
+    try:
+        paths = open_data_root(data_root, trees=("models_dir", "reports_dir"))
+    except StoreError as exc:
+        raise NoModelError(str(exc)) from None
+    if paths.shipped_json.is_file():
+        try:
+            spec = ShippedSpec.read(paths.shipped_json)
+        except (OSError, ValueError) as exc:
+            raise NoModelError(f"cannot read the shipped model: {exc}; re-materialize shipped_model or pass "
+                               "--model CKPT") from None
+        return ShippedModel(spec.name, tuple(paths.resolve(m.checkpoint) for m in spec.members), paths.models_dir,
+                            paths.shipped_json)
+    ckpt = default_model_path(paths.root)
+    return ShippedModel(ckpt.stem, (ckpt,), paths.models_dir)
+
+
+def _shipped_members(shipped: ShippedModel) -> list[LoadedModel] | str:
+    """The shipped model's member checkpoints, loaded and checked against their record."""
+    if shipped.record is None:
+        loaded = _load_model(shipped.checkpoints[0])
+        return loaded if isinstance(loaded, str) else [loaded]  # type: ignore[list-item]
+    from fer_pipeline.ml.shipped import load_shipped
+
+    try:
+        return load_shipped(shipped.record).members
+    except (OSError, ValueError) as exc:
+        return f"cannot load the shipped model: {exc}; re-materialize shipped_model or pass --model CKPT"
 
 
 def _unicode_safe(text: str) -> str:
@@ -273,17 +329,16 @@ def _sources_match(onnx_path: Path, checkpoints: Sequence[Path]) -> bool:
     return recorded == [hashlib.sha256(c.read_bytes()).hexdigest() for c in checkpoints]
 
 
-def _onnx_model_path(checkpoints: Sequence[Path], name: str | None, ready: Path | None) -> Path | str:
+def _onnx_model_path(checkpoints: Sequence[Path], name: str | None, ready: Path | None,
+                     load: Callable[[], list[LoadedModel] | str]) -> Path | str:
     """An exported file for these checkpoints: ``ready`` when it was made from them, else an
-    export into a temporary folder (slower: torch and its exporter start), or why not."""
+    export of what ``load`` gives into a temporary folder (slower: torch and its exporter
+    start), or why not."""
     if ready is not None and ready.is_file() and _sources_match(ready, checkpoints):
         return ready
-    models = []
-    for ckpt in checkpoints:
-        loaded = _load_model(ckpt)
-        if isinstance(loaded, str):
-            return loaded
-        models.append(loaded)
+    models = load()
+    if isinstance(models, str):
+        return models
     from fer_pipeline.ml.export import export_models
 
     hint = f" (run `fer-pipeline export` to write {ready} once)" if ready is not None else ""
@@ -307,17 +362,22 @@ def _predict_model(args: argparse.Namespace) -> Classifier | str:
         return f"--engine torch cannot run an exported model ({model}); pass its checkpoint or --engine onnx"
     if model is not None and (onnx_file or args.engine == "torch"):
         return _load_model(model)
-    if model is not None:
-        checkpoints, name, ready = (model,), None, None
-    else:
-        try:
+    try:
+        if model is None and args.engine == "torch":
+            chosen, _ = default_model(args.data_root)  # the shipped model (an ensemble loaded as one)
+            return _load_model(chosen) if isinstance(chosen, Path) else chosen
+        if model is not None:
+            def load() -> list[LoadedModel] | str:
+                loaded = _load_model(model)
+                return loaded if isinstance(loaded, str) else [loaded]  # type: ignore[list-item]
+
+            path = _onnx_model_path((model,), None, None, load)
+        else:
             shipped = shipped_model(args.data_root)
-        except NoModelError as exc:
-            return str(exc)
-        if args.engine == "torch":
-            return _load_model(shipped.checkpoints[0])
-        checkpoints, name, ready = shipped.checkpoints, shipped.name, shipped.export_path
-    path = _onnx_model_path(checkpoints, name, ready)
+            path = _onnx_model_path(shipped.checkpoints, shipped.name, shipped.export_path,
+                                    lambda: _shipped_members(shipped))
+    except NoModelError as exc:
+        return str(exc)
     return path if isinstance(path, str) else _load_model(path)
 
 
@@ -384,7 +444,9 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder or .zip archive")
     p.add_argument("--model", metavar="CKPT", help="checkpoint (.safetensors) or exported model (.onnx, run on "
-                                                  "onnxruntime); default: the shipped model (reports/metrics.json)")
+                                                  "onnxruntime); default: the shipped model (models/shipped.json: one "
+                                                  "checkpoint or the fold ensemble), else the best model in "
+                                                  "reports/metrics.json")
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
                    help="run the model on PyTorch or onnxruntime (onnx: the shipped model's export from "
                         "`fer-pipeline export` when it is up to date, else one made for this run); "
@@ -407,15 +469,15 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_predict)
 
 
-def _export_members(args: argparse.Namespace) -> tuple[str, list[Path], Path] | str:
-    """(name, checkpoints, default output) for ``export``: the shipped model, or the ``--model``
-    names (models recorded in metrics.json) or checkpoint paths, several making an ensemble."""
+def _export_members(args: argparse.Namespace) -> tuple[str, list[Path], Path] | ShippedModel | str:
+    """What ``export`` writes: the shipped model, or (name, checkpoints, default output) of the
+    ``--model`` names (models recorded in metrics.json) or checkpoint paths, several making an
+    ensemble; or why not."""
     if not args.model:
         try:
-            shipped = shipped_model(args.data_root)
+            return shipped_model(args.data_root)
         except NoModelError as exc:
             return str(exc)
-        return shipped.name, list(shipped.checkpoints), shipped.export_path
     checkpoints = []
     for raw in args.model:
         if raw.endswith(".safetensors") or Path(raw).is_file():
@@ -443,17 +505,24 @@ def _run_export(args: argparse.Namespace) -> int:
     if isinstance(members, str):
         _write(sys.stderr, f"fer-pipeline export: {escape_text(members)}\n")
         return EXIT_USAGE
-    name, checkpoints, default_out = members
-    models = []
-    for ckpt in checkpoints:
-        if ckpt.suffix.lower() == ".onnx":
-            _write(sys.stderr, f"fer-pipeline export: {escape_text(str(ckpt))} is already an export\n")
+    if isinstance(members, ShippedModel):
+        name, default_out = members.name, members.export_path
+        models = _shipped_members(members)
+        if isinstance(models, str):
+            _write(sys.stderr, f"fer-pipeline export: {escape_text(models)}\n")
             return EXIT_USAGE
-        loaded = _load_model(ckpt)
-        if isinstance(loaded, str):
-            _write(sys.stderr, f"fer-pipeline export: {escape_text(loaded)}\n")
-            return EXIT_USAGE
-        models.append(loaded)
+    else:
+        name, checkpoints, default_out = members
+        models = []
+        for ckpt in checkpoints:
+            if ckpt.suffix.lower() == ".onnx":
+                _write(sys.stderr, f"fer-pipeline export: {escape_text(str(ckpt))} is already an export\n")
+                return EXIT_USAGE
+            loaded = _load_model(ckpt)
+            if isinstance(loaded, str):
+                _write(sys.stderr, f"fer-pipeline export: {escape_text(loaded)}\n")
+                return EXIT_USAGE
+            models.append(loaded)
     from fer_pipeline.ml.export import export_models
 
     out = Path(args.out) if args.out else default_out

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 
 from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
-from fer_pipeline.schema import MetricsReport
+from fer_pipeline.schema import MetricsReport, ShippedSpec
 
 
 def summary(paths: DataPaths) -> str:
@@ -32,9 +32,19 @@ def summary(paths: DataPaths) -> str:
             lines.append(f"  {name:<13} {path}/  ({n} files)")
     if paths.metrics_json.exists():
         report = MetricsReport.read(paths.metrics_json)
-        best, f1 = report.best_model, report.best_macro_f1()
-        lines.append(f"  best model    {best} (test macro-F1 {f1:.3f}); classify images with "
-                     f"`.venv/bin/fer-pipeline predict PATH...`" if f1 is not None else f"  best model    {best}")
+        best, f1, val = report.best_model, report.best_macro_f1(), report.best_validation_macro_f1()
+        chosen = f"chosen by {report.selected_by}" + (f" {val:.3f}" if val is not None else "")
+        lines.append(f"  best model    {best} ({chosen}; test macro-F1 {f1:.3f})" if f1 is not None
+                     else f"  best model    {best} ({chosen})")
+    if paths.shipped_json.exists():
+        try:
+            spec = ShippedSpec.read(paths.shipped_json)
+            test = (spec.scores.get("test") or {}).get("macro_f1")
+            lines.append(f"  shipped model {spec.name} ({spec.kind}, {len(spec.members)} member(s), selected by "
+                         f"{spec.selected_by}" + (f"; test macro-F1 {test:.3f}" if test is not None else "")
+                         + "); classify images with `.venv/bin/fer-pipeline predict PATH...`")
+        except ValueError as exc:
+            lines.append(f"  shipped model unreadable: {exc}")
     card = paths.report("model_card")
     if card.exists():
         lines.append(f"  model card    {card}")

@@ -116,6 +116,8 @@ class DataPaths:
     models_dir = _Under("models")
     model_candidates_dir = _Under("models", "candidates")  # trained, published once their weights are finite
     metrics_json = _Under("reports", REPORT_FILES["metrics_json"])
+    shipped_json = _Under("models", "shipped.json")  # the shipped model (shipped_model): predict's default
+    fold_models_dir = _Under("models", "cv_folds")  # one checkpoint per cv_fold partition
 
     @classmethod
     def from_env(cls) -> "DataPaths":
@@ -127,6 +129,10 @@ class DataPaths:
 
     def checkpoint(self, model_name: str) -> Path:
         return self.models_dir / f"{model_name}{CHECKPOINT_SUFFIX}"
+
+    def fold_checkpoint(self, fold: int) -> Path:
+        """The model CV fold ``fold`` trained (an ensemble member; calibrated out-of-fold)."""
+        return self.fold_models_dir / f"fold_{int(fold):02d}{CHECKPOINT_SUFFIX}"
 
     def curves(self, model_name: str) -> Path:
         return self.models_dir / f"{model_name}_curves.png"

@@ -8,6 +8,7 @@ No heavy imports here: the CLI and the face workers read it too.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,9 +91,20 @@ TEST_PREDICTION_COLUMNS: tuple[str, ...] = ("model", "image_id", "true", "predic
 # --------------------------------------------------------------------------------------------
 
 
+SELECTED_BY_VALIDATION = "validation macro-F1"
+"""``selected_by`` of a model chosen on the validation split (metrics.json, shipped.json)."""
+SELECTED_BY_OOF = "out-of-fold macro-F1 (cross-validation)"
+"""``selected_by`` of a fold ensemble chosen on its members' out-of-fold predictions."""
+
+
 @dataclass(frozen=True)
 class MetricsReport:
-    """The test-split comparison of every model, and which one is best."""
+    """The test-split report of every model, and which one is best *on validation*.
+
+    ``best_model`` is chosen by ``selected_by`` (validation macro-F1; reports written before
+    this was recorded chose on the test split and read back as ``"test macro-F1 (legacy)"``);
+    ``validation`` holds each model's validation accuracy, macro-F1 and n beside the test
+    metrics in ``models``."""
 
     best_model: str
     data_version: str
@@ -104,6 +116,8 @@ class MetricsReport:
     # model name -> the checkpoint's temperature on the test split: temperature, ece_before, ece_after,
     # nll_before, nll_after, n_bins, reliability bins, and the validation fit it recorded ("fit")
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    selected_by: str = SELECTED_BY_VALIDATION
+    validation: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> accuracy, macro_f1, n
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +133,9 @@ class MetricsReport:
                        n_test=int(data.get("n_test", 0)), models=dict(data.get("models") or {}),
                        majority_baseline=dict(data.get("majority_baseline") or {}),
                        checkpoints=dict(data.get("checkpoints") or {}), split=str(data.get("split", "test")),
-                       calibration=dict(data.get("calibration") or {}))
+                       calibration=dict(data.get("calibration") or {}),
+                       selected_by=str(data.get("selected_by", "test macro-F1 (legacy)")),
+                       validation=dict(data.get("validation") or {}))
         except KeyError as exc:
             raise ValueError(f"{path} records no {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
@@ -129,3 +145,87 @@ class MetricsReport:
         """The best model's test macro-F1, when recorded."""
         value = ((self.models.get(self.best_model) or {}).get("f1") or {}).get("macro")
         return float(value) if value is not None else None
+
+    def best_validation_macro_f1(self) -> float | None:
+        """The best model's validation macro-F1, when recorded."""
+        value = (self.validation.get(self.best_model) or {}).get("macro_f1")
+        return float(value) if value is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# models/shipped.json: written by shipped_model, read by `fer-pipeline predict` (default model),
+# the model card, the summary and an export (fer_pipeline.ml.shipped loads the networks)
+# --------------------------------------------------------------------------------------------
+
+SHIPPED_FORMAT = "fer-pipeline-shipped"
+SHIPPED_FORMAT_VERSION = 1
+SINGLE, ENSEMBLE = "single", "ensemble"
+KINDS = (SINGLE, ENSEMBLE)
+
+
+@dataclass(frozen=True)
+class ShippedMember:
+    """One network of the shipped model: its checkpoint and the temperature its probabilities
+    are divided by (fitted on validation for a single model, out-of-fold for a fold model)."""
+
+    name: str
+    checkpoint: str  # relative to the data root (or absolute)
+    temperature: float
+
+
+@dataclass(frozen=True)
+class ShippedSpec:
+    """The content of ``models/shipped.json``."""
+
+    kind: str
+    name: str
+    members: tuple[ShippedMember, ...]
+    selected_by: str
+    data_version: str
+    scores: dict[str, Any] = field(default_factory=dict)  # "selection": the estimate chosen on; "test": reported
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every candidate with its estimate and test score
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"shipped model kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not self.members:
+            raise ValueError("the shipped model lists no member checkpoint")
+        if self.kind == SINGLE and len(self.members) != 1:
+            raise ValueError(f"a single shipped model has one member, got {len(self.members)}")
+        for m in self.members:
+            t = m.temperature
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
+                raise ValueError(f"member {m.name!r}: temperature {t!r} is not a finite number > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["members"] = [asdict(m) for m in self.members]
+        return {"format": SHIPPED_FORMAT, "format_version": SHIPPED_FORMAT_VERSION, **body}
+
+    @classmethod
+    def from_json(cls, data: Any, origin: str = "shipped.json") -> ShippedSpec:
+        """Parse (``ValueError`` naming ``origin`` and the problem)."""
+        try:
+            if not isinstance(data, dict) or data.get("format") != SHIPPED_FORMAT:
+                raise ValueError("not a shipped-model file")
+            members = tuple(ShippedMember(str(m["name"]), str(m["checkpoint"]), m["temperature"])
+                            for m in data["members"])
+            return cls(kind=str(data["kind"]), name=str(data["name"]), members=members,
+                       selected_by=str(data["selected_by"]), data_version=str(data.get("data_version", "")),
+                       scores=dict(data.get("scores") or {}), candidates=list(data.get("candidates") or []),
+                       notes=[str(n) for n in data.get("notes") or []])
+        except KeyError as exc:
+            raise ValueError(f"{origin} records no {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{origin}: {exc}") from None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> ShippedSpec:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the shipped model: {exc}") from None
+        return cls.from_json(data, str(path))
+
+

@@ -162,6 +162,29 @@ def patch_entry(data: bytes, name: str, *, local: bool = True, central: bool = T
     return bytes(out)
 
 
+def raw_entry_name(data: bytes, name: str, raw: bytes, *, utf8_flag: bool = True) -> bytes:
+    """Give entry ``name`` the name bytes ``raw`` (same length) in both its headers, with the
+    UTF-8 flag (bit 0x800) set or cleared: names ``zipfile`` would never write (not UTF-8)."""
+    assert len(raw) == len(name.encode("utf-8")), "raw name must have the placeholder's length"
+    out = bytearray(data)
+    local_at, central_at = _records(data, name)
+    out[local_at + 30:local_at + 30 + len(raw)] = raw
+    out[central_at + 46:central_at + 46 + len(raw)] = raw
+    for at in (local_at + _LOCAL_FIELDS["flags"], central_at + _CENTRAL_FIELDS["flags"]):
+        flags = struct.unpack_from("<H", out, at)[0]
+        struct.pack_into("<H", out, at, flags | 0x800 if utf8_flag else flags & ~0x800)
+    return bytes(out)
+
+
+def zip_dir_with_data(entries: dict[str, bytes], name: str, payload: bytes) -> bytes:
+    """A zip of ``entries`` plus a directory entry ``name`` (ending ``/``) that carries ``payload``:
+    ``zipfile`` writes none, so a file entry is written and its name's last byte made ``/``."""
+    assert name.endswith("/")
+    placeholder = name[:-1] + "_"
+    archive = zip_bytes([(placeholder, payload), *entries.items()])
+    return raw_entry_name(archive, placeholder, name.encode(), utf8_flag=False)
+
+
 def entry_info(data: bytes, name: str) -> zipfile.ZipInfo:
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         return zf.getinfo(name)

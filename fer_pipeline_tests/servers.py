@@ -5,6 +5,10 @@ nothing it spawns joins pytest's group), with stdout and stderr going to a log f
 `ServerProcess.stop` signals that PID, waits, and then kills whatever is left of the group,
 so a test never leaves a server behind, whatever happened in between. Every started server is
 also stopped at interpreter exit, as a last resort.
+
+`unavailable` is the one skip-or-fail decision for a server or tool a test needs but cannot find
+(PostgreSQL, Chromium, MkDocs): a skip with the reason on a developer's machine, a failure under
+``CI=true``, because CI promises that those tests ran.
 """
 
 from __future__ import annotations
@@ -18,9 +22,39 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
 
 LOOPBACK = "127.0.0.1"
 _RUNNING: dict[int, ServerProcess] = {}
+
+
+def in_ci(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this run is CI (``CI`` set to 1/true/yes, as CI services and `.ci/run` set it)."""
+    value = (os.environ if environ is None else environ).get("CI", "")
+    return value.strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(what: str, reason: str, *, environ: Mapping[str, str] | None = None,
+                allow_module_level: bool = False) -> NoReturn:
+    """Skip the test because `what` cannot run here, or fail it under ``CI=true``.
+
+    Why one helper: a skipped server test looks green, so CI, which installs every server
+    (`make test` runs scripts/install_browser.sh and scripts/install_postgres.sh), must turn a
+    missing one into a failure, and every test must decide that the same way."""
+    if in_ci(environ):
+        pytest.fail(f"CI=true but {what} cannot run: {reason}", pytrace=False)
+    pytest.skip(f"{what} cannot run: {reason}", allow_module_level=allow_module_level)
+
+
+def require_executables(what: str, paths: Sequence[Path], hint: str, *,
+                        environ: Mapping[str, str] | None = None, allow_module_level: bool = False) -> None:
+    """Return if every path is an executable file; else :func:`unavailable` naming the missing ones."""
+    missing = [str(p) for p in paths if not (Path(p).is_file() and os.access(p, os.X_OK))]
+    if missing:
+        unavailable(what, f"{', '.join(missing)} not found ({hint})", environ=environ,
+                    allow_module_level=allow_module_level)
 
 
 def free_port(host: str = LOOPBACK) -> int:

@@ -38,8 +38,9 @@ from fer_pipeline.analysis.partition_store import PartitionStore
 from fer_pipeline.atomic import write_json, write_parquet, write_table
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.ml.architectures import ArchConfig
+from fer_pipeline.ml.calibration import calibrate, softmax
 from fer_pipeline.ml.data import SplitArrays
-from fer_pipeline.ml.inference import predict_proba
+from fer_pipeline.ml.inference import predict_logits
 from fer_pipeline.ml.metrics import ClassificationMetrics, evaluate_predictions
 from fer_pipeline.ml.train import TrainConfig, train_model
 from fer_pipeline.paths import DataPaths
@@ -213,6 +214,10 @@ class FoldResult:
     train_seconds: float
     oof: pd.DataFrame  # image_id, label, fold, p_<class>..., predicted
     run_id: str = ""  # the Dagster run that trained it ("" outside a run)
+    # temperature scaling fitted on this fold's held-out rows only (never an image it trained or
+    # early-stopped on): Calibration.to_dict(), fitted_on "out-of-fold"; {} for older results
+    calibration: dict[str, Any] = field(default_factory=dict)
+    trained: Any = field(default=None, repr=False)  # the TrainResult (in memory only, not stored)
 
     def row(self) -> dict[str, Any]:
         return {"fold": str(self.fold), "n_train": self.n_train, "n_inner_validation": self.n_inner_validation,
@@ -225,7 +230,7 @@ class FoldResult:
                 "inner_stored_fold": self.inner_stored_fold, "n_train": self.n_train,
                 "n_inner_validation": self.n_inner_validation, "n_test": self.n_test, "metrics": self.metrics,
                 "best_epoch": self.best_epoch, "epochs_run": self.epochs_run, "train_seconds": self.train_seconds,
-                "run_id": self.run_id}
+                "run_id": self.run_id, "calibration": self.calibration}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], oof: pd.DataFrame) -> FoldResult:
@@ -234,7 +239,7 @@ class FoldResult:
                    n_inner_validation=int(d["n_inner_validation"]), n_test=int(d["n_test"]),
                    metrics={k: float(v) for k, v in d["metrics"].items()}, best_epoch=int(d["best_epoch"]),
                    epochs_run=int(d["epochs_run"]), train_seconds=float(d["train_seconds"]), oof=oof,
-                   run_id=str(d.get("run_id", "")))
+                   run_id=str(d.get("run_id", "")), calibration=dict(d.get("calibration") or {}))
 
 
 class FoldStore(PartitionStore[int, FoldResult, FoldRecipe]):
@@ -379,14 +384,19 @@ def train_fold(
     prefix = f"[cv fold {fold}] "
     result = train_fn(train.images, train.labels, inner.images, inner.labels, arch, config,
                       log=(lambda m: train_log(prefix + m)) if train_log else None)
-    probs = predict_proba(result.build(), test.images, result.normalization, tta_flip=config.tta_flip,
-                          batch_size=config.eval_batch_size)
+    logits = predict_logits(result.build(), test.images, result.normalization, tta_flip=config.tta_flip,
+                            batch_size=config.eval_batch_size).double().numpy()
+    probs = softmax(logits)
     metrics = evaluate_predictions(test.labels, probs.argmax(1), probs)
+    # the fold model's temperature, fitted on its held-out rows only: the fold never trained or
+    # early-stopped on them, so its calibration is judged on images it has not seen
+    calibration = calibrate(logits, test.labels, fitted_on=f"out-of-fold (CV fold {int(fold)} of {k})")
     fr = FoldResult(fold=int(fold), held_out_stored_folds=plan.held_out_stored_folds,
                     inner_stored_fold=plan.inner_stored_fold, n_train=len(train), n_inner_validation=len(inner),
                     n_test=len(test), metrics=metrics_row(metrics), best_epoch=int(result.best_epoch),
                     epochs_run=len(result.history), train_seconds=time.perf_counter() - t0,
-                    oof=oof_frame(test.image_ids, test.labels, int(fold), probs), run_id=run_id)
+                    oof=oof_frame(test.image_ids, test.labels, int(fold), probs), run_id=run_id,
+                    calibration=calibration.to_dict(), trained=result)
     log(f"fold {fold} of {k} done in {fr.train_seconds:.1f}s: accuracy {fr.metrics['accuracy']:.4f}, "
         f"macro-F1 {fr.metrics['macro_f1']:.4f}")
     return fr

@@ -39,13 +39,14 @@ from fer_pipeline.ml.evaluate import (
     bootstrap_intervals,
 )
 from fer_pipeline.paths import DataPaths
-from fer_pipeline.schema import SPLITS, MetricsReport
+from fer_pipeline.schema import SPLITS, MetricsReport, ShippedSpec
 
 NOT_RUN = "not run"
 NOT_DECLARED = "not declared"
 
 SECTIONS: tuple[str, ...] = (
-    "Model details", "Intended use", "Out-of-scope and prohibited uses", "Training data", "Test results",
+    "Model details", "Model selection", "Intended use", "Out-of-scope and prohibited uses", "Training data",
+    "Test results",
     "Calibration", "Cross-validation", "Per-group results", "Source confound", "Leave-one-source-out",
     "Known limitations",
 )
@@ -170,7 +171,7 @@ def _model_details(report: MetricsReport, paths: DataPaths) -> tuple[str, dict[s
     train = meta.get("train_config") or {}
     size = meta.get("input_size") or []
     rows = [
-        ("model (best on the test split: the default of `fer-pipeline predict`)", best),
+        (f"best single model (by {report.selected_by})", best),
         ("checkpoint", f"`{ckpt}`" if ckpt.is_file() else f"`{ckpt}` (missing)"),
         ("architecture", f"{arch.get('name', '—')}: channels {arch.get('channels', '—')}, kernel "
                          f"{arch.get('kernel_size', '—')}" if arch else "—"),
@@ -246,19 +247,55 @@ def _test_results(report: MetricsReport, predictions: pd.DataFrame | None,
     for name in order:
         m, ci = report.models[name], intervals.get(name, {})
         shown = f"**{name}** (best)" if name == report.best_model else name
-        table.append([shown, m["accuracy"], _ci(ci.get("accuracy")), m["f1"]["macro"], _ci(ci.get("macro_f1")),
-                      m["f1"]["weighted"], m["n"]])
+        val = report.validation.get(name) or {}
+        table.append([shown, val.get("macro_f1"), m["accuracy"], _ci(ci.get("accuracy")), m["f1"]["macro"],
+                      _ci(ci.get("macro_f1")), m["f1"]["weighted"], m["n"]])
     base = report.majority_baseline
     if base:
-        table.append([f"{BASELINE_NAME} (always the most frequent training class)", base.get("accuracy"), "",
+        table.append([f"{BASELINE_NAME} (always the most frequent training class)", "", base.get("accuracy"), "",
                       (base.get("f1") or {}).get("macro"), "", (base.get("f1") or {}).get("weighted"), base.get("n")])
-    note = (f"Test split: {report.n_test} images, never used for training, early stopping or calibration. "
+    note = (f"Test split: {report.n_test} images, never used for training, early stopping, calibration or choosing "
+            f"a model: the best model is chosen by {report.selected_by}, the test columns only report. "
             f"95% intervals: percentile bootstrap over the test images ({n_resamples} resamples, seed {seed}), "
             f"from `test_predictions.parquet`.")
     if predictions is None:
         note += " **Intervals not available:** the test predictions were not found (re-materialize model_evaluation)."
-    header = ["model", "accuracy", "95% CI", "macro-F1", "95% CI", "weighted F1", "n"]
+    header = ["model", "validation macro-F1", "test accuracy", "95% CI", "test macro-F1", "95% CI", "weighted F1",
+              "n"]
     return md_table(table, header) + "\n\n" + note, intervals.get(report.best_model, {})
+
+
+def _selection(paths: DataPaths, report: MetricsReport) -> tuple[str, dict[str, Any] | None]:
+    """How the shipped model was chosen (``models/shipped.json``): every candidate with the
+    estimate it was judged on beside its test score."""
+    if not paths.shipped_json.is_file():
+        text = (f"{NOT_RUN} (materialize `shipped_model`): `fer-pipeline predict` uses the best single model, "
+                f"**{report.best_model}**, chosen by {report.selected_by}.")
+        return text, None
+    try:
+        spec = ShippedSpec.read(paths.shipped_json)
+    except ValueError as exc:
+        return f"{NOT_RUN}: {exc}", None
+    rows = []
+    for c in spec.candidates:
+        test = c.get("test") or {}
+        rows.append([f"**{c['name']}** (shipped)" if c.get("shipped") else c["name"], c["kind"], c["estimate_on"],
+                     c["estimate"], c.get("oof_macro_f1", ""), test.get("macro_f1"), test.get("ece")])
+    header = ["candidate", "kind", "judged on", "selection macro-F1", "pooled out-of-fold macro-F1",
+              "test macro-F1", "test ECE"]
+    text = (f"Shipped (the default of `fer-pipeline predict`, `models/shipped.json`): **{spec.name}** "
+            f"({spec.kind}, {len(spec.members)} member{'s' if len(spec.members) != 1 else ''}), selected by "
+            f"{spec.selected_by}: {spec.scores.get('reason', '')}.\n\n" + md_table(rows, header) + "\n\n"
+            "The choice is made on validation (single models) or out-of-fold predictions (the cross-validation fold "
+            "ensemble, each member calibrated on its own held-out fold) before the test split is read; the test "
+            "columns only report. An out-of-fold score estimates one fold model, not the ensemble, and a validation "
+            "score is slightly optimistic (early stopping and the choice among models used it).")
+    if spec.notes:
+        text += "\n\n" + _bullets(spec.notes)
+    facts = {"name": spec.name, "kind": spec.kind, "selected_by": spec.selected_by, "members": len(spec.members),
+             "selection_macro_f1": (spec.scores.get("selection") or {}).get("macro_f1"),
+             "test_macro_f1": (spec.scores.get("test") or {}).get("macro_f1")}
+    return text, facts
 
 
 def _calibration(report: MetricsReport) -> str:
@@ -418,6 +455,7 @@ def build_model_card(paths: DataPaths, catalog: Catalog | None = None, *, confou
     predictions = pd.read_parquet(pred_path) if pred_path.is_file() else None
 
     details, _ = _model_details(report, paths)
+    selection_text, shipped = _selection(paths, report)
     data_text, data_facts = _training_data(paths, catalog, kept, splits, excluded, read_pool(paths))
     test_text, best_ci = _test_results(report, predictions, n_resamples, seed)
     cv_text, cv = _cross_validation(paths)
@@ -430,7 +468,9 @@ def build_model_card(paths: DataPaths, catalog: Catalog | None = None, *, confou
     best = report.models.get(report.best_model, {})
     calibration = report.calibration.get(report.best_model, {})
     facts: dict[str, Any] = {
-        "best_model": report.best_model, "data_version": report.data_version, "n_test": report.n_test,
+        "best_model": report.best_model, "selected_by": report.selected_by,
+        "validation_macro_f1": report.best_validation_macro_f1(), "shipped": shipped,
+        "data_version": report.data_version, "n_test": report.n_test,
         "test_accuracy": best.get("accuracy"), "test_macro_f1": (best.get("f1") or {}).get("macro"),
         "test_macro_f1_ci": list(best_ci.get("macro_f1", ())) or None,
         "test_accuracy_ci": list(best_ci.get("accuracy", ())) or None,
@@ -439,6 +479,7 @@ def build_model_card(paths: DataPaths, catalog: Catalog | None = None, *, confou
     }
     body = {
         "Model details": details,
+        "Model selection": selection_text,
         "Intended use": _bullets(INTENDED_USE),
         "Out-of-scope and prohibited uses": _bullets(OUT_OF_SCOPE),
         "Training data": data_text,
@@ -450,7 +491,8 @@ def build_model_card(paths: DataPaths, catalog: Catalog | None = None, *, confou
         "Leave-one-source-out": loso_text,
         "Known limitations": _bullets(_limitations(facts, bias, findings, loso, not_run, kept)),
     }
-    head = [f"# Model card: {report.best_model} (fer-pipeline facial expression classifier)", "",
+    title = shipped["name"] if shipped else report.best_model
+    head = [f"# Model card: {title} (fer-pipeline facial expression classifier)", "",
             "_Generated by the `model_card` asset from the pipeline's published outputs (metrics.json, "
             "test_predictions.parquet, the manifest, the analysis reports, the catalogue's licences); do not edit: "
             "it is rewritten with the models._"]

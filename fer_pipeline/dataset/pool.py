@@ -9,10 +9,11 @@ stage like every other file, but they skip the four classes' de-duplication and 
   pool (same processed pixels) one is kept by the manifest's representative rule, the others are
   excluded as ``duplicate of <image id>`` (stage ``pool``). Near-duplicates within the pool stay:
   harmless for pretraining.
-* :func:`leakage_guard`: once the splits are known, every pool image that duplicates a validation
-  or test image (exact, near or mirrored: the manifest's rule, :func:`~fer_pipeline.dedup.groups.duplicates_across`)
-  leaves the pool for the excluded table (stage ``leakage_guard``, ``duplicate_of`` = that image).
-  A pool image that duplicates a *train* image stays: pretraining on it leaks nothing.
+* :func:`leakage_guard`: once the splits are known, every pool image that duplicates a four-class
+  image of *any* split, train included (exact, near or mirrored: the manifest's rule,
+  :func:`~fer_pipeline.dedup.groups.duplicates_across`), leaves the pool for the excluded table
+  (stage ``leakage_guard``, ``duplicate_of`` = that image). Train images count too because
+  cross-validation and leave-one-source-out hold them out in turn (:data:`HELDOUT_SPLITS`).
 
 :func:`find_heldout_duplicates` is the rule itself; the ``pool_no_heldout_duplicates`` data check
 runs it again on the candidate tables instead of trusting the guard's output. Plain Python.

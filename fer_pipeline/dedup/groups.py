@@ -45,6 +45,7 @@ from fer_pipeline.faces.phash import from_hex
 BLOCK = 256  # rows per block of the all-pairs fallback: cache-friendly temporaries
 MAX_PAIRS_PER_STEP = 2_000_000  # candidate pairs generated at once by the band join (bounds memory)
 SMALL_RUN = 64  # a settled run up to this size has its skipped pairs listed exactly (cache bookkeeping)
+CROSS_JOIN_PER_FACE = 8  # more (new, cached) band matches per face than this: a dense block, walked not joined
 MIH_MAX_DISTANCE = 8  # up to here bands are >= 7 bits wide and the band join beats all pairs
 
 
@@ -171,7 +172,10 @@ def _stream_near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarr
         starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
         run_len = np.diff(np.r_[starts, len(sk)])
         run_of = np.repeat(np.arange(len(starts)), run_len)
-        active = np.flatnonzero(run_len[run_of] - (np.arange(len(sk)) - starts[run_of]) > 1)
+        # a run of mirrored hashes only yields no pair (mirror~mirror is the same relation as
+        # hash~hash, met in the hashes' own runs): never walk it, however long it is
+        has_hash = np.add.reduceat((kind[order] == 0).astype(np.int64), starts) > 0
+        active = np.flatnonzero((run_len[run_of] - (np.arange(len(sk)) - starts[run_of]) > 1) & has_hash[run_of])
         rem = (starts[run_of] + run_len[run_of] - np.arange(len(sk)))[active]
 
         def pairs_at(p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,12 +206,57 @@ def _stream_near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarr
                         big = np.isin(run_of, runs[done]) & (run_len[run_of] > SMALL_RUN)
                         on_skip(np.concatenate([fx, fy, sface[big]]))
                     active, rem = active[~dropped], rem[~dropped]
+                # after the chain (t > 1): the faces that the chain could join are joined by then
+                blocked = (yield from _walk_dominated_runs(active, run_of, starts, run_len, sface, t, settled,
+                                                           on_skip, pairs_at)) if t > 1 else ()
+                if len(blocked):
+                    walked = ~np.isin(run_of[active], blocked)
+                    active, rem = active[walked], rem[walked]
             i, j = pairs_at(active, active + t)
             if len(i):
                 yield i, j
             t += 1
             longer = rem > t
             active, rem = active[longer], rem[longer]
+
+
+def _walk_dominated_runs(active: np.ndarray, run_of: np.ndarray, starts: np.ndarray, run_len: np.ndarray,
+                         sface: np.ndarray, t: int, settled: Callable[[np.ndarray], np.ndarray],
+                         on_skip: Callable[[np.ndarray], None] | None,
+                         pairs_at: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Finish the big unsettled runs that one group dominates (at least half the run): a block of
+    near-identical frames with a few that did not join it (another scene, a person walking by).
+    Walking such a run offset by offset would meet every pair of the block; instead only the
+    pairs that can still change the groups are met: each outsider against the whole run (pairs
+    not yet walked, offset >= ``t``). Yields pairs, returns the runs finished this way."""
+    runs = np.unique(run_of[active])
+    runs = runs[run_len[runs] > SMALL_RUN]
+    if not len(runs):
+        return np.zeros(0, np.int64)
+    lens = run_len[runs]
+    offsets = np.r_[0, np.cumsum(lens)]
+    pos = np.repeat(starts[runs], lens) + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], lens))
+    group = settled(sface[pos])
+    finished = []
+    for r, lo, hi in zip(runs, offsets[:-1], offsets[1:]):
+        g, p = group[lo:hi], pos[lo:hi]
+        values, counts = np.unique(g, return_counts=True)
+        if counts.max() * 2 < len(g):
+            continue  # no dominant group: mostly distinct faces, whose pairs are real candidates
+        outsider = g != values[counts.argmax()]
+        step = max(1, MAX_PAIRS_PER_STEP // len(p))
+        for s in range(0, int(outsider.sum()), step):
+            o = p[outsider][s:s + step]
+            a, b = np.repeat(o, len(p)), np.tile(p, len(o))
+            keep = (np.abs(a - b) >= t) & (~np.tile(outsider, len(o)) | (b > a))  # outsider pairs once
+            i, j = pairs_at(a[keep], b[keep])
+            if len(i):
+                yield i, j
+        if on_skip is not None:
+            on_skip(sface[p[~outsider]])  # pairs inside the block are never met
+        finished.append(r)
+    return np.asarray(finished, np.int64)
 
 
 def settled_runs(runs: np.ndarray, starts: np.ndarray, run_len: np.ndarray, sface: np.ndarray,
@@ -244,21 +293,38 @@ def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | Non
 
 
 def pixel_correlation(faces: np.ndarray, i: np.ndarray, j: np.ndarray, mirrored: bool = False,
-                      chunk: int = 8192) -> np.ndarray:
-    """Pearson correlation of faces[i] and faces[j] (or j's mirror image), pair by pair, in chunks."""
+                      chunk: int = 4096, best_of_mirror: bool = False, enough: float | None = None) -> np.ndarray:
+    """Pearson correlation of faces[i] and faces[j] (or j's mirror image), pair by pair, in chunks.
+
+    Each face of a chunk is normalised once (zero mean, unit norm), however many pairs it is in
+    (a chain through near-identical frames meets each frame twice). With ``best_of_mirror`` the
+    better of the direct and the mirrored correlation (a flip changes neither mean nor norm);
+    with ``enough`` too, the mirrored one only for pairs whose direct score is below it: the
+    pair is confirmed either way, and the returned score is then the direct one."""
     out = np.empty(len(i), dtype=np.float32)
     for start in range(0, len(i), chunk):
-        a = faces[i[start:start + chunk]].astype(np.float32)
-        b = faces[j[start:start + chunk]].astype(np.float32)
-        if mirrored:
-            b = b[:, :, ::-1]
-        a = a.reshape(len(a), -1)
-        b = b.reshape(len(b), -1)
-        a -= a.mean(axis=1, keepdims=True)
-        b -= b.mean(axis=1, keepdims=True)
-        denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1)) + 1e-6
-        out[start:start + chunk] = (a * b).sum(axis=1) / denom
+        ci, cj = i[start:start + chunk], j[start:start + chunk]
+        involved, inv = np.unique(np.concatenate([ci, cj]), return_inverse=True)
+        x = _normalised(faces[involved])
+        a, b = inv[:len(ci)], inv[len(ci):]
+        flat = x.reshape(len(x), -1)
+        corr = (np.einsum("ij,ij->i", flat[a], x[b][:, :, ::-1].reshape(len(b), -1)) if mirrored
+                else np.einsum("ij,ij->i", flat[a], flat[b]))
+        if best_of_mirror:
+            low = np.flatnonzero(corr < enough) if enough is not None else np.arange(len(corr))
+            if len(low):
+                corr[low] = np.maximum(corr[low], np.einsum("kij,kij->k", x[a[low]], x[b[low]][:, :, ::-1]))
+        out[start:start + chunk] = corr
     return out
+
+
+def _normalised(faces: np.ndarray) -> np.ndarray:
+    """Faces (k, H, W) as float32 with zero mean and unit norm each (a constant face stays zero)."""
+    x = faces.astype(np.float32)
+    flat = x.reshape(len(x), -1)
+    flat -= flat.mean(axis=1, keepdims=True)
+    flat /= np.sqrt(np.einsum("ij,ij->i", flat, flat))[:, None] + 1e-6
+    return x
 
 
 def exact_pairs(keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -281,10 +347,16 @@ class _Linker:
     """Union-find over faces that confirms candidate pairs as they arrive (vectorised).
 
     A pair whose two faces are already in one group is never correlated: it cannot change the
-    groups. Per batch, one pair per pair of groups is correlated at a time (rounds), so a block
-    of near-identical faces costs about one correlation per face instead of one per pair. The
-    groups are exactly the connected components of all confirmed candidate pairs, whatever the
-    order the pairs come in."""
+    groups. Per batch, the pairs between two groups are tried best first (closest hashes) in
+    rounds of 1, 2, 4, ... pairs, so a block of near-identical faces costs about one
+    correlation per face instead of one per pair, and a face that the pixel check keeps out of
+    a block costs a few rounds, not one round per member. After ``MAX_TRIES`` rejected pairs
+    between the same two groups in one batch the rest of their pairs are given up (counted in
+    ``given_up``): a face that fails the pixel check against its 63 closest candidates in a
+    block is not a copy of it. Short of that cap the groups are exactly the connected
+    components of all confirmed candidate pairs, whatever the order the pairs come in."""
+
+    MAX_TRIES = 63  # rounds 1 + 2 + 4 + ... + 32 per pair of groups and batch
 
     def __init__(self, n: int, correlate: Correlate | None, min_correlation: float) -> None:
         self.parent = np.arange(n, dtype=np.int64)
@@ -293,6 +365,7 @@ class _Linker:
         self.skipped = np.zeros(n, bool)  # faces with a candidate pair left uncorrelated (already grouped)
         self.candidates = 0  # candidate pairs met (pairs inside a settled run are never met)
         self.correlations = 0
+        self.given_up = 0  # candidate pairs left after MAX_TRIES rejections between their two groups
         self._tested: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (a, b, correlation)
         self._links: list[tuple[np.ndarray, np.ndarray]] = []  # confirmed pairs
 
@@ -314,9 +387,14 @@ class _Linker:
             np.minimum.at(self.parent, np.maximum(ra, rb)[diff], np.minimum(ra, rb)[diff])
             a, b = a[diff], b[diff]
 
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Confirm (or reject) the candidate pairs ``(a, b)``."""
+    def add(self, a: np.ndarray, b: np.ndarray, distance: np.ndarray | None = None) -> None:
+        """Confirm (or reject) the candidate pairs ``(a, b)``; ``distance`` (their hash distance)
+        orders the pairs between two groups, closest first."""
         self.candidates += len(a)
+        if distance is not None and len(a):
+            order = np.lexsort((b, a, distance))
+            a, b = a[order], b[order]
+        quota, tried = 1, 0
         while len(a):
             ra, rb = self.find(a), self.find(b)
             open_ = ra != rb
@@ -325,8 +403,18 @@ class _Linker:
             a, b, ra, rb = a[open_], b[open_], ra[open_], rb[open_]
             if not len(a):
                 return
-            _, first = np.unique(np.minimum(ra, rb) * len(self.parent) + np.maximum(ra, rb), return_index=True)
-            ta, tb = a[first], b[first]
+            if tried >= self.MAX_TRIES and self.correlate is not None:
+                self.given_up += len(a)
+                self.skipped[a] = True
+                self.skipped[b] = True
+                return
+            key = np.minimum(ra, rb) * len(self.parent) + np.maximum(ra, rb)
+            order = np.argsort(key, kind="stable")  # stable: closest first within a pair of groups
+            sk = key[order]
+            starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+            rank = np.arange(len(sk)) - np.repeat(starts, np.diff(np.r_[starts, len(sk)]))
+            take = np.sort(order[rank < quota])
+            ta, tb = a[take], b[take]
             if self.correlate is None:
                 ok = np.ones(len(ta), bool)
             else:
@@ -337,8 +425,10 @@ class _Linker:
             self._links.append((ta[ok], tb[ok]))
             self.union(ta[ok], tb[ok])
             rest = np.ones(len(a), bool)
-            rest[first] = False
+            rest[take] = False
             a, b = a[rest], b[rest]
+            tried += quota
+            quota *= 2
 
     def links(self) -> tuple[np.ndarray, np.ndarray]:
         return _cat([a for a, _ in self._links]), _cat([b for _, b in self._links])
@@ -349,37 +439,55 @@ class _Linker:
         return _cat([a for a, *_ in self._tested]), _cat([b for _, b, _ in self._tested]), corr
 
 
-def _correlator(pixels_of: Callable[[np.ndarray], np.ndarray], match_mirrored: bool) -> Correlate:
-    """Pixel correlation of face pairs (the better of direct and mirrored with ``match_mirrored``);
+def _correlator(pixels_of: Callable[[np.ndarray], np.ndarray], match_mirrored: bool,
+                min_correlation: float) -> Correlate:
+    """Pixel correlation of face pairs (the better of direct and mirrored with ``match_mirrored``,
+    the mirrored one only where the direct one is below ``min_correlation``);
     ``pixels_of(faces)`` gives the pixels of those faces."""
     def correlate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         involved, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
         pixels = pixels_of(involved)
         ia, ib = inv[:len(a)], inv[len(a):]
-        corr = pixel_correlation(pixels, ia, ib)
-        return np.maximum(corr, pixel_correlation(pixels, ia, ib, mirrored=True)) if match_mirrored else corr
+        return pixel_correlation(pixels, ia, ib, best_of_mirror=match_mirrored, enough=min_correlation)
     return correlate
 
 
+def _pair_distance(hashes: np.ndarray, mirrored: np.ndarray | None, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hash distance of the pairs: the smallest of direct and either mirrored comparison."""
+    d = np.bitwise_count(hashes[a] ^ hashes[b])
+    if mirrored is not None:
+        d = np.minimum(d, np.minimum(np.bitwise_count(hashes[a] ^ mirrored[b]), np.bitwise_count(mirrored[a] ^ hashes[b])))
+    return d
+
+
 def _link_near(linker: _Linker, hashes: np.ndarray, mirrored: np.ndarray | None, max_distance: int,
-               faces: np.ndarray | None = None) -> None:
+               faces: np.ndarray | None = None, new: np.ndarray | None = None) -> None:
     """Feed the candidate pairs among ``faces`` (default: all) to ``linker``, streamed: runs of
-    faces already in one group are dropped before their pairs are enumerated."""
+    faces already in one group are dropped before their pairs are enumerated. With ``new`` (a
+    mask over all faces) only pairs of one new and one other face are fed (the cross pairs of
+    an incremental run, whose other pairs were decided before)."""
     idx = np.arange(len(hashes)) if faces is None else faces
     if max_distance < 0 or len(idx) < 2:
         return
     h = hashes[idx]
     m = None if mirrored is None else mirrored[idx]
+
+    def feed(i: np.ndarray, j: np.ndarray) -> None:
+        gi, gj = idx[i], idx[j]
+        if new is not None:
+            cross = new[gi] != new[gj]
+            gi, gj = gi[cross], gj[cross]
+        linker.add(gi, gj, _pair_distance(hashes, mirrored, gi, gj))
+
     if max_distance > MIH_MAX_DISTANCE:
-        i, j = _all_pairs_blockwise(h, max_distance, m)
-        linker.add(idx[i], idx[j])
+        feed(*_all_pairs_blockwise(h, max_distance, m))
         return
 
     def skip(local: np.ndarray) -> None:
         linker.skipped[idx[local]] = True  # conservative: the whole run, its remaining pairs unmet
 
     for i, j in _stream_near_pairs(h, max_distance, m, lambda local: linker.find(idx[local]), skip):
-        linker.add(idx[i], idx[j])
+        feed(i, j)
 
 
 @dataclass
@@ -391,7 +499,7 @@ class DedupReport:
     n_near_candidates: int
     n_conflict_groups: int
     seconds: float
-
+    n_given_up: int = 0  # candidate pairs not correlated after MAX_TRIES rejections between their groups
 
 
 def deduplicate(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool = True,
@@ -406,13 +514,15 @@ def deduplicate(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool
         empty = np.zeros(0, np.int64)
         return _group(df, empty, empty, empty, empty, 0, start)
     ei, ej = exact_pairs(df["pixel_sha"])
-    correlate = None if pixels is None else _correlator(lambda rows: pixels[rows], match_mirrored)
+    correlate = None if pixels is None else _correlator(lambda rows: pixels[rows], match_mirrored, min_correlation)
     linker = _Linker(n, correlate, min_correlation)
     linker.union(ei.astype(np.int64), ej.astype(np.int64))  # exact copies are one group before any correlation
     _link_near(linker, from_hex(df["phash"].tolist()),
                from_hex(df["phash_mirror"].tolist()) if match_mirrored else None, max_distance)
     ni, nj = linker.links()
-    return _group(df, ei, ej, ni, nj, linker.candidates, start)
+    report = _group(df, ei, ej, ni, nj, linker.candidates, start)
+    report.n_given_up = linker.given_up
+    return report
 
 
 def _group(df: pd.DataFrame, ei: np.ndarray, ej: np.ndarray, ni: np.ndarray, nj: np.ndarray,
@@ -463,7 +573,8 @@ def link_cache_name(settings_key: str, max_distance: int, match_mirrored: bool) 
 @dataclass
 class NearLinkCache:
     """Candidate pairs among the distinct faces ``shas`` (sorted) whose correlation was computed:
-    indices ``a < b`` into ``shas`` and their pixel correlation. Candidate pairs whose faces were
+    indices ``a < b`` into ``shas`` and their pixel correlation (the direct one where it reached
+    ``min_correlation``, else the better of direct and mirrored: so a cache serves one threshold). Candidate pairs whose faces were
     already in one group were not correlated and are not listed: ``skipped`` marks the faces that
     had such pairs and ``group`` their group, so that a removed face re-opens (compares again)
     exactly the groups whose skipped pairs may now matter."""
@@ -477,7 +588,7 @@ class NearLinkCache:
     min_correlation: float
 
     @classmethod
-    def load(cls, path: Path) -> "NearLinkCache | None":
+    def load(cls, path: Path) -> NearLinkCache | None:
         """The cache at ``path``, or None when absent or unreadable (then everything is compared)."""
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -509,6 +620,23 @@ class NearLinkCache:
         made them skippable)."""
         lost = np.intersect1d(self.group[gone], self.group[self.skipped])
         return np.isin(self.group, lost) & ~gone
+
+
+def _cross_candidates_bound(new: np.ndarray, old: np.ndarray, hashes: np.ndarray, mirrored: np.ndarray | None,
+                            max_distance: int) -> int:
+    """How many (new, old) pairs share a band value: what :func:`_cross_pairs` would enumerate
+    (an upper bound on its candidates), counted without enumerating them."""
+    if max_distance > MIH_MAX_DISTANCE:
+        return len(new) * len(old)
+    left = hashes[new] if mirrored is None else np.concatenate([hashes[new], mirrored[new]])
+    right = hashes[old] if mirrored is None else np.concatenate([hashes[old], mirrored[old]])
+    total = 0
+    for shift, mask in _bands(max_distance):
+        lk, lc = np.unique((left >> shift) & mask, return_counts=True)
+        rk, rc = np.unique((right >> shift) & mask, return_counts=True)
+        _, li, ri = np.intersect1d(lk, rk, assume_unique=True, return_indices=True)
+        total += int((lc[li].astype(np.int64) * rc[ri]).sum())
+    return total
 
 
 def _cross_pairs(new: np.ndarray, old: np.ndarray, hashes: np.ndarray, mirrored: np.ndarray | None,
@@ -589,8 +717,8 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
     u = len(shas)
 
     cache = None if ignore_cache or cache_path is None else NearLinkCache.load(cache_path)
-    if cache is not None and cache.min_correlation != min_correlation and cache.skipped.any():
-        cache = None  # pairs skipped under another threshold: their groups may differ now
+    if cache is not None and cache.min_correlation != min_correlation:
+        cache = None  # pairs skipped, and mirrored scores not computed, under another threshold
     known = np.zeros(u, bool)
     old_a = old_b = empty
     old_corr = np.zeros(0, np.float32)
@@ -620,7 +748,8 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
             loaded[missing] = True
         return store["all"][idx]
 
-    linker = _Linker(u, None if load_pixels is None else _correlator(pixels_of, match_mirrored), min_correlation)
+    correlate = None if load_pixels is None else _correlator(pixels_of, match_mirrored, min_correlation)
+    linker = _Linker(u, correlate, min_correlation)
     linker.union(face_of_row[ei].astype(np.int64), face_of_row[ej].astype(np.int64))
     old_ok = ~(old_corr < min_correlation) if min_correlation > 0 else np.ones(len(old_a), bool)  # NaN: trust phash
     linker.union(old_a[old_ok], old_b[old_ok])
@@ -628,22 +757,28 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
         linker.skipped[pos[(pos >= 0) & cache.skipped]] = True
     if len(new) and max_distance >= 0:
         _link_near(linker, hashes, mirrored, max_distance, faces=new)
-        if len(old):
+        if len(old) and _cross_candidates_bound(new, old, hashes, mirrored, max_distance) <= CROSS_JOIN_PER_FACE * u:
             xa, xb = _cross_pairs(new, old, hashes, mirrored, max_distance)
             for s in range(0, len(xa), MAX_PAIRS_PER_STEP):
-                linker.add(xa[s:s + MAX_PAIRS_PER_STEP], xb[s:s + MAX_PAIRS_PER_STEP])
+                pa, pb = xa[s:s + MAX_PAIRS_PER_STEP], xb[s:s + MAX_PAIRS_PER_STEP]
+                linker.add(pa, pb, _pair_distance(hashes, mirrored, pa, pb))
+        elif len(old):  # new faces fall into big blocks of cached ones: walk them with the groups known
+            is_new = np.zeros(u, bool)
+            is_new[new] = True
+            _link_near(linker, hashes, mirrored, max_distance, new=is_new)
     ta, tb, tcorr = linker.tested()
     la, lb = linker.links()
     link_a = np.concatenate([old_a[old_ok], la])
     link_b = np.concatenate([old_b[old_ok], lb])
     report = _group(df, ei, ej, face_rows[link_a], face_rows[link_b], len(old_a) + linker.candidates, start)
+    report.n_given_up = linker.given_up
     changed = cache is None or len(new) > 0 or removed
     if cache_path is not None and changed and load_pixels is not None:
         NearLinkCache(shas, np.concatenate([old_a, np.minimum(ta, tb)]), np.concatenate([old_b, np.maximum(ta, tb)]),
                       np.concatenate([old_corr, tcorr]), linker.skipped, linker.find(np.arange(u)),
                       min_correlation).save(cache_path)
     report.seconds = time.perf_counter() - start
-    return report, IncrementalStats(int(len(new)), int(len(old)), linker.correlations)
+    return report, IncrementalStats(len(new), len(old), linker.correlations)
 
 
 def duplicates_across(hashes: np.ndarray, mirrored: np.ndarray | None, pixels: np.ndarray | None,
@@ -674,9 +809,8 @@ def duplicates_across(hashes: np.ndarray, mirrored: np.ndarray | None, pixels: n
     score = np.ones(len(i), dtype=np.float32)
     if pixels is not None and ref_pixels is not None and len(i) and min_correlation > 0:
         faces = np.concatenate([pixels, ref_pixels])
-        score = pixel_correlation(faces, i, j + len(pixels))
-        if mirrors is not None:  # as in deduplicate: the mirror image counts only when mirrors match
-            score = np.maximum(score, pixel_correlation(faces, i, j + len(pixels), mirrored=True))
+        # as in deduplicate: the mirror image counts only when mirrors match
+        score = pixel_correlation(faces, i, j + len(pixels), best_of_mirror=mirrors is not None)
         i, j, score = i[score >= min_correlation], j[score >= min_correlation], score[score >= min_correlation]
     order = np.lexsort((j, -score, i))  # per row: best correlation first, then lowest reference index
     i, j = i[order], j[order]

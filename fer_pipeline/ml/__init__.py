@@ -5,8 +5,8 @@ Typical use (what the Dagster assets do)::
     kept, splits, arrays, version = load_pipeline_data(paths)                     # ml.workflow
     trained = train_and_save("cnn4", ARCHITECTURES[MAIN_MODEL], TrainConfig(), arrays,
                              paths, version, PreprocessSettings())                # checkpoint + curves
-    comparison = compare_checkpoints(paths, ARCHITECTURES, arrays["train"],
-                                     arrays["test"], version)                     # ml.evaluate
+    comparison = compare_checkpoints(paths, ARCHITECTURES, arrays["train"], arrays["test"],
+                                     version, validation=arrays["validation"])   # best on validation
     write_comparison(paths, comparison)                                           # metrics.json/.csv
     predict_images(["photo.jpg"], paths.checkpoint(comparison.best))              # ml.predict
 """

@@ -1,6 +1,8 @@
 """Evaluate trained models on a labelled split: one :class:`Evaluation` per model, and the
-comparison of every model on the held-out test split that picks the best one (what
-``model_evaluation`` publishes as ``reports/metrics.json``).
+comparison of every model (what ``model_evaluation`` publishes as ``reports/metrics.json``):
+the best model is chosen by *validation* macro-F1, and the test split is read only to report
+each model's score beside its validation score (choosing on test would make the reported
+number the maximum of several noisy test scores: optimistic by construction).
 
 Metrics are computed on the raw probabilities (as they always were); calibration is reported
 beside them: the temperature each checkpoint recorded (fitted on the validation split when the
@@ -25,13 +27,17 @@ from fer_pipeline.ml.checkpoint import (
 from fer_pipeline.ml.data import SplitArrays
 from fer_pipeline.ml.metrics import (
     ClassificationMetrics,
-    best_model_name,
     compare_models,
     evaluate_predictions,
     majority_baseline,
+    select_by_validation,
 )
 from fer_pipeline.paths import DataPaths
-from fer_pipeline.schema import TEST_PREDICTION_COLUMNS, MetricsReport
+from fer_pipeline.schema import (
+    SELECTED_BY_VALIDATION,
+    TEST_PREDICTION_COLUMNS,
+    MetricsReport,
+)
 
 BASELINE_NAME = "majority_baseline"
 
@@ -107,7 +113,8 @@ def staleness(model_name: str, trained_on: str | None, current: str, remedy: str
 
 @dataclass
 class ModelComparison:
-    """Every model on the test split beside the majority-class baseline."""
+    """Every model on the test split beside the majority-class baseline, the best chosen on
+    validation (``validation``: each model's validation evaluation)."""
 
     evaluations: dict[str, Evaluation]
     baseline: ClassificationMetrics
@@ -116,6 +123,7 @@ class ModelComparison:
     report: MetricsReport
     warnings: list[str]  # stale models, models without a fitted temperature
     image_ids: list[str] = field(default_factory=list)  # the test rows, in evaluation order
+    validation: dict[str, Evaluation] = field(default_factory=dict)
 
     def below(self, floor: float) -> dict[str, float]:
         """Models whose test macro-F1 is under ``floor``."""
@@ -123,36 +131,50 @@ class ModelComparison:
 
 
 def compare_checkpoints(paths: DataPaths, names: Iterable[str], train: SplitArrays, test: SplitArrays,
-                        data_version: str) -> ModelComparison:
-    """Evaluate each named model's checkpoint on ``test``, compare with the majority baseline
-    (most frequent class of ``train``) and pick the best by test macro-F1."""
+                        data_version: str, *, validation: SplitArrays) -> ModelComparison:
+    """Evaluate each named model's checkpoint on ``validation`` and ``test``, compare with the
+    majority baseline (most frequent class of ``train``) and pick the best by *validation*
+    macro-F1; the test scores are reported beside, never used to choose."""
     names = list(names)
     missing = [n for n in names if not paths.checkpoint(n).is_file()]
     if len(missing) == len(names):
         raise FileNotFoundError(f"no model checkpoint to evaluate: {', '.join(missing)}; materialize the models")
-    evaluations = {name: evaluate_checkpoint(paths.checkpoint(name), test) for name in names if name not in missing}
+    present = [n for n in names if n not in missing]
+    # validation first: the choice is made before any test prediction exists
+    on_validation = {name: evaluate_checkpoint(paths.checkpoint(name), validation) for name in present}
+    best = select_by_validation({n: e.metrics for n, e in on_validation.items()})
+    evaluations = {name: evaluate_checkpoint(paths.checkpoint(name), test) for name in present}
     warnings = [f"{n} has no checkpoint ({paths.checkpoint(n)}): left out of the comparison; materialize "
                 f"model_{n}" for n in missing]
     warnings += [w for n, e in evaluations.items()
-                if (w := staleness(n, e.trained_on, data_version, "re-materialize the model"))]
+                 if (w := staleness(n, e.trained_on, data_version, "re-materialize the model"))]
     warnings += [f"{n} records no calibration temperature (trained before temperature scaling): its probabilities "
                  f"are uncalibrated (T = 1); re-materialize the model" for n, e in evaluations.items()
                  if not e.calibration_recorded]
     baseline = majority_baseline(train.labels, test.labels)
+    baseline_val = majority_baseline(train.labels, validation.labels)
     table = compare_models({**{n: e.metrics for n, e in evaluations.items()}, BASELINE_NAME: baseline})
+    val_scores = {**{n: e.metrics for n, e in on_validation.items()}, BASELINE_NAME: baseline_val}
+    table["val_accuracy"] = table["model"].map(lambda m: val_scores[m].accuracy).astype(float)
+    table["val_macro_f1"] = table["model"].map(lambda m: val_scores[m].macro_f1).astype(float)
+    table["is_best"] = table["model"] == best
+    table["selected_by"] = SELECTED_BY_VALIDATION
     calibration = {n: calibration_summary(e) for n, e in evaluations.items()}
     for column, key in (("ece", "ece_before"), ("ece_calibrated", "ece_after"), ("temperature", "temperature")):
         table[column] = table["model"].map(lambda m, key=key: (calibration.get(m) or {}).get(key)).astype(float)
     inits = {n: (e.loaded.metadata.get("extra") or {}).get("init", "scratch")
              for n, e in evaluations.items()}  # "pretrained" (from the backbone) or "scratch"; older: scratch
     table["init"] = table["model"].map(inits)
-    best = best_model_name(table[table["model"] != BASELINE_NAME].reset_index(drop=True))
+    # the chosen model first, then by validation score: the order the choice was made in
+    table = table.sort_values(["is_best", "val_macro_f1", "model"], ascending=[False, False, True]).reset_index(drop=True)
     report = MetricsReport(best_model=best, data_version=data_version, n_test=int(len(test)),
                            models={n: e.metrics.to_dict() for n, e in evaluations.items()},
                            majority_baseline=baseline.to_dict(),
                            checkpoints={n: str(paths.checkpoint(n)) for n in evaluations},
-                           calibration=calibration)
-    return ModelComparison(evaluations, baseline, table, best, report, warnings, list(test.image_ids))
+                           calibration=calibration, selected_by=SELECTED_BY_VALIDATION,
+                           validation={n: {"accuracy": e.metrics.accuracy, "macro_f1": e.metrics.macro_f1,
+                                           "n": e.metrics.n} for n, e in on_validation.items()})
+    return ModelComparison(evaluations, baseline, table, best, report, warnings, list(test.image_ids), on_validation)
 
 
 def calibration_summary(ev: Evaluation) -> dict[str, Any]:

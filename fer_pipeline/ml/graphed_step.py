@@ -19,11 +19,18 @@ their workspaces before capture. Mixup draws from a host generator, so it is not
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 EAGER_STEPS = 3
 """Steps run eagerly before capture (the PyTorch CUDA graphs guide asks for a few)."""
+
+
+class Replayable(Protocol):
+    """A captured step (:class:`torch.cuda.CUDAGraph`, or a test's stand-in for one)."""
+
+    def replay(self) -> None: ...
 
 
 class TensorEMA:
@@ -67,36 +74,51 @@ class GraphedTrainStep:
         self.generators = generators
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.loss_sum = torch.zeros((), device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: Replayable | None = None
         self.calls = 0
-        self._side = torch.cuda.Stream(device)
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _body(self) -> None:
         self.loss_sum += self.step(self.idx)
         if self.ema is not None:
             self.ema.update()
 
-    def __call__(self, idx: torch.Tensor, lr: float, ema_weight: float) -> None:
-        """One training step on the rows ``idx`` (a device tensor of ``batch_size`` indices)."""
+    def refill(self, idx: torch.Tensor, lr: float, ema_weight: float) -> None:
+        """Write this step's inputs *into* the tensors the graph read at capture.
+
+        Why in place: a replay reads the memory it was captured with, so a new tensor (or a
+        Python number) put in their place would leave the graph on its capture-time values."""
         self.idx.copy_(idx, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)
         if self.ema is not None:
             self.ema.set_weight(ema_weight)
+
+    def capture(self) -> Replayable:
+        """Capture one step (its body runs only when the graph is replayed)."""
+        graph = torch.cuda.CUDAGraph()
+        for g in self.generators:
+            graph.register_generator_state(g)
+        with torch.cuda.graph(graph):
+            self._body()
+        return graph
+
+    def __call__(self, idx: torch.Tensor, lr: float, ema_weight: float) -> None:
+        """One training step on the rows ``idx`` (a device tensor of ``batch_size`` indices)."""
+        self.refill(idx, lr, ema_weight)
         self.calls += 1
         if self.graph is not None:
             self.graph.replay()
         elif self.calls <= EAGER_STEPS:
+            if self._side is None:  # not CUDA (tests): no stream to warm up on
+                self._body()
+                return
             self._side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._side):
                 self._body()
             torch.cuda.current_stream().wait_stream(self._side)
         else:
-            self.graph = torch.cuda.CUDAGraph()
-            for g in self.generators:
-                self.graph.register_generator_state(g)
-            with torch.cuda.graph(self.graph):
-                self._body()
+            self.graph = self.capture()
             self.graph.replay()  # capture records without running: this replay is the step
 
     def take_loss_sum(self) -> torch.Tensor:

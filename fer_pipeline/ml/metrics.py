@@ -153,9 +153,11 @@ def majority_baseline(
 
 
 def compare_models(results: Mapping[str, ClassificationMetrics | Mapping[str, Any]]) -> pd.DataFrame:
-    """One row per model, best test macro-F1 first, with ``is_best`` marking the winner.
+    """One row per model, best macro-F1 first, with ``is_best`` marking the top row (callers
+    that choose on another split, like :func:`fer_pipeline.ml.evaluate.compare_checkpoints`,
+    set ``is_best`` themselves).
 
-    ``results`` maps a model name to its test :class:`ClassificationMetrics` (or its
+    ``results`` maps a model name to its :class:`ClassificationMetrics` (or its
     ``to_dict()``). Ties on macro-F1 are broken by accuracy, then by name.
     """
     rows = []
@@ -182,8 +184,24 @@ def compare_models(results: Mapping[str, ClassificationMetrics | Mapping[str, An
 
 
 def best_model_name(comparison: pd.DataFrame) -> str:
-    """Name of the row :func:`compare_models` marked best."""
+    """Name of the row marked best (``is_best``)."""
     return str(comparison.loc[comparison["is_best"], "model"].iloc[0])
+
+
+def select_by_validation(validation: Mapping[str, ClassificationMetrics | Mapping[str, Any]]) -> str:
+    """The model with the highest *validation* macro-F1 (ties: accuracy, then name).
+
+    Selection never looks at the test split: the test score of the chosen model is then an
+    unbiased report, not the maximum of several noisy test scores."""
+    if not validation:
+        raise ValueError("no model to select: no validation scores")
+
+    def key(item: tuple[str, Any]) -> tuple[float, float, str]:
+        name, m = item
+        d = m.to_dict() if isinstance(m, ClassificationMetrics) else dict(m)
+        return (-float(d["f1"]["macro"]), -float(d["accuracy"]), name)
+
+    return min(validation.items(), key=key)[0]
 
 
 def group_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:

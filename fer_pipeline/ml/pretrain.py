@@ -87,9 +87,9 @@ def backbone_features(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
 class PretrainConfig:
     """How the backbone is trained (the rest of the recipe is the four-class one).
 
-    Defaults measured on ``affectnet-4class`` with a FER2013 pool (docs/models.md, "Pretraining"): at
-    most 24,000 pool images for 15 epochs gave the best and steadiest fine-tuned models of the
-    recipes tried, and longer pretraining or a wider network did not help.
+    Defaults from a sweep on ``affectnet-4class`` with a FER2013 pool (hand-recorded history in
+    docs/benchmarks.md): at most 24,000 pool images for 15 epochs. That sweep ranked recipes by the
+    benchmark's *test* split, so these defaults are to be re-chosen on validation (issue 21).
     """
 
     epochs: int = 15

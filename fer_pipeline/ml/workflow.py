@@ -119,6 +119,12 @@ def _catalog_beside(paths: DataPaths, rows: pd.DataFrame, log: LogFn | None) -> 
         return None
 
 
+def framing_of(paths: DataPaths, rows: pd.DataFrame, log: LogFn | None = None) -> Framing:
+    """:func:`training_framing` of ``rows`` with the data root's catalogue (what a checkpoint of
+    a model trained on them records; CV fold models use it too)."""
+    return training_framing(rows, _catalog_beside(paths, rows, log))
+
+
 def train_and_save(name: str, arch: ArchConfig, config: TrainConfig, arrays: dict[str, SplitArrays],
                    paths: DataPaths, version: str, preprocess: PreprocessSettings, *,
                    train_rows: np.ndarray | None = None, sample_weights: np.ndarray | None = None,

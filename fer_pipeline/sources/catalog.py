@@ -39,6 +39,8 @@ from fer_pipeline.config_yaml import (
 )
 from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES
 from fer_pipeline.sources.framing import CROP, KEEP, SOURCE_FRAMINGS, DetectSpec
+from fer_pipeline.sources.regex_guard import HINT as REGEX_HINT
+from fer_pipeline.sources.regex_guard import backtracking_risk
 
 KINDS = ("image_folders", "fer2013_csv", "synthetic")
 SYNTHETIC_OPTIONS = ("n_images", "seed", "image_size", "scenes")
@@ -244,6 +246,9 @@ def _parse_demographics(name: str, raw: Any) -> DemographicsSpec | None:
             pattern = re.compile(str(raw["filename_regex"]))
         except re.error as exc:
             raise _err(name, "demographics.filename_regex", f"invalid regular expression: {exc}") from exc
+        risk = backtracking_risk(pattern.pattern)
+        if risk is not None:
+            raise _err(name, "demographics.filename_regex", f"refused: {risk}: {REGEX_HINT}")
         groups = set(pattern.groupindex)
         if not groups & set(DEMOGRAPHIC_ATTRIBUTES):
             raise _err(name, "demographics.filename_regex",

@@ -23,7 +23,9 @@ from fer_pipeline.sources.catalog import (
     catalog_error,
 )
 from fer_pipeline.sources.files import MemberError, read_regular
+from fer_pipeline.sources.names import escape_text
 from fer_pipeline.sources.readers import FolderReader, Member, SourceReader, ZipReader
+from fer_pipeline.sources.regex_guard import MAX_NAME_CHARS
 
 _GENDER = {"m": "male", "male": "male", "man": "male", "men": "male",
            "f": "female", "female": "female", "woman": "female", "women": "female"}
@@ -64,6 +66,11 @@ class DemographicsResult:
     unmatched_keys: int = 0
     ambiguous_keys: int = 0
     csv_files: list[str] = field(default_factory=list)
+    conflicting_files: int = 0  # files whose rows disagree on an attribute: left empty, never guessed
+    conflict_examples: list[str] = field(default_factory=list)  # ``path: attribute 'a' vs 'b'``, a few
+
+
+MAX_CONFLICT_EXAMPLES = 5
 
 
 def _empty(paths: Sequence[str]) -> pd.DataFrame:
@@ -155,7 +162,8 @@ def demographics_from_csv(spec: SourceSpec, reader: SourceReader, paths: Sequenc
         for suffix in _suffixes(p):
             by_suffix.setdefault(suffix, []).append(i)
     unmatched = ambiguous = 0
-    values = {attr: [None] * len(paths) for attr in DEMOGRAPHIC_ATTRIBUTES}
+    values: dict[str, list[str | None]] = {attr: [None] * len(paths) for attr in DEMOGRAPHIC_ATTRIBUTES}
+    conflicts: dict[tuple[int, str], set[str]] = {}  # (file, attribute) -> the values its rows give
     for rowd in df.to_dict("records"):
         raw_key = rowd.get(demo.key)
         key = normalise_key(raw_key) if isinstance(raw_key, str) else ""
@@ -177,19 +185,40 @@ def demographics_from_csv(spec: SourceSpec, reader: SourceReader, paths: Sequenc
             unmatched += 1
             continue
         for attr, column in demo.columns.items():
-            values[attr][idx] = normalise_value(attr, rowd.get(column))
+            _assign(values[attr], conflicts, idx, attr, normalise_value(attr, rowd.get(column)))
     for attr in DEMOGRAPHIC_ATTRIBUTES:
         out[attr] = pd.Series(values[attr], dtype="object")
-    return DemographicsResult(out, unmatched_keys=unmatched, ambiguous_keys=ambiguous, csv_files=found)
+    examples = [f"{escape_text(paths[i])}: {attr} " + " vs ".join(repr(v) for v in sorted(vals))
+                for (i, attr), vals in sorted(conflicts.items())[:MAX_CONFLICT_EXAMPLES]]
+    return DemographicsResult(out, unmatched_keys=unmatched, ambiguous_keys=ambiguous, csv_files=found,
+                              conflicting_files=len({i for i, _ in conflicts}), conflict_examples=examples)
+
+
+def _assign(column: list[str | None], conflicts: dict[tuple[int, str], set[str]], idx: int, attr: str,
+            value: str | None) -> None:
+    """Give file ``idx`` its ``attr`` from one more CSV row: a blank adds nothing, the same value
+    again is fine, a different one is a conflict (recorded; the value left empty, not last-row-wins)."""
+    if value is None:
+        return
+    clash = conflicts.get((idx, attr))
+    if clash is not None:
+        clash.add(value)
+    elif column[idx] is None:
+        column[idx] = value
+    elif column[idx] != value:
+        conflicts[(idx, attr)] = {column[idx], value}  # type: ignore[arg-type]
+        column[idx] = None
 
 
 def demographics_from_regex(pattern: str, paths: Sequence[str]) -> DemographicsResult:
-    """Named groups of ``pattern`` searched in each file name (not the folders)."""
+    """Named groups of ``pattern`` searched in each file name (not the folders), on its first
+    ``MAX_NAME_CHARS`` characters: the catalogue refused patterns that backtrack catastrophically
+    (:mod:`fer_pipeline.sources.regex_guard`), the bound keeps the rest's work per name bounded."""
     rx = re.compile(pattern)
     out = _empty(paths)
     values = {attr: [None] * len(paths) for attr in DEMOGRAPHIC_ATTRIBUTES}
     for i, p in enumerate(paths):
-        m = rx.search(PurePosixPath(p).name)
+        m = rx.search(PurePosixPath(p).name[:MAX_NAME_CHARS])
         if not m:
             continue
         for attr, val in m.groupdict().items():

@@ -65,7 +65,7 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing
 CANDIDATE, POOL, JUNK, NOT_IMAGE, UNMAPPED = "candidate", "pool", "junk", "not_image", "unmapped"
 STATUSES = (CANDIDATE, POOL, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED, UNREADABLE, TOO_LARGE, SOURCE_ERROR)
 
-INVENTORY_VERSION = 4  # bump when classification changes, so unchanged sources are listed again
+INVENTORY_VERSION = 5  # bump when classification changes, so unchanged sources are listed again
 LISTINGS_ATTR = "fer_source_listings"  # per-source listing fingerprints, kept in the table's attrs
 
 ROW_COLUMNS = ["source", "source_path", "bytes", "fingerprint", "sha256", "raw_label", "split_hint", "label",
@@ -98,7 +98,8 @@ class InventoryReport:
     hashed: int  # members whose bytes were read and hashed this time
     reused: int  # members whose hash came from the previous inventory
     junk: Counter = field(default_factory=Counter)
-    demographics_notes: dict[str, dict[str, int]] = field(default_factory=dict)
+    # per source: csv_keys_unmatched/ambiguous, csv_conflicting_files (counts), csv_conflict_examples (text)
+    demographics_notes: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
 def _classify(member: Member, spec: SourceSpec) -> dict[str, object]:
@@ -172,7 +173,7 @@ class SourceInventory:
     table: pd.DataFrame
     hashed: int
     reused: int
-    notes: dict[str, int]
+    notes: dict[str, object]  # see InventoryReport.demographics_notes
     links: int  # symbolic links met: the listing cannot be reused next time
 
 
@@ -196,7 +197,8 @@ def inventory_source(spec: SourceSpec, reader: SourceReader, data_root: Path,
     if not rows:
         rows.append(_source_row(spec, reader.empty_reason, set()))
     df = pd.DataFrame(rows, columns=ROW_COLUMNS)
-    notes = {"csv_keys_unmatched": 0, "csv_keys_ambiguous": 0}
+    notes: dict[str, object] = {"csv_keys_unmatched": 0, "csv_keys_ambiguous": 0, "csv_conflicting_files": 0,
+                                "csv_conflict_examples": []}
     if isinstance(reader, BrokenSource):  # nothing to attach attributes to
         for col in DEMOGRAPHIC_ATTRIBUTES:
             df[col] = pd.Series([None] * len(df), dtype="object")
@@ -204,8 +206,15 @@ def inventory_source(spec: SourceSpec, reader: SourceReader, data_root: Path,
     demo = load_demographics(spec, reader, df["source_path"].tolist(), data_root, demographics)
     for col in DEMOGRAPHIC_ATTRIBUTES:
         df[col] = demo.table[col].to_numpy()
-    notes = {"csv_keys_unmatched": demo.unmatched_keys, "csv_keys_ambiguous": demo.ambiguous_keys}
+    notes = {"csv_keys_unmatched": demo.unmatched_keys, "csv_keys_ambiguous": demo.ambiguous_keys,
+             "csv_conflicting_files": demo.conflicting_files, "csv_conflict_examples": demo.conflict_examples}
     return SourceInventory(df, hashed, reused, notes, reader.links)
+
+
+def _plain(notes: dict[str, object]) -> dict[str, object]:
+    """Demographics notes as JSON values (counts, lists of text): kept in the table's attrs."""
+    return {k: [str(x) for x in v] if isinstance(v, list) else int(v)  # type: ignore[call-overload]
+            for k, v in notes.items()}
 
 
 def _spec_digest(spec: SourceSpec, data_root: Path, max_file_bytes: int) -> str:
@@ -265,7 +274,7 @@ def build_inventory(catalog: Catalog, data_root: Path, previous: pd.DataFrame | 
                                         max_file_bytes)
     frames: list[pd.DataFrame] = []
     hashed = reused = 0
-    notes: dict[str, dict[str, int]] = {}
+    notes: dict[str, dict[str, object]] = {}
     for spec in catalog.sources:
         if spec.name in reusable:
             rows = reusable[spec.name]
@@ -281,7 +290,7 @@ def build_inventory(catalog: Catalog, data_root: Path, previous: pd.DataFrame | 
         hashed, reused = hashed + inv.hashed, reused + inv.reused
         notes[spec.name] = inv.notes
         listings[spec.name] = {**listings[spec.name], "rows": len(inv.table), "links": inv.links,
-                               "notes": {k: int(v) for k, v in inv.notes.items()}}
+                               "notes": _plain(inv.notes)}
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INVENTORY_COLUMNS)
     table["bytes"] = table["bytes"].astype("int64")
     junk = Counter(table.loc[table["status"] == JUNK, "reason"])

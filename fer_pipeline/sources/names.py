@@ -66,17 +66,47 @@ def _only_escapes(text: str) -> bool:
 
 
 def fs_name(name: str) -> str:
-    """A file name as valid UTF-8: undecodable bytes shown as ``\\xNN`` (see :func:`unescape`)."""
+    """A file name (undecodable bytes as lone surrogates, as ``os.listdir`` gives them) as the
+    valid UTF-8 text of a ``source_path``, one-to-one so that two files never share a path:
+
+    * a byte that is not UTF-8 is written ``\\xNN`` (two lower-case hex digits);
+    * a backslash followed by ``x``, by another backslash or by such a byte is written twice;
+    * every other character is itself, so ordinary names (``a\\b.png`` too) are unchanged.
+
+    :func:`unescape_name` is the inverse."""
+    if "\\" not in name and _only_text(name):
+        return name
+    out: list[str] = []
+    for k, ch in enumerate(name):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\" and _escapes_next(name[k + 1:k + 2]):
+            out.append("\\\\")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+_ESCAPE = re.compile(r"\\(?:\\|x([89a-f][0-9a-f]))")  # only bytes >= 0x80 are ever escaped
+
+
+def _escapes_next(ch: str) -> bool:
+    """Whether a backslash before ``ch`` would read as the start of an escape."""
+    return ch in ("x", "\\") or (len(ch) == 1 and 0xDC80 <= ord(ch) <= 0xDCFF)
+
+
+def _only_text(name: str) -> bool:
     try:
         name.encode("utf-8")
-        return name
+        return True
     except UnicodeEncodeError:
-        return os.fsencode(name).decode("utf-8", "backslashreplace")
+        return False
 
 
-_ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
-
-
-def unescape(rel: str) -> bytes:
-    """The file-system bytes of a path shown by :func:`fs_name`."""
-    return _ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), rel.encode("utf-8"))
+def unescape_name(path: str) -> str:
+    """The file name (undecodable bytes as lone surrogates, ready for ``os`` calls) that
+    :func:`fs_name` wrote as ``path``: ``\\\\`` is one backslash, ``\\xNN`` is byte NN."""
+    if "\\" not in path:
+        return path
+    return _ESCAPE.sub(lambda m: "\\" if m[1] is None else chr(0xDC00 + int(m[1], 16)), path)

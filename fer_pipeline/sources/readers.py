@@ -24,12 +24,16 @@ a source that cannot be listed at all raises :class:`SourceError` from ``members
   a folder that cannot be listed is one row ``cannot list folder: ...``. No folder is listed
   twice and no file is dropped; a file reachable under two names (a file link) is two rows, and
   de-duplication keeps one. A name that is not valid UTF-8 is shown with ``\\xNN`` escapes and
-  still read.
+  still read: member paths are :func:`~fer_pipeline.sources.names.fs_name`, one to one, and a
+  file is re-opened by its inverse, never by guessing which of two files is meant.
 * **Archives**: encrypted entries, entries with a bad CRC or a corrupt header, entries compressed
   with bzip2/lzma (``zipfile`` inflates those without an output limit, so only stored and
   deflated entries are read), entries with an unsafe path (absolute or ``..``) and all but the
-  last of several entries with the same name (after ``\\`` -> ``/``) are rows with their reason;
-  directory entries are not files; archives inside archives are not opened (not an image file).
+  last of several entries with the same name (after ``\\`` -> ``/``; their paths get a
+  ``[duplicate entry k of n]`` suffix that never takes a real entry's name), an entry whose name
+  is flagged UTF-8 but is not, and a directory entry that carries data are rows with their
+  reason; empty directory entries are not files; archives inside archives are not opened (not
+  an image file).
   An archive that cannot be opened (not a zip, truncated) is one ``source_error`` row.
 * **FER2013 CSV**: read as UTF-8 (a byte-order mark is skipped, undecodable bytes become U+FFFD),
   header names matched case-insensitively; every data row is one member, and a bad row (wrong
@@ -78,7 +82,7 @@ from fer_pipeline.sources.files import (
 from fer_pipeline.sources.names import (
     fs_name,
     printable,
-    unescape,
+    unescape_name,
 )
 
 DEFAULT_MAX_FILE_BYTES = MAX_FILE_BYTES  # the name readers' callers know
@@ -271,15 +275,13 @@ class FolderReader(SourceReader):
         else:
             yield from self._walk(rel + "/", listed, seen, linked)
 
-    def _fs_path(self, rel: str) -> str | bytes:
-        path = os.path.join(self.spec.path, rel)
-        if "\\x" in rel and not os.path.lexists(path):
-            return os.path.join(os.fsencode(self.spec.path), unescape(rel))
-        return path
+    def _fs_path(self, rel: str) -> str:
+        # the one inverse of fs_name: never a guess by which file exists
+        return os.path.join(self.spec.path, unescape_name(rel))
 
     def fs_path(self, rel: str) -> Path:
-        """The file-system path of a member path (``\\xNN`` escapes of a non-UTF-8 name undone)."""
-        return Path(os.fsdecode(self._fs_path(rel)))
+        """The file-system path of a member path (escapes of :func:`~fer_pipeline.sources.names.fs_name` undone)."""
+        return Path(self._fs_path(rel))
 
     def read(self, member: Member) -> bytes:
         return read_regular(self._fs_path(member.path), self.max_file_bytes)
@@ -330,6 +332,87 @@ _BOUNDED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma", 9: "deflate64", 99: "AES"}
 
 
+class _PatchedFile:
+    """A read-only file whose bytes at a few offsets read as ``patches`` says: the archive as
+    ``zipfile`` should see it (see :func:`_open_zip`), the file itself untouched."""
+
+    def __init__(self, fh: io.BufferedReader, patches: dict[int, bytes]) -> None:
+        self._fh, self._patches = fh, sorted(patches.items())
+        self.name = fh.name
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._fh.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        start = self._fh.tell()
+        data = self._fh.read(n)
+        end = start + len(data)
+        if not any(at < end and at + len(new) > start for at, new in self._patches):
+            return data
+        out = bytearray(data)
+        for at, new in self._patches:
+            for i, byte in enumerate(new):
+                if start <= at + i < end:
+                    out[at + i - start] = byte
+        return bytes(out)
+
+
+def _utf8_flag_lies(fh: io.BufferedReader) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """Central-directory records whose name is flagged UTF-8 (bit 0x800) but is not: (offset of
+    the flags field -> the flags without that bit, record index -> raw name). Located as
+    ``zipfile`` does (its end-record reader, prepended data allowed)."""
+    endrec = zipfile._EndRecData(fh)  # type: ignore[attr-defined]
+    if not endrec:
+        return {}, {}
+    size_cd, offset_cd = endrec[zipfile._ECD_SIZE], endrec[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
+    concat = endrec[zipfile._ECD_LOCATION] - size_cd - offset_cd  # type: ignore[attr-defined]
+    if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        concat -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    start = offset_cd + concat
+    fh.seek(start)
+    cd = fh.read(size_cd)
+    patches: dict[int, bytes] = {}
+    names: dict[int, bytes] = {}
+    pos = index = 0
+    while pos + 46 <= len(cd) and cd[pos:pos + 4] == b"PK\x01\x02":
+        flags = int.from_bytes(cd[pos + 8:pos + 10], "little")
+        n, m, k = (int.from_bytes(cd[pos + at:pos + at + 2], "little") for at in (28, 30, 32))
+        raw = cd[pos + 46:pos + 46 + n]
+        if flags & 0x800:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                patches[start + pos + 8] = (flags & ~0x800).to_bytes(2, "little")
+                names[index] = raw
+        pos, index = pos + 46 + n + m + k, index + 1
+    return patches, names
+
+
+def _open_zip(path: Path) -> tuple[zipfile.ZipFile, io.BufferedReader | None, dict[int, bytes]]:
+    """(archive, file to close with it, entry index -> raw name of each entry flagged UTF-8 whose
+    name is not). ``zipfile`` refuses a whole archive for one such name; it is opened again
+    with those entries' flag cleared (their names read as cp437, never used), so each is one
+    row instead of a failed source."""
+    try:
+        return zipfile.ZipFile(path), None, {}
+    except UnicodeDecodeError:
+        fh = open(path, "rb")  # noqa: SIM115 - handed to the reader, closed with it
+        try:
+            patches, names = _utf8_flag_lies(fh)
+            if not patches:
+                raise
+            return zipfile.ZipFile(_PatchedFile(fh, patches)), fh, names  # type: ignore[arg-type]
+        except BaseException:
+            fh.close()
+            raise
+
+
 class ZipReader(SourceReader):
     """A .zip archive; fingerprint = CRC-32 + size from the central directory (no decompression)."""
 
@@ -339,7 +422,7 @@ class ZipReader(SourceReader):
         super().__init__(spec, max_file_bytes)
         require_regular_file(spec.path)
         try:
-            self._zip = zipfile.ZipFile(spec.path)
+            self._zip, self._fh, bad_names = _open_zip(spec.path)
             infos = self._zip.infolist()
         except Exception as exc:  # BadZipFile, a truncated or lying directory, undecodable names...
             raise SourceError(f"{printable(spec.path.name)} is not a readable zip archive "
@@ -348,20 +431,36 @@ class ZipReader(SourceReader):
         # path -> (entry, problem known from the listing); problems of the entry itself are checked
         # when it is listed or read (cheap, but not worth doing for 40k entries a read never asks for)
         self._entries: dict[str, tuple[zipfile.ZipInfo, Problem | None]] = {}
-        earlier: dict[str, list[zipfile.ZipInfo]] = {}
-        for info in infos:
-            if info.filename.endswith("/"):  # a directory entry
-                continue
-            name = info.filename.replace("\\", "/")
+        self._generated: dict[str, str] = {}  # a path made for an earlier duplicate -> its entry name
+        earlier: dict[str, list[tuple[zipfile.ZipInfo, Problem | None]]] = {}
+        for k, info in enumerate(infos):
+            raw = bad_names.get(k)
+            if raw is not None:  # flagged UTF-8 but not: zipfile could not have named it at all
+                name = fs_name(raw.decode("utf-8", "surrogateescape").replace("\\", "/"))
+                problem: Problem | None = Problem(UNREADABLE, "entry name is flagged UTF-8 but is not valid UTF-8 "
+                                                              "(shown with \\xNN escapes): not read")
+            else:
+                name = fs_name(info.filename.replace("\\", "/"))  # no backslash left: unchanged
+                problem = None
+            if info.filename.endswith("/"):  # a directory entry: not a file, unless it carries data
+                if not info.file_size:
+                    continue
+                problem = problem or Problem(UNREADABLE, f"directory entry that carries data ({info.file_size} "
+                                                         "bytes): not a file, not read")
             if name in self._entries:
-                earlier.setdefault(name, []).append(self._entries[name][0])
-            self._entries[name] = (info, None)
-        for name, infos_before in earlier.items():  # the last entry of a name is what unzip would leave
-            n = len(infos_before) + 1
-            problem = Problem(UNREADABLE,
-                              f"duplicate entry name in archive: only the last entry named '{name}' is read")
-            for k, info in enumerate(infos_before, 1):
-                self._entries[f"{name} [duplicate entry {k} of {n}]"] = (info, problem)
+                earlier.setdefault(name, []).append(self._entries[name])
+            self._entries[name] = (info, problem)
+        for name, before in sorted(earlier.items()):  # the last entry of a name is what unzip would leave
+            n = len(before) + 1
+            dup = Problem(UNREADABLE, f"duplicate entry name in archive: only the last entry named '{name}' is read")
+            for k, (info, problem) in enumerate(before, 1):
+                path = f"{name} [duplicate entry {k} of {n}]"
+                again = 1
+                while path in self._entries:  # a real entry may bear that name: it keeps it
+                    again += 1
+                    path = f"{name} [duplicate entry {k} of {n}, #{again}]"
+                self._entries[path] = (info, problem or dup)
+                self._generated[path] = name
 
     def _entry_problem(self, name: str, info: zipfile.ZipInfo) -> Problem | None:
         cap = self.max_file_bytes
@@ -434,11 +533,12 @@ class ZipReader(SourceReader):
     def entry_name(self, path: str) -> str:
         """The entry name (``\\`` -> ``/``) a member path stands for: a duplicate's path carries a
         ``[duplicate entry k of n]`` suffix, its entry name does not."""
-        found = self._entries.get(path)
-        return found[0].filename.replace("\\", "/") if found is not None else path
+        return self._generated.get(path, path)
 
     def close(self) -> None:
         self._zip.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from fer_pipeline.dedup.groups import (
     near_pairs,
 )
 from fer_pipeline.faces.batch import process_chunk
-from fer_pipeline.faces.stage import index_frame
 from fer_pipeline.faces.preprocess import PreprocessSettings
+from fer_pipeline.faces.stage import index_frame
 from fer_pipeline_tests.conftest import face_png
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -217,6 +218,58 @@ def test_label_issue_ranking(materialized) -> None:
     assert "relabels.csv" in meta["how_to_relabel"].value
     assert (root / "reports" / "label_issues_top.png").stat().st_size > 1000
     assert list(pd.read_csv(root / "reports" / "relabels_suggested.csv").columns) == ["image_id", "label", "note"]
+
+
+def test_shipped_model_from_validation_and_out_of_fold_estimates(materialized) -> None:
+    """model_evaluation (best single model by validation) and shipped_model (single vs the CV fold
+    ensemble, members calibrated out-of-fold) through real runs; shipped.json, metrics.json and
+    the card agree, and predict's default is the shipped model."""
+    from fer_pipeline.cli import default_model
+    from fer_pipeline.ml.shipped import ShippedSpec, load_shipped
+
+    root, _, _, instance = materialized
+    evaluated = run(MAIN_JOB, instance, ["model_evaluation"])
+    assert evaluated.success
+    shipped_run = run(REPORTS_JOB, instance, ["shipped_model", "model_card"])
+    assert shipped_run.success
+    paths = DataPaths(root)
+    report = json.loads(paths.metrics_json.read_text())
+    assert report["selected_by"] == "validation macro-F1" and report["best_model"] == MAIN_MODEL  # the one trained
+    assert 0.0 <= report["validation"][MAIN_MODEL]["macro_f1"] <= 1.0
+
+    spec = ShippedSpec.read(paths.shipped_json)
+    by_name = {c["name"]: c for c in spec.candidates}
+    assert set(by_name) == {MAIN_MODEL, "cv_fold_ensemble"}  # both folds kept their model
+    ens, single = by_name["cv_fold_ensemble"], by_name[MAIN_MODEL]
+    assert single["estimate"] == pytest.approx(report["validation"][MAIN_MODEL]["macro_f1"])
+    n_validation = int((pd.read_parquet(paths.splits)["split"] == "validation").sum())
+    assert ens["oof_validation_images_n"] == n_validation  # judged on the single model's validation images
+    assert ens["estimate"] == pytest.approx(ens["oof_validation_images_macro_f1"])
+    winner = "cv_fold_ensemble" if ens["estimate"] > single["estimate"] else MAIN_MODEL
+    assert spec.name == winner and by_name[winner]["shipped"]
+    assert spec.selected_by == ("out-of-fold macro-F1 (cross-validation)" if winner != MAIN_MODEL
+                                else "validation macro-F1")
+    for c in spec.candidates:  # the test split reported for every candidate, after the choice
+        assert 0.0 <= c["test"]["macro_f1"] <= 1.0
+    assert single["test"]["macro_f1"] == pytest.approx(report["models"][MAIN_MODEL]["f1"]["macro"])
+
+    # the members: each fold checkpoint carries the temperature its own held-out rows gave
+    from fer_pipeline.ml.checkpoint import load_checkpoint
+
+    for k in range(N_FOLDS):
+        fold = json.loads((root / "reports" / "cv_fold_results" / f"fold_{k:02d}.json").read_text())
+        member = load_checkpoint(paths.fold_checkpoint(k))
+        assert member.temperature == pytest.approx(fold["calibration"]["temperature"])
+        assert member.metadata["calibration"]["n"] == fold["n_test"]
+        assert member.metadata["calibration"]["fitted_on"].startswith("out-of-fold")
+    assert len(load_shipped(paths).members) == (N_FOLDS if winner != MAIN_MODEL else 1)
+
+    chosen, origin = default_model(root)
+    assert origin == str(paths.shipped_json)
+    faces = np.random.default_rng(0).integers(0, 255, (3, 48, 48), dtype=np.uint8)
+    np.testing.assert_allclose(chosen.predict_proba(faces), load_shipped(paths).model.predict_proba(faces))
+    card = (root / "reports" / "model_card.md").read_text()
+    assert f"# Model card: {winner}" in card and "## Model selection" in card and spec.selected_by in card
 
 
 def test_trained_partitions_are_fresh_and_another_recipe_unsyncs_them(materialized) -> None:

@@ -222,3 +222,40 @@ def test_an_exported_crop_model_reads_the_same_faces_as_its_checkpoint(checkpoin
     want = predict_images([tmp_path / "x.png", tmp_path / "x.jpeg"], checkpoints["a"])
     for g, w in zip(got, want):
         assert g.label == w.label and max(abs(g.probabilities[c] - w.probabilities[c]) for c in CLASSES) <= 1e-4
+
+
+def test_the_shipped_fold_ensemble_is_exported_and_predicted_as_one(checkpoints: dict[str, Path], demo_faces,
+                                                                    tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """models/shipped.json names an ensemble: export writes one graph of both members, and predict
+    on onnxruntime answers what predict on PyTorch (the shipped ensemble loaded) answers."""
+    from fer_pipeline.schema import ShippedMember, ShippedSpec
+
+    folder, _ = demo_faces
+    root = _data_root(tmp_path, checkpoints["a"])
+    (root / "models" / "b.safetensors").write_bytes(checkpoints["b"].read_bytes())
+    spec = ShippedSpec(kind="ensemble", name="folds", selected_by="out-of-fold", data_version="v42",
+                       members=(ShippedMember("a", "models/a.safetensors", 0.8),
+                                ShippedMember("b", "models/b.safetensors", 1.7)))
+    (root / "models" / "shipped.json").write_text(json.dumps(spec.to_json()))
+    assert main(["export", "--data-root", str(root)]) == 0
+    written = Path(capsys.readouterr().out.strip())
+    assert written == root / "models" / "folds.onnx"
+    exported = load_onnx(written)
+    assert [m["name"] for m in exported.metadata["members"]] == ["a", "b"] and exported.temperature == [0.8, 1.7]
+
+    assert main(["predict", str(folder), "--data-root", str(root), "--format", "json"]) == 1
+    torch_rows = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(folder), "--data-root", str(root), "--format", "json", "--engine", "onnx"]) == 1
+    out, err = capsys.readouterr()
+    assert "exporting" not in err
+    for a, b in zip(json.loads(out), torch_rows, strict=True):
+        assert a["input"] == b["input"] and a["label"] == b["label"]
+        if a["probabilities"]:
+            assert max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in CLASSES) <= PARITY_TOLERANCE
+
+    spec_bad = ShippedSpec(kind="ensemble", name="folds", selected_by="out-of-fold", data_version="v42",
+                           members=(ShippedMember("a", "models/a.safetensors", 0.5),))  # not what a records
+    (root / "models" / "shipped.json").write_text(json.dumps(spec_bad.to_json()))
+    assert main(["export", "--data-root", str(root), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "re-materialize shipped_model" in capsys.readouterr().err

@@ -3,11 +3,12 @@ import os
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fer_pipeline.sources.catalog import parse_catalog
 from fer_pipeline.sources.inventory import build_inventory
-from fer_pipeline_tests.conftest import face_png, write
+from fer_pipeline_tests.conftest import asset_metadata, face_png, write, write_catalogue
 
 
 def test_csv_with_windows_paths_partial_coverage(data_root: Path) -> None:
@@ -97,3 +98,48 @@ def test_sheet_that_is_not_a_regular_file_is_refused(data_root: Path, kind: str)
         sheet.symlink_to("/dev/zero")
     with pytest.raises(Exception, match="not a regular file"):
         build_inventory(cat, data_root)
+
+
+def test_conflicting_rows_leave_the_attribute_empty_and_are_reported(data_root: Path) -> None:
+    """Two rows of one key that disagree: reported with the file, the value left empty (was: the
+    last row won). Identical repeats, and a blank beside a value, are no conflict."""
+    cat = _sheet_source(data_root)
+    (data_root / "raw" / "d" / "sheet.csv").write_text(
+        "Path,Gender\ntop/Angry/a.png,F\ntop/Angry/a.png,M\n"   # conflict
+        "top/Angry/b.png,M\ntop/Angry/b.png,male\ntop/Angry/b.png,\n")  # the same value, and a blank
+    report = build_inventory(cat, data_root)
+    inv = report.table.set_index("source_path")
+    assert pd.isna(inv.loc["top/Angry/a.png", "gender"])
+    assert inv.loc["top/Angry/b.png", "gender"] == "male"
+    notes = report.demographics_notes["d"]
+    assert notes["csv_conflicting_files"] == 1
+    assert notes["csv_conflict_examples"] == ["top/Angry/a.png: gender 'female' vs 'male'"]
+    report.table.to_parquet(data_root / "inv.parquet")  # an unchanged source reuses its rows and its notes
+    again = build_inventory(cat, data_root, pd.read_parquet(data_root / "inv.parquet"))
+    assert again.hashed == 0 and again.demographics_notes["d"] == notes
+
+
+def test_conflict_through_two_spellings_of_one_key(data_root: Path) -> None:
+    """A full path and a prefixed path naming the same file, with different values."""
+    cat = _sheet_source(data_root)
+    (data_root / "raw" / "d" / "sheet.csv").write_text("Path,Gender\ntop/Angry/a.png,F\nAngry/a.png,F\n"
+                                                       "extra/top/Angry/a.png,M\n")
+    report = build_inventory(cat, data_root)
+    assert pd.isna(report.table.set_index("source_path").loc["top/Angry/a.png", "gender"])
+    assert report.demographics_notes["d"]["csv_conflicting_files"] == 1
+
+
+def test_conflicts_reach_the_raw_sources_metadata(data_root: Path) -> None:
+    import dagster as dg
+
+    from fer_pipeline.defs.assets.data import raw_sources
+    from fer_pipeline.defs.resources import FerSettings
+
+    _sheet_source(data_root)  # the files
+    (data_root / "raw" / "d" / "sheet.csv").write_text("Path,Gender\ntop/Angry/a.png,F\ntop/Angry/a.png,M\n")
+    write_catalogue(data_root, [{"name": "d", "kind": "image_folders", "path": "raw/d",
+                                 "label_map": {"Angry": "Angry"},
+                                 "demographics": {"csv": "sheet.csv", "key": "Path", "columns": {"gender": "Gender"}}}])
+    result = dg.materialize([raw_sources], resources={"fer": FerSettings(data_root=str(data_root), workers=1)})
+    meta = asset_metadata(result, "raw_sources")
+    assert meta["demographics_conflicts"] == {"d": {"files": 1, "examples": ["top/Angry/a.png: gender 'female' vs 'male'"]}}

@@ -10,7 +10,7 @@ from fer_pipeline.analysis.model_card import build_model_card, write_model_card
 from fer_pipeline.defs.resources import AnalysisSettings, FerSettings
 from fer_pipeline.defs.settings import fer_asset
 
-CARD_INPUTS = ("manifest", "splits", "model_evaluation", "cross_validation", "bias_report", "source_confound",
+CARD_INPUTS = ("manifest", "splits", "model_evaluation", "shipped_model", "cross_validation", "bias_report", "source_confound",
                "cross_source_generalisation")
 """The assets whose outputs the card reads (lineage in the UI)."""
 
@@ -32,6 +32,8 @@ def model_card(context: dg.AssetExecutionContext, fer: FerSettings, analysis: An
         "model_card": dg.MetadataValue.md(card.markdown),
         "path": dg.MetadataValue.path(str(path)),
         "best_model": facts["best_model"],
+        "selected_by": facts["selected_by"],
+        "shipped": dg.MetadataValue.json(facts["shipped"] or {}),
         "test_macro_f1": facts["test_macro_f1"],
         "test_macro_f1_ci95": dg.MetadataValue.json(facts["test_macro_f1_ci"]),
         "temperature": facts["temperature"],

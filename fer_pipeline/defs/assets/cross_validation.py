@@ -1,5 +1,6 @@
 """Cross-validation as partitions (``cv_fold``: one fold each; trains it, scores the held-out
-fold, stores its out-of-fold probabilities with the data version and recipe), the aggregate
+fold, stores its out-of-fold probabilities with the data version and recipe, and keeps the fold
+model as a checkpoint calibrated on its held-out rows: an ensemble member), the aggregate
 ``cross_validation`` (refuses folds of other data or another recipe), and ``label_issues``
 (confident learning on the out-of-fold probabilities). Lineage in the UI::
 
@@ -39,7 +40,9 @@ from fer_pipeline.defs.resources import AnalysisSettings, FerSettings, TrainSett
 from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.faces.store import load_faces
 from fer_pipeline.ml.architectures import ARCHITECTURES, MAIN_MODEL
+from fer_pipeline.ml.checkpoint import non_finite_tensors, save_checkpoint
 from fer_pipeline.ml.train import TrainConfig, train_model
+from fer_pipeline.ml.workflow import framing_of
 from fer_pipeline.publish import read_published
 
 
@@ -70,7 +73,21 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
         result = train_fold(pool, fold, arch, config, n_cv_folds=n_cv_folds, run_id=context.run.run_id,
                             train_fn=functools.partial(train_model, init_state=start.state),
                             log=context.log.info, train_log=context.log.debug)
+        # the fold model is an ensemble member (shipped_model): its checkpoint carries the temperature
+        # fitted on its held-out rows and the recipe identity, written before the result that marks the
+        # fold complete
+        member = fer.paths.fold_checkpoint(fold)
+        if non_finite_tensors(result.trained.state_dict):
+            member.unlink(missing_ok=True)
+            context.log.error(f"fold {fold} has NaN/inf weights: no checkpoint, it cannot be an ensemble member")
+        else:
+            save_checkpoint(member, result.trained, data_version=version, preprocess=fer.preprocess,
+                            metrics={"out_of_fold": result.metrics}, model_name=f"{MAIN_MODEL}_cv_fold_{fold}",
+                            framing=framing_of(fer.paths, pool.frame), calibration=result.calibration,
+                            extra={**start.describe(), "cv_fold": fold, "n_cv_folds": n_cv_folds,
+                                   "recipe_identity": recipe.identity(fold), "n_held_out": result.n_test})
         files = FoldStore(fer.paths.report("cv_fold_results")).save(result, recipe)
+        files["checkpoint"] = str(member)
         return dg.MaterializeResult(
             data_version=dg.DataVersion(recipe.identity(fold)),  # what downstream staleness compares
             metadata={**{k: round(v, 4) for k, v in result.metrics.items()},
@@ -79,6 +96,7 @@ def build_cv_assets(n_cv_folds: int) -> list[dg.AssetsDefinition]:
                       "held_out_stored_folds": list(result.held_out_stored_folds),
                       "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                       "train_seconds": round(result.train_seconds, 1), "architecture": arch.name,
+                      "oof_temperature": result.calibration.get("temperature"),
                       "data_version": version, "recipe_identity": recipe.identity(fold),
                       "files": dg.MetadataValue.json(files)})
 

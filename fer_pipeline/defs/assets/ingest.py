@@ -14,7 +14,11 @@ import dagster as dg
 import pandas as pd
 
 from fer_pipeline.atomic import write_parquet
-from fer_pipeline.dataset.manifest import candidates_for_decoding, dedup_input, published_framing
+from fer_pipeline.dataset.manifest import (
+    candidates_for_decoding,
+    dedup_input,
+    published_framing,
+)
 from fer_pipeline.dedup import groups as dedup_core
 from fer_pipeline.defs.jobs import SOURCE_OBSERVATION
 from fer_pipeline.defs.metadata import SYNTHETIC_NOTE, counts, frame_version, md_table
@@ -84,6 +88,20 @@ def source_files(context: dg.OpExecutionContext) -> dg.ObserveResult:
                             metadata={"sources": len(fingerprint.sources), "files": fingerprint.files})
 
 
+def _conflicts(notes: dict[str, dict[str, object]], context: dg.AssetExecutionContext) -> dict[str, object]:
+    """Files whose demographics rows disagree, per source (their attribute is left empty, not
+    guessed), with a few examples; warned in the run log, since coverage silently drops."""
+    out: dict[str, object] = {}
+    for source, note in sorted(notes.items()):
+        n = int(note.get("csv_conflicting_files") or 0)  # type: ignore[call-overload]
+        if n:
+            examples = list(note.get("csv_conflict_examples") or [])  # type: ignore[call-overload]
+            out[source] = {"files": n, "examples": examples}
+            context.log.warning(f"source '{source}': demographics CSV rows disagree for {n} file(s); their "
+                                f"attribute is left empty (e.g. {'; '.join(examples[:3])})")
+    return out
+
+
 @fer_asset(group_name=GROUP, deps=[SOURCE_OBSERVATION],
            description="Inventory of every file of every source in sources.yaml.")
 def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
@@ -113,6 +131,7 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
                                                 ["source", "source_path", "status", "reason"]], 20),
         "demographics_coverage": md_table(coverage.reset_index()),
         "demographics_csv_notes": report.demographics_notes,
+        "demographics_conflicts": _conflicts(report.demographics_notes, context),
         "hashed_this_run": report.hashed,
         "hash_reused_from_previous": report.reused,
         "seconds": round(report.seconds, 2),
@@ -194,6 +213,7 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         "exact_links": report.n_exact_links,
         "near_links": report.n_near_links,
         "near_candidates_by_phash": report.n_near_candidates,
+        "near_candidates_given_up": report.n_given_up,
         "label_conflict_groups": report.n_conflict_groups,
         "label_conflict_images": int(df["conflict"].sum()),
         "duplicate_examples": md_table(examples, 10),

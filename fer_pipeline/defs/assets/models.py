@@ -111,7 +111,8 @@ MODEL_ASSETS = [model_asset(name, arch, "scratch" if name == SCRATCH_TWIN else N
 
 @fer_asset(
     group_name=GROUP, deps=[*MODEL_ASSETS, splits],
-    description="Every model on the held-out test split: metrics, confusion matrices, comparison; calibration "
+    description="Every model on the validation and the held-out test split: the best chosen by validation "
+                "macro-F1 (the test split only reports), metrics, confusion matrices, comparison; calibration "
                 "(ECE before/after each checkpoint's temperature, reliability diagrams); the test predictions.",
     check_specs=[dg.AssetCheckSpec("test_macro_f1_floor", asset="model_evaluation",
                                    description="Each model's test macro-F1 at or above the configured floor "
@@ -122,7 +123,8 @@ def model_evaluation(context: dg.AssetExecutionContext, fer: FerSettings,
     start = time.perf_counter()
     paths = fer.paths
     arrays, version = _load_arrays(fer)
-    comparison = compare_checkpoints(paths, MODELS, arrays["train"], arrays["test"], version)
+    comparison = compare_checkpoints(paths, MODELS, arrays["train"], arrays["test"], version,
+                                     validation=arrays["validation"])
     for warning in comparison.warnings:
         context.log.warning(warning)
     files = write_comparison(paths, comparison)
@@ -132,9 +134,13 @@ def model_evaluation(context: dg.AssetExecutionContext, fer: FerSettings,
         metadata[f"reliability_{name}"] = md_image(files[f"reliability_{name}"], f"{name} reliability")
         metadata[f"per_class_{name}"] = md_table(ev.metrics.per_class.round(4))
     below = comparison.below(training.macro_f1_floor)
-    context.log.info(f"best model: {comparison.best}\n{comparison.table.to_string(index=False)}")
+    context.log.info(f"best model (by {comparison.report.selected_by}): {comparison.best}\n"
+                     f"{comparison.table.to_string(index=False)}")
     return dg.MaterializeResult(
-        metadata={"best_model": comparison.best, "comparison": md_table(comparison.table.round(4)), **metadata,
+        metadata={"best_model": comparison.best, "selected_by": comparison.report.selected_by,
+                  "val_macro_f1": round(comparison.validation[comparison.best].metrics.macro_f1, 4),
+                  "test_macro_f1": round(comparison.evaluations[comparison.best].metrics.macro_f1, 4),
+                  "comparison": md_table(comparison.table.round(4)), **metadata,
                   "ece_test": dg.MetadataValue.json({n: {k: c[k] for k in ("temperature", "ece_before", "ece_after")}
                                                      for n, c in comparison.report.calibration.items()}),
                   "metrics_json": dg.MetadataValue.path(str(paths.metrics_json)),

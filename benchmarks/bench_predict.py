@@ -8,8 +8,9 @@ inference, output), timed from outside:
     the shipped model;
 (b) photos with detection (the demo generator's 400x300 scenes: 0, 1 or 2 faces each), in faces/s.
 
-The model is the shipped model of ``--data-root`` (``make demo`` leaves one in ``data/``), run from
-its checkpoint (PyTorch) and from its export (onnxruntime, exported here once, not timed). Without a
+The model is the shipped model of ``--data-root`` (``make demo`` leaves one in ``data/``; a fold
+ensemble included), run as ``predict`` loads it by default (PyTorch) and from its export
+(onnxruntime, exported here once, not timed). Without a
 data root holding one, a stand-in with the recipe's architecture (cnn4, "mixed" framing, flip
 averaging) is trained for one epoch on generated faces: speed does not depend on the weights.
 
@@ -49,8 +50,9 @@ TARGET_CROPS_S = 4.0
 # Run in a fresh interpreter: the stages of predict_images, timed by wrapping the functions it calls.
 PROFILE = r"""
 import json, sys, time
+from pathlib import Path
 t0 = time.perf_counter()
-engine, folder, model_path = sys.argv[1:4]
+engine, folder, how, where = sys.argv[1:5]
 import fer_pipeline.cli
 import fer_pipeline.ml.predict as P
 if engine == "torch":
@@ -72,7 +74,11 @@ def timed(fn, key):
     return run
 
 t = time.perf_counter()
-model = P.load_model(model_path)
+if how == "root":  # the shipped model as predict loads it by default (an ensemble included)
+    chosen, _ = fer_pipeline.cli.default_model(where)
+    model = P.load_model(chosen) if isinstance(chosen, Path) else chosen
+else:
+    model = P.load_model(where)
 t_load = time.perf_counter() - t
 model.predict_proba = timed(model.predict_proba, "inference")
 P._decode = timed(P._decode, "decode")
@@ -108,14 +114,18 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "GX_ANALYTICS_ENABLED": "false"}
 
 
-def shipped_checkpoint(data_root: str | None) -> tuple[str, Path] | None:
-    from fer_pipeline.cli import NoModelError, shipped_model
+def shipped(data_root: str | None) -> tuple[str, list[Any], str] | None:
+    """(name, member checkpoints loaded, data root) of the shipped model, or None when there is none."""
+    from fer_pipeline.cli import NoModelError, _shipped_members, shipped_model
 
     try:
-        shipped = shipped_model(data_root)
+        found = shipped_model(data_root)
     except NoModelError:
         return None
-    return shipped.name, shipped.checkpoints[0]
+    members = _shipped_members(found)
+    if isinstance(members, str):
+        raise SystemExit(members)
+    return found.name, members, str(found.models_dir.parent)
 
 
 def stand_in(folder: Path, crops: Path) -> tuple[str, Path]:
@@ -161,13 +171,15 @@ def make_inputs(folder: Path) -> tuple[Path, Path, int]:
     return crops, scenes, pasted
 
 
-def cli_seconds(folder: Path, model: Path, repeats: int) -> tuple[list[float], int]:
-    """Wall seconds of ``fer-pipeline predict FOLDER --model MODEL --format csv`` in a fresh
-    interpreter, and the faces it classified."""
+def cli_seconds(folder: Path, how: str, where: str, repeats: int) -> tuple[list[float], int]:
+    """Wall seconds of ``fer-pipeline predict FOLDER --format csv`` with ``--data-root WHERE`` (the
+    shipped model, as a user runs it) or ``--model WHERE``, in a fresh interpreter, and the faces
+    it classified."""
     times, faces = [], 0
+    model_args = ["--data-root" if how == "root" else "--model", where]
     for _ in range(repeats):
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "fer_pipeline.cli", "predict", str(folder), "--model", str(model),
+        proc = subprocess.run([sys.executable, "-m", "fer_pipeline.cli", "predict", str(folder), *model_args,
                                "--format", "csv"], capture_output=True, text=True, env=env(), check=False)
         times.append(round(time.perf_counter() - start, 3))
         if proc.returncode not in (0, 1):
@@ -178,10 +190,10 @@ def cli_seconds(folder: Path, model: Path, repeats: int) -> tuple[list[float], i
     return times, faces
 
 
-def profile(engine: str, folder: Path, model: Path, repeats: int) -> dict[str, Any]:
+def profile(engine: str, folder: Path, how: str, where: str, repeats: int) -> dict[str, Any]:
     runs = []
     for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-c", PROFILE, engine, str(folder), str(model)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", PROFILE, engine, str(folder), how, where], capture_output=True,
                               text=True, env=env(), check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"profile failed: {proc.stderr[-2000:]}")
@@ -210,26 +222,32 @@ def main() -> int:
     try:
         print("generating 2,000 demo crops and 100 demo scenes ...", flush=True)
         crops, scenes, pasted = make_inputs(work)
-        found = shipped_checkpoint(args.data_root)
-        name, ckpt = found if found is not None else stand_in(work, crops)
         from fer_pipeline.ml.checkpoint import load_checkpoint
         from fer_pipeline.ml.export import export_models
 
-        loaded = load_checkpoint(ckpt)
-        onnx_path = export_models([loaded], work / "model.onnx", name=name)
+        found = shipped(args.data_root)
+        if found is not None:  # PyTorch: predict's default model, as a user runs it
+            name, members, root = found
+            torch_model = ("root", root)
+        else:
+            name, ckpt = stand_in(work, crops)
+            members, torch_model = [load_checkpoint(ckpt)], ("path", str(ckpt))
+        onnx_path = export_models(members, work / "model.onnx", name=name)
+        loaded, ckpt = members[0], ", ".join(str(m.path) for m in members)
         print(f"model: {name} ({ckpt}; framing {loaded.framing.mode}, flip averaging {loaded.tta_flip}); "
               f"{pasted} faces pasted in the scenes; load average at start {load[0]:.2f}", flush=True)
 
-        figures: dict[str, Any] = {"model": name, "checkpoint": str(ckpt), "framing": loaded.framing.mode,
+        figures: dict[str, Any] = {"model": name, "checkpoint": ckpt, "members": len(members),
+                                   "framing": loaded.framing.mode,
                                    "tta_flip": loaded.tta_flip, "crops": N_CROPS, "scenes": N_SCENES,
                                    "faces_pasted_in_scenes": pasted, "repeats": args.repeats,
                                    "load_average_at_start": [round(v, 2) for v in load],
                                    "python_startup_s": startup_seconds(args.repeats)}
         for workload, folder in (("crops", crops), ("photos", scenes)):
-            for engine, model in (("torch", ckpt), ("onnx", onnx_path)):
-                times, faces = cli_seconds(folder, model, args.repeats)
+            for engine, (how, where) in (("torch", torch_model), ("onnx", ("path", str(onnx_path)))):
+                times, faces = cli_seconds(folder, how, where, args.repeats)
                 median = statistics.median(times)
-                stages = profile(engine, folder, model, args.repeats)
+                stages = profile(engine, folder, how, where, args.repeats)
                 warm = stages["in-process total"] - stages["import"] - stages["model load"] - stages["detector load"]
                 entry = {"seconds_median": median, "seconds_runs": times, "faces": faces,
                          "faces_per_s": round(faces / median, 1),

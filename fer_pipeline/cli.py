@@ -26,6 +26,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 MAX_INPUT_BYTES = MAX_FILE_BYTES  # no face image is this large; anything above is not read
 
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_USAGE = 0, 1, 2
+EXPORT_TMP_PREFIX = "fer-onnx-"  # the folder of an export made for one predict run (removed after loading)
 
 
 class NoModelError(RuntimeError):
@@ -344,7 +346,7 @@ def _onnx_model_path(checkpoints: Sequence[Path], name: str | None, ready: Path 
     hint = f" (run `fer-pipeline export` to write {ready} once)" if ready is not None else ""
     _write(sys.stderr, f"fer-pipeline predict: exporting {escape_text(', '.join(map(str, checkpoints)))} "
                        f"to ONNX for this run{escape_text(hint)}\n")
-    out = Path(tempfile.mkdtemp(prefix="fer-onnx-")) / "model.onnx"
+    out = Path(tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIX)) / "model.onnx"
     try:
         return export_models(models, out, name=name)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 -- a model the exporter cannot take is a usage problem here
@@ -378,7 +380,12 @@ def _predict_model(args: argparse.Namespace) -> Classifier | str:
                                     lambda: _shipped_members(shipped))
     except NoModelError as exc:
         return str(exc)
-    return path if isinstance(path, str) else _load_model(path)
+    if isinstance(path, str):
+        return path
+    loaded = _load_model(path)
+    if path.parent.name.startswith(EXPORT_TMP_PREFIX):  # made for this run: the session holds the graph now
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return loaded
 
 
 def _run_predict(args: argparse.Namespace) -> int:

@@ -7,3 +7,7 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 --max-bytes``): no face image is this large, and memory stays bounded on decompression bombs."""
 READ_CHUNK = 1 << 20
 """Streaming reads (hashing): memory per read, not per file."""
+MAX_BYTES_IN_FLIGHT = 256 * 1024 * 1024
+"""The file bytes a stage that reads many files holds at once (the ``fer`` resource's
+``max_bytes_in_flight`` default): read-ahead is bounded by bytes, not by a count of files, so
+memory does not grow with file sizes. A single larger file still proceeds, alone."""

@@ -14,7 +14,7 @@ from pydantic import Field, PrivateAttr
 
 from fer_pipeline.analysis.bias import ATTRIBUTES
 from fer_pipeline.faces.preprocess import PreprocessSettings
-from fer_pipeline.limits import MAX_FILE_BYTES
+from fer_pipeline.limits import MAX_BYTES_IN_FLIGHT, MAX_FILE_BYTES
 from fer_pipeline.ml.pretrain import PretrainConfig
 from fer_pipeline.ml.train import TrainConfig
 from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
@@ -36,6 +36,9 @@ class FerSettings(dg.ConfigurableResource):
     max_file_bytes: int = Field(default=MAX_FILE_BYTES, description="Files and archive entries larger than this "
                                 "(declared or actually read) are rejected unread: memory stays bounded on "
                                 "decompression bombs and oversized files")
+    max_bytes_in_flight: int = Field(default=MAX_BYTES_IN_FLIGHT, gt=0, description="File bytes the faces "
+                                     "stage holds at once (read, not yet decoded): memory is bounded by bytes, "
+                                     "whatever the file sizes; a single larger file still proceeds, alone")
     min_std: float = Field(default=3.0, description="Reject near-constant faces (pixel std below this)")
     phash_max_distance: int = Field(default=4, description="Near-duplicate threshold (Hamming bits of 64)")
     match_mirrored: bool = Field(default=True, description="Also treat mirrored copies as near-duplicates")

@@ -10,8 +10,9 @@ Then, with real Dagster materializations on real image files:
 2. ``review_queue`` ranks the kept images and ``label_studio_tasks`` pushes the top 20; pushing again
    creates nothing;
 3. a reviewer answers through Label Studio's API as its UI does: one "exclude", one "not a face", one
-   relabel, one relabel of a file that is changed afterwards, one unknown label and an answer on a
-   second task for an image that already has one (both refused, each with its reason);
+   relabel, one relabel of a file that is changed afterwards (reported, not applied), one unknown
+   label and an answer on a second task for an image that already has one (both refused, each with
+   its reason);
 4. the reviews sensor notices the annotations and requests the data job, which pulls them, and the
    manifest applies them: the checks are on the manifest, the excluded table, the outcomes report
    and the accounting.
@@ -186,7 +187,11 @@ def test_round_trip_through_label_studio(label_studio, tmp_path: Path) -> None:
     assert not quiet.run_requests and quiet.cursor
 
     # 3. a reviewer answers, through the API the UI uses
-    excluded_task, not_face_task, relabel_task, changed_task, unknown_task = tasks[:5]
+    excluded_task, not_face_task, relabel_task, unknown_task, duplicated_task = tasks[:5]
+    # the file changed after its review: one whose bytes no other file holds (an exact copy elsewhere would
+    # still be the reviewed image, and the review, keyed by content, would rightly apply to it)
+    counts = pd.read_parquet(paths.raw_inventory)["sha256"].value_counts()
+    changed_task = next(t for t in tasks[5:] if counts.get(t.data["sha256"]) == 1)
     sdk.annotations.create(id=excluded_task.id, result=_choice("exclude"))
     sdk.annotations.create(id=not_face_task.id, result=_choice("not a face"))
     current = top.loc[relabel_task.data["sha256"], "label"]
@@ -195,7 +200,8 @@ def test_round_trip_through_label_studio(label_studio, tmp_path: Path) -> None:
     changed_current = top.loc[changed_task.data["sha256"], "label"]
     sdk.annotations.create(id=changed_task.id, result=_choice(next(c for c in CLASSES if c != changed_current)))
     sdk.annotations.create(id=unknown_task.id, result=_choice("Happy"))
-    duplicate = sdk.projects.import_tasks(project.id, request=[{"data": dict(tasks[5].data)}], return_task_ids=True)
+    duplicate = sdk.projects.import_tasks(project.id, request=[{"data": dict(duplicated_task.data)}],
+                                          return_task_ids=True)
     sdk.annotations.create(id=duplicate.task_ids[0], result=_choice("Angry"))
     assert len(list(sdk.tasks.list(project=project.id))) == N_TASKS + 1
 
@@ -221,7 +227,7 @@ def test_round_trip_through_label_studio(label_studio, tmp_path: Path) -> None:
     assert len(reviews) == 6
     refused = reviews.set_index("task_id")["refused"]
     assert refused[unknown_task.id].startswith("unknown label 'Happy'")
-    assert refused[duplicate.task_ids[0]] == f"duplicate task: the image already has task {tasks[5].id}"
+    assert refused[duplicate.task_ids[0]] == f"duplicate task: the image already has task {duplicated_task.id}"
     assert refused.isna().sum() == 4
     assert set(reviews["reviewer"]) == {"reviewer@example.com"}
 

@@ -45,10 +45,15 @@ from fer_pipeline.defs.automation import build_review_sensor
 from fer_pipeline.defs.jobs import DATA_JOB
 from fer_pipeline.defs.resources import FerSettings, LabelStudio
 from fer_pipeline.paths import DataPaths
-from fer_pipeline.review.label_studio import FROM_NAME, TO_NAME, PIPELINE_LABEL_VERSION
+from fer_pipeline.review.label_studio import FROM_NAME, PIPELINE_LABEL_VERSION, TO_NAME
 from fer_pipeline_tests.conftest import REPO, asset_metadata
 from fer_pipeline_tests.control_plane_data import build_control_plane_root
-from fer_pipeline_tests.servers import LOOPBACK, free_port, require_executables, start_server
+from fer_pipeline_tests.servers import (
+    LOOPBACK,
+    free_port,
+    require_executables,
+    start_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +64,7 @@ N_TASKS = 20
 
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False

@@ -15,10 +15,24 @@ from PIL import Image
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.defs.assets.review import label_studio_reviews, label_studio_tasks
 from fer_pipeline.defs.automation import build_review_sensor
-from fer_pipeline.defs.resources import NO_LABEL_STUDIO, FerSettings, LabelStudio, LabelStudioSettingError
+from fer_pipeline.defs.resources import (
+    NO_LABEL_STUDIO,
+    FerSettings,
+    LabelStudio,
+    LabelStudioSettingError,
+)
 from fer_pipeline.faces.store import FaceStore
-from fer_pipeline.review.label_studio import annotations_fingerprint, build_tasks, parse_reviews, task_key
-from fer_pipeline.review.queue import UNSCORED_REASON, build_review_queue, probability_table
+from fer_pipeline.review.label_studio import (
+    annotations_fingerprint,
+    build_tasks,
+    parse_reviews,
+    task_key,
+)
+from fer_pipeline.review.queue import (
+    UNSCORED_REASON,
+    build_review_queue,
+    probability_table,
+)
 from fer_pipeline.schema import REVIEW_COLUMNS, REVIEW_QUEUE_COLUMNS
 from fer_pipeline_tests.servers import free_port
 

@@ -24,7 +24,11 @@ from fer_pipeline.defs.metadata import counts, md_table
 from fer_pipeline.defs.resources import NO_LABEL_STUDIO, FerSettings, LabelStudio
 from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.publish import read_published
-from fer_pipeline.review.label_studio import LabelStudioError, build_tasks, review_table_version
+from fer_pipeline.review.label_studio import (
+    LabelStudioError,
+    build_tasks,
+    review_table_version,
+)
 from fer_pipeline.review.queue import build_review_queue, probability_table
 from fer_pipeline.schema import REVIEW_COLUMNS, MetricsReport
 
@@ -33,7 +37,7 @@ REVIEW_GROUP = "review"
 QUEUE_SHOWN = 20
 
 
-def _read_reviews(path) -> pd.DataFrame | None:  # noqa: ANN001 - a Path
+def _read_reviews(path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 

@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps facenet-pytorch==2.6.0
+	$(BIN)/pip install --quiet --no-deps label-studio-sdk==2.1.2
 	touch $@
 
 setup: $(VENV)/.installed dagster_home/dagster.yaml
@@ -41,6 +42,7 @@ data: setup
 test: setup
 	bash scripts/install_browser.sh
 	bash scripts/install_postgres.sh
+	bash scripts/install_label_studio.sh
 	$(BIN)/python -m pytest -q
 
 # For development: everything but the browser test and the slow (training / full-graph) tests.

@@ -7,3 +7,9 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 --max-bytes``): no face image is this large, and memory stays bounded on decompression bombs."""
 READ_CHUNK = 1 << 20
 """Streaming reads (hashing): memory per read, not per file."""
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+"""The file bytes a stage that reads many files holds at once (the ``fer`` resource's
+``max_bytes_in_flight`` default): read-ahead is bounded by bytes, not by a count of files, so
+memory does not grow with file sizes. A single larger file still proceeds, alone. 64 MiB keeps
+two workers fed with 2 MB photos (about 30 queued) and the stage's peak within 1.3x of what
+small files need (benchmarks/bench_faces_memory.py)."""

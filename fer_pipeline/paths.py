@@ -53,6 +53,8 @@ REPORT_FILES: dict[str, str] = {
     "label_issues": "label_issues",  # .parquet + .csv
     "label_issues_top": "label_issues_top.png",
     "relabels_suggested": "relabels_suggested.csv",
+    # manifest (reviews applied)
+    "review_outcomes": "review_outcomes.csv",
     # model_card
     "model_card": "model_card.md",
 }
@@ -113,6 +115,10 @@ class DataPaths:
     pool = _Under("manifest", "pool.parquet")  # the pretraining pool (published with the three above)
     candidates_dir = _Under("manifest", "candidates")  # per-run candidates (write, audit, publish)
     reports_dir = _Under("reports")
+    reviews_dir = _Under("reviews")  # the review loop (Label Studio): what to review and what was decided
+    review_queue = _Under("reviews", "review_queue.parquet")
+    reviews = _Under("reviews", "reviews.parquet")  # every pulled review; earlier versions under versions/
+    review_versions_dir = _Under("reviews", "versions")
     models_dir = _Under("models")
     model_candidates_dir = _Under("models", "candidates")  # trained, published once their weights are finite
     metrics_json = _Under("reports", REPORT_FILES["metrics_json"])

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fer_pipeline.classes import CLASSES
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Split names, in the order reports show them."""
 
@@ -27,7 +29,8 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "sha256", "bytes", "framing", "face_index", "faces_found", "box_left", "box_top", "box_right",
     "box_bottom", "detector_score",
 )  # fmt: skip
-"""``manifest.parquet``: one row per kept face (the manifest asset may add ``relabelled_from``).
+"""``manifest.parquet``: one row per kept face (the manifest asset adds ``relabelled_from`` and the review
+provenance columns :data:`MANIFEST_REVIEW_COLUMNS`).
 
 ``framing`` is how the face was cut from its file: ``crop`` (the file is a face crop) or ``detect``
 (found by the face detector). ``face_index`` is the face's rank in its file (0 = largest; always 0
@@ -35,6 +38,12 @@ for crops), so ``(source, source_path, face_index)`` names a row; ``faces_found`
 the detector found in the file, and ``box_*`` (pixels of the EXIF-oriented file, the detector's
 dataset-style box before any margin) and ``detector_score`` where it found this one: all null for
 crops."""
+
+MANIFEST_REVIEW_COLUMNS: tuple[str, ...] = ("label_before_review", "reviewed_label", "review_source")
+"""Review provenance the manifest asset adds (all null for an image nobody reviewed): the label the
+pipeline had before the review, the reviewer's class (``label`` then equals it) and where the decision
+came from (``label-studio <project> task <id> annotation <id> by <reviewer> at <time>``). The
+source's own label stays in ``original_label``."""
 
 DETECTION_COLUMNS: tuple[str, ...] = ("faces_found", "box_left", "box_top", "box_right", "box_bottom",
                                       "detector_score")
@@ -52,11 +61,13 @@ EXCLUDED_COLUMNS: tuple[str, ...] = ("source", "source_path", "stage", "reason",
 file with several detected faces, one row per face not kept (``face_index``; 0 otherwise)."""
 
 EXCLUDED_STAGES: tuple[str, ...] = ("inventory", "label_mapping", "faces", "deduplication", "pool",
-                                   "leakage_guard")
+                                   "leakage_guard", "review")
 """``stage`` of an excluded row: where the pipeline set the file (or face) aside. ``pool``: an exact
 duplicate (same processed pixels) of another pretraining-pool image; ``leakage_guard``: a pool image
-that duplicates a validation or test image (``duplicate_of`` names it)."""
-STAGE_INVENTORY, STAGE_LABEL_MAPPING, STAGE_FACES, STAGE_DEDUP, STAGE_POOL, STAGE_LEAKAGE_GUARD = EXCLUDED_STAGES
+that duplicates a validation or test image (``duplicate_of`` names it); ``review``: a person reviewing the
+image (Label Studio) decided "not a face" or "exclude"."""
+(STAGE_INVENTORY, STAGE_LABEL_MAPPING, STAGE_FACES, STAGE_DEDUP, STAGE_POOL, STAGE_LEAKAGE_GUARD,
+ STAGE_REVIEW) = EXCLUDED_STAGES
 
 SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "split", "fold")
 """``splits.parquet``."""
@@ -77,6 +88,35 @@ other columns mean what they mean in the manifest."""
 DEMOGRAPHIC_ATTRIBUTES: tuple[str, ...] = ("gender", "age_group", "race")
 """Nullable demographic columns of the inventory and the manifest."""
 
+
+NOT_A_FACE = "not a face"
+EXCLUDE = "exclude"
+REVIEW_EXCLUSIONS: tuple[str, ...] = (NOT_A_FACE, EXCLUDE)
+"""Review decisions that take an image out of the manifest (an excluded row, stage ``review``)."""
+REVIEW_DECISIONS: tuple[str, ...] = (*CLASSES, *REVIEW_EXCLUSIONS)
+"""What a reviewer may answer for an image: one of the four classes, or one of the exclusions."""
+
+REVIEW_QUEUE_COLUMNS: tuple[str, ...] = (
+    "rank", "image_id", "sha256", "face_index", "source", "source_path", "image", "label", "reasons", "score",
+    "predicted", "probabilities", *(f"p_{c}" for c in CLASSES),
+)  # fmt: skip
+"""``reviews/review_queue.parquet``: what a person should look at first (``rank`` 1 first; ``score``
+higher = more worth a look). ``sha256`` is the content hash of the image file (with ``face_index``,
+which face of it), ``image`` the face to show (a face-store ref under the data root), ``label`` the
+current label (null: an unlabelled image), ``reasons`` why it is queued, ``predicted`` and ``p_<class>``
+the model's class and probabilities (null: no model yet), ``probabilities`` where they come from
+(``calibrated``: the best model with its temperature; ``out-of-fold``: the cross-validation fold model
+that never saw the image, not calibrated)."""
+
+REVIEW_COLUMNS: tuple[str, ...] = (
+    "sha256", "face_index", "image_id", "source", "source_path", "decision", "reviewer", "time", "task_id",
+    "annotation_id", "project", "refused",
+)  # fmt: skip
+"""``reviews/reviews.parquet``: one row per annotation pulled from the review tool, keyed by the image's
+content hash (``sha256``, ``face_index``). ``decision`` is one of :data:`REVIEW_DECISIONS`; ``time`` the
+annotation's last update (ISO 8601, UTC). ``refused`` is null for a usable review, else why the row
+is not one (unknown label, malformed hash, duplicate task, skipped): the manifest applies only the
+usable ones, the latest per image."""
 
 TEST_PREDICTION_COLUMNS: tuple[str, ...] = ("model", "image_id", "true", "predicted", "correct", "confidence",
                                            "calibrated_confidence")

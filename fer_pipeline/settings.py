@@ -51,7 +51,7 @@ DEFAULT_CV_FOLDS = 10
 MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few lines: anything larger is refused unread
 
 OPERATIONAL = {
-    "fer": {"data_root", "working_copy", "workers", "rebuild"},
+    "fer": {"data_root", "working_copy", "workers", "rebuild", "max_bytes_in_flight"},
     "training": {"device", "num_threads"},
     "analysis": set(),
 }

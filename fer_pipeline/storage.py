@@ -71,7 +71,7 @@ LOCK_FILE = ".fer-store.lock"
 
 # What a step may read, as DataPaths attributes (the names live in fer_pipeline.paths).
 CATALOGUE_FILES = ("catalog", "settings", "relabels")
-PUBLISHED_TREES = ("faces_dir", "manifest_dir", "models_dir", "reports_dir")
+PUBLISHED_TREES = ("faces_dir", "manifest_dir", "models_dir", "reports_dir", "reviews_dir")
 LOCAL_ONLY = ("candidates_dir", "model_candidates_dir")  # except the running run's own candidate folder
 MIXED_SET_RETRIES = 3  # a pull that lands in the middle of another worker's push pulls the set again
 STORE_LOCK_WAIT_S = 600.0  # how long a push waits for another writer's push to finish

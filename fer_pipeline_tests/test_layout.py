@@ -23,6 +23,7 @@ RANK = {
     "storage": 6,  # the object-store data root
     "ml": 7,
     "analysis": 8,
+    "review": 8,  # the review queue and the Label Studio round trip (reads dataset/ml outputs, the face store)
     "defs": 9,  # Dagster wiring
     "outputs": 9,  # the summary of what is under the data root
     "definitions": 10, "cli": 10,  # entry points

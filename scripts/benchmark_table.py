@@ -99,9 +99,19 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               (Figure("cnn4_threads_1_images_per_s", "1 thread", "images/s"),
                Figure("cnn4_threads_2_images_per_s", "2 threads", "images/s"))),
     Benchmark("bench_faces", "faces + de-duplication over FER2013 (40,263 images) vs a single-core "
-              "decode + resize + pHash floor", ".venv/bin/python benchmarks/bench_faces.py"),
-    Benchmark("bench_faces_memory", "peak memory of the faces stage",
-              ".venv/bin/python benchmarks/bench_faces_memory.py"),
+              "decode + resize + pHash floor, pairs measured in one run", "PYTHONPATH=. .venv/bin/python "
+              "benchmarks/bench_faces.py --repeat 3",
+              (Figure("ratio_median", "pipeline / floor, median of the pairs", target=">= 1.8"),
+               Figure("ratios.0", "pair 1"), Figure("ratios.1", "pair 2"), Figure("ratios.2", "pair 3"),
+               Figure("runs.0.pipeline_images_per_s", "pipeline, pair 1", "images/s"),
+               Figure("runs.0.floor_images_per_s", "floor, pair 1", "images/s"),
+               Figure("peak_parent_mb", "peak RSS, parent", "MB"))),
+    Benchmark("bench_faces_memory", "peak memory of the faces stage (parent + workers): 10,000 JPEGs of ~2 MB "
+              "vs 10,000 of ~20 KB", "PYTHONPATH=. .venv/bin/python benchmarks/bench_faces_memory.py",
+              (Figure("ratio", "big / small", target="<= 1.3"),
+               Figure("big.peak_sum_mb", "~2 MB files", "MB"), Figure("small.peak_sum_mb", "~20 KB files", "MB"),
+               Figure("big.peak_bytes_in_flight", "bytes in flight, ~2 MB files", "B"),
+               Figure("budget_bytes", "max_bytes_in_flight", "B"))),
     Benchmark("bench_incremental", "incremental re-run of the data assets on FER2013 after +400 images",
               ".venv/bin/python benchmarks/bench_incremental.py --wait-idle 600",
               (Figure("full_seconds", "full materialization", "s"),

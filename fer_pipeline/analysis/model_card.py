@@ -39,7 +39,7 @@ from fer_pipeline.ml.evaluate import (
     bootstrap_intervals,
 )
 from fer_pipeline.paths import DataPaths
-from fer_pipeline.schema import SPLITS, MetricsReport, ShippedSpec
+from fer_pipeline.schema import SPLITS, STAGE_REVIEW, MetricsReport, ShippedSpec
 
 NOT_RUN = "not run"
 NOT_DECLARED = "not declared"
@@ -188,6 +188,17 @@ def _model_details(report: MetricsReport, paths: DataPaths) -> tuple[str, dict[s
     return md_table(rows, ["", ""]), meta
 
 
+def _reviewed(kept: pd.DataFrame, excluded: pd.DataFrame) -> str:
+    """How many images a person reviewed (Label Studio), and what came of it."""
+    reviewed = kept[kept["review_source"].notna()] if "review_source" in kept.columns else kept.iloc[0:0]
+    relabelled = int((reviewed["reviewed_label"] != reviewed["label_before_review"]).sum()) if len(reviewed) else 0
+    out = int((excluded["stage"].astype(str) == STAGE_REVIEW).sum())
+    if not len(reviewed) and not out:
+        return "Reviewed by a person: none (no review applied; docs/review.md)."
+    return (f"Reviewed by a person: {len(reviewed) + out} images ({len(reviewed)} kept, {relabelled} of them "
+            f"relabelled, {len(reviewed) - relabelled} confirmed; {out} excluded as not a face or by the reviewer).")
+
+
 def _training_data(paths: DataPaths, catalog: Catalog | None, kept: pd.DataFrame, splits: pd.DataFrame,
                    excluded: pd.DataFrame, pool: pd.DataFrame | None = None) -> tuple[str, dict[str, Any]]:
     specs = {s.name: s for s in catalog.sources} if catalog is not None else {}
@@ -226,12 +237,15 @@ def _training_data(paths: DataPaths, catalog: Catalog | None, kept: pd.DataFrame
     if len(excluded):
         stages = excluded["stage"].astype(str).value_counts()
         text.append("Not kept, by stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()) + ".")
+    text.append(_reviewed(kept, excluded))
     synthetic = [n for n, s in specs.items() if s.kind == "synthetic" and n in set(kept["source"].astype(str))]
     if synthetic:
         text.append(f"\n**Synthetic data:** {', '.join(synthetic)} are procedurally generated cartoon faces, "
                     "for demonstration only: they are not real people, and numbers measured on them say nothing "
                     "about real faces.")
-    return "\n".join(text), {"licences": licences, "synthetic_sources": synthetic}
+    n_reviewed = int(kept["review_source"].notna().sum()) if "review_source" in kept.columns else 0
+    return "\n".join(text), {"licences": licences, "synthetic_sources": synthetic,
+                             "reviewed_images": n_reviewed + int((excluded["stage"].astype(str) == STAGE_REVIEW).sum())}
 
 
 def _test_results(report: MetricsReport, predictions: pd.DataFrame | None,

@@ -26,10 +26,14 @@ from fer_pipeline.schema import (
     DETECTION_COLUMNS,
     EXCLUDED_COLUMNS,
     MANIFEST_COLUMNS,
+    MANIFEST_REVIEW_COLUMNS,
+    NOT_A_FACE,
+    REVIEW_EXCLUSIONS,
     STAGE_DEDUP,
     STAGE_FACES,
     STAGE_INVENTORY,
     STAGE_LABEL_MAPPING,
+    STAGE_REVIEW,
 )
 
 ITEM = ["source", "source_path", "face_index"]  # what one manifest, excluded or pool row stands for
@@ -240,3 +244,90 @@ def apply_relabels(manifest: pd.DataFrame, relabels: pd.DataFrame | None) -> tup
                      "note": note, "applied": applied})
     out["relabelled_from"] = out["relabelled_from"].astype("string")
     return out, pd.DataFrame(rows, columns=RELABEL_REPORT_COLUMNS)
+
+
+# --------------------------------------------------------------------------------------------
+# Reviews: <data root>/reviews/reviews.parquet (pulled from Label Studio), applied on every manifest run
+# --------------------------------------------------------------------------------------------
+
+REVIEW_OUTCOME_COLUMNS = ["sha256", "face_index", "image_id", "source", "source_path", "decision", "reviewer",
+                          "time", "task_id", "annotation_id", "outcome", "applied"]
+APPLIED, CONFIRMED, EXCLUDED, STALE, NOT_KEPT, UNKNOWN, SUPERSEDED = (
+    "relabelled", "label confirmed", "excluded", "not applied: the file changed since it was reviewed",
+    "not applied: the image is not kept", "not applied: no such image in the data", "superseded by a later review")
+"""``outcome`` of a review row (:func:`apply_reviews`); only the first three change or confirm the manifest."""
+
+
+def review_source(row: pd.Series) -> str:
+    """Where a decision came from, as the manifest's ``review_source`` records it."""
+    return (f"label-studio {row['project']} task {row['task_id']} annotation {row['annotation_id']} by "
+            f"{row['reviewer']} at {row['time']}")
+
+
+def apply_reviews(manifest: pd.DataFrame, excluded: pd.DataFrame, reviews: pd.DataFrame | None,
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Apply people's review decisions: (manifest, excluded, report of every usable review).
+
+    A review names an image by its file's content hash and face index (``sha256``, ``face_index``),
+    so it follows the image wherever the file sits. The latest usable review of an image decides
+    (the others are reported as superseded); refused rows (``refused`` set) are not here, the
+    review table keeps them with their reason. A class relabels the kept row (``label_before_review``,
+    ``reviewed_label``, ``review_source`` record it; the same class confirms it); "not a face" and
+    "exclude" move the row to ``excluded`` (stage ``review``), so every item is still accounted for
+    once. A review whose hash matches no kept image is reported, not applied: its file changed since
+    (the same source path holds other bytes now), the image is not kept (excluded, e.g. as a
+    duplicate) or it is unknown.
+    """
+    out = manifest.copy()
+    for col in MANIFEST_REVIEW_COLUMNS:
+        out[col] = pd.Series([None] * len(out), index=out.index, dtype="object")
+    report_rows: list[dict[str, object]] = []
+    if reviews is not None and len(reviews):
+        usable = reviews[reviews["refused"].isna()] if "refused" in reviews.columns else reviews
+        usable = usable.assign(face_index=usable["face_index"].fillna(0).astype("int64"))
+        usable = usable.sort_values(["time", "annotation_id"], kind="mergesort")
+        latest = usable.drop_duplicates(["sha256", "face_index"], keep="last")
+        by_key = {(s, int(f)): i for i, s, f in zip(out.index, out["sha256"], out["face_index"])}
+        by_item = {(s, p, int(f)): h for s, p, f, h in zip(out["source"], out["source_path"], out["face_index"],
+                                                            out["sha256"])}
+        not_kept = {(s, p, int(f)) for s, p, f in zip(excluded["source"], excluded["source_path"],
+                                                       excluded["face_index"].fillna(0))}
+        latest_ids = set(latest["annotation_id"])
+        dropped: list[int] = []
+        moved: list[dict[str, object]] = []
+        for _, r in usable.iterrows():
+            key = (r["sha256"], int(r["face_index"]))
+            item = (r["source"], r["source_path"], int(r["face_index"]))
+            i = by_key.get(key)
+            if r["annotation_id"] not in latest_ids:
+                outcome = SUPERSEDED
+            elif i is None:
+                outcome = (STALE if item in by_item else NOT_KEPT if item in not_kept else UNKNOWN)
+            elif r["decision"] in REVIEW_EXCLUSIONS:
+                outcome = EXCLUDED
+                row = out.loc[i]
+                what = "not a face" if r["decision"] == NOT_A_FACE else "excluded by the reviewer"
+                moved.append({"source": row["source"], "source_path": row["source_path"], "stage": STAGE_REVIEW,
+                              "reason": f"review: {what} ({review_source(r)})", "raw_label": row["original_label"],
+                              "label": row["label"], "duplicate_of": None, "face_index": int(row["face_index"])})
+                dropped.append(i)
+            else:
+                before = out.at[i, "label"]
+                outcome = CONFIRMED if before == r["decision"] else APPLIED
+                out.at[i, "label_before_review"] = before
+                out.at[i, "reviewed_label"] = r["decision"]
+                out.at[i, "review_source"] = review_source(r)
+                out.at[i, "label"] = r["decision"]
+            report_rows.append({**{c: r.get(c) for c in REVIEW_OUTCOME_COLUMNS[:10]},
+                                "image_id": out.at[i, "image_id"] if i is not None else r.get("image_id"),
+                                "outcome": outcome, "applied": outcome in (APPLIED, CONFIRMED, EXCLUDED)})
+        if dropped:
+            out = out.drop(index=dropped)
+            add = pd.DataFrame(moved).reindex(columns=list(EXCLUDED_COLUMNS))
+            excluded = pd.concat([excluded, add], ignore_index=True).sort_values(ITEM, kind="mergesort")
+            excluded = excluded.reset_index(drop=True)
+            excluded["face_index"] = excluded["face_index"].astype("int64")
+    for col in MANIFEST_REVIEW_COLUMNS:
+        out[col] = out[col].astype("string")
+    report = pd.DataFrame(report_rows, columns=REVIEW_OUTCOME_COLUMNS)
+    return out.reset_index(drop=True), excluded, report

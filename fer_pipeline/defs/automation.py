@@ -45,11 +45,13 @@ except ImportError:  # pragma: no cover - then ScheduleDefinition's own validati
         return True
 
 from fer_pipeline.defs.jobs import DATA_JOB, SOURCE_OBSERVATION
-from fer_pipeline.defs.resources import FerSettings
+from fer_pipeline.defs.resources import NO_LABEL_STUDIO, FerSettings, LabelStudio
+from fer_pipeline.review.label_studio import LabelStudioError
 from fer_pipeline.sources import watch as source_watch
 from fer_pipeline.sources.catalog import CatalogError
 
 SENSOR_NAME = "source_files_sensor"
+REVIEW_SENSOR_NAME = "label_studio_reviews_sensor"
 AUTOMATION_SENSOR_NAME = "fer_automation"
 SCHEDULE_NAME = "full_rebuild_schedule"
 
@@ -158,6 +160,39 @@ def build_source_sensor(job_name: str = DATA_JOB, minimum_interval_seconds: int 
     return _sensor
 
 
+def build_review_sensor(job_name: str = DATA_JOB, minimum_interval_seconds: int | None = None,
+                        name: str = REVIEW_SENSOR_NAME) -> dg.SensorDefinition:
+    """The reviews sensor: requests one run of ``job_name`` (whose ``label_studio_reviews`` pulls the
+    reviews, and whose manifest applies them) each time the review project's annotations change."""
+    interval = minimum_interval_seconds or sensor_interval_seconds()
+
+    @dg.sensor(
+        name=name, job_name=job_name, minimum_interval_seconds=interval,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description=(f"Every {interval} s: asks the Label Studio review project for its annotations (ids, update "
+                     f"times, decisions) and requests one run of '{job_name}' when they changed: the run pulls the "
+                     "reviews and the manifest applies them. Skips when no Label Studio is configured."),
+    )
+    def _sensor(context: dg.SensorEvaluationContext, label_studio: LabelStudio) -> dg.SensorResult | dg.SkipReason:
+        if not label_studio.enabled:
+            return dg.SkipReason(NO_LABEL_STUDIO)
+        client = label_studio.client()  # a setting that cannot work fails the tick, naming the field
+        try:
+            digest, n = client.fingerprint()
+        except LabelStudioError as exc:  # a failed tick naming the URL, shown on the sensor's page
+            raise RuntimeError(str(exc)) from exc
+        if context.cursor == digest:
+            return dg.SkipReason(f"no new reviews in '{client.project_title}' ({n} annotation(s))")
+        if context.cursor is None and n == 0:
+            return dg.SensorResult(skip_reason=f"no reviews yet in '{client.project_title}'", cursor=digest)
+        context.log.info(f"reviews changed in '{client.project_title}' ({n} annotation(s)): requesting '{job_name}'")
+        request = dg.RunRequest(run_key=f"reviews-{digest}", job_name=job_name,
+                                tags={"fer/trigger": "new_reviews", "fer/reviews_fingerprint": digest[:16]})
+        return dg.SensorResult(run_requests=[request], cursor=digest)
+
+    return _sensor
+
+
 def build_rebuild_schedule(cron: str | None = None, job_name: str = DATA_JOB) -> dg.ScheduleDefinition:
     """Daily from-scratch reprocessing (``rebuild: true``); off until a user turns it on."""
     cron = cron or rebuild_cron()
@@ -176,7 +211,8 @@ def build_rebuild_schedule(cron: str | None = None, job_name: str = DATA_JOB) ->
 
 source_files_sensor = build_source_sensor()
 automation_sensor = build_automation_sensor()
+review_sensor = build_review_sensor()
 full_rebuild_schedule = build_rebuild_schedule()
 
-SENSORS: list[dg.SensorDefinition] = [source_files_sensor, automation_sensor]
+SENSORS: list[dg.SensorDefinition] = [source_files_sensor, automation_sensor, review_sensor]
 SCHEDULES: list[dg.ScheduleDefinition] = [full_rebuild_schedule]

@@ -20,11 +20,13 @@ from fer_pipeline.defs.assets.data import DATA_ASSETS  # noqa: E402
 from fer_pipeline.defs.assets.evaluation import evaluation_assets  # noqa: E402
 from fer_pipeline.defs.assets.models import MODEL_ASSETS, model_evaluation  # noqa: E402
 from fer_pipeline.defs.assets.pretrain import pretrained_backbone  # noqa: E402
+from fer_pipeline.defs.assets.review import REVIEW_ASSETS  # noqa: E402
 from fer_pipeline.defs.assets.shipped import build_shipped_asset
 from fer_pipeline.defs.automation import SCHEDULES, SENSORS, is_automated, up_to_date_condition  # noqa: E402
 from fer_pipeline.defs.checks import DATA_CHECKS  # noqa: E402
 from fer_pipeline.defs.executors import executor_from_env  # noqa: E402
 from fer_pipeline.defs.jobs import CV_FOLD, JOBS, cv_fold_count, held_out_source_keys  # noqa: E402
+from fer_pipeline.defs.resources import LabelStudio  # noqa: E402
 from fer_pipeline.defs.settings import bind_resources, versioned  # noqa: E402
 from fer_pipeline.settings import Settings, current_settings  # noqa: E402
 
@@ -51,11 +53,14 @@ def build_definitions(executor: dg.ExecutorDefinition | None = None, n_cv_folds:
         if note:
             dg.get_dagster_logger().warning(note)
     assets = [*DATA_ASSETS, pretrained_backbone, *MODEL_ASSETS, model_evaluation,
-              *evaluation_assets(n_cv_folds, held_out), build_shipped_asset(n_cv_folds), model_card]
+              *evaluation_assets(n_cv_folds, held_out), build_shipped_asset(n_cv_folds), model_card,
+              *REVIEW_ASSETS]
     # the fold count is part of what a fold means: changing it marks every fold unsynced; "members":
     # folds now keep their model (an ensemble member), so folds stored without one are unsynced
     resources = bind_resources(settings)  # a bad settings file fails here, naming file and field
     assets = versioned(assets, resources, extra={CV_FOLD: f"{n_cv_folds}-fold-members"})
+    # the review loop's server: from the environment when used (unset = the loop is off), not the settings file
+    resources = {**resources, "label_studio": LabelStudio()}
     return dg.Definitions(
         assets=_automated(assets),
         asset_checks=[*DATA_CHECKS],

@@ -1,24 +1,28 @@
 """Every Dagster resource of the code location: the settings of the data half (``fer``), of
-training (``training``) and of the evaluation assets (``analysis``). Their values come from the
+training (``training``) and of the evaluation assets (``analysis``), and the Label Studio
+connection of the review loop (``label_studio``, from the environment, not the settings file). Their values come from the
 settings file when the code location loads (:mod:`fer_pipeline.defs.settings`); the defaults
 here are the full recipe. A launchpad run config may override a knob for one run (recorded).
 The core modules get plain values from the properties and methods below."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from fer_pipeline.analysis.bias import ATTRIBUTES
 from fer_pipeline.faces.preprocess import PreprocessSettings
-from fer_pipeline.limits import MAX_FILE_BYTES
+from fer_pipeline.limits import MAX_BYTES_IN_FLIGHT, MAX_FILE_BYTES
 from fer_pipeline.ml.pretrain import PretrainConfig
 from fer_pipeline.ml.train import TrainConfig
 from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
 from fer_pipeline.publish import KEEP_REJECTED
+from fer_pipeline.review.label_studio import ReviewClient
 from fer_pipeline.sources.catalog import Catalog, CatalogError, load_catalog
 from fer_pipeline.storage import ObjectStore
 
@@ -36,6 +40,9 @@ class FerSettings(dg.ConfigurableResource):
     max_file_bytes: int = Field(default=MAX_FILE_BYTES, description="Files and archive entries larger than this "
                                 "(declared or actually read) are rejected unread: memory stays bounded on "
                                 "decompression bombs and oversized files")
+    max_bytes_in_flight: int = Field(default=MAX_BYTES_IN_FLIGHT, gt=0, description="File bytes the faces "
+                                     "stage holds at once (read, not yet decoded): memory is bounded by bytes, "
+                                     "whatever the file sizes; a single larger file still proceeds, alone")
     min_std: float = Field(default=3.0, description="Reject near-constant faces (pixel std below this)")
     phash_max_distance: int = Field(default=4, description="Near-duplicate threshold (Hamming bits of 64)")
     match_mirrored: bool = Field(default=True, description="Also treat mirrored copies as near-duplicates")
@@ -194,3 +201,58 @@ class AnalysisSettings(dg.ConfigurableResource):
         """The main training recipe with this asset's epoch budget (0/-1 = as in ``training``)."""
         cfg = training.config()
         return replace(cfg, epochs=epochs or cfg.epochs, patience=cfg.patience if patience < 0 else patience)
+
+
+LABEL_STUDIO_URL_ENV = "FER_LABEL_STUDIO_URL"
+LABEL_STUDIO_KEY_ENV = "FER_LABEL_STUDIO_API_KEY"
+LABEL_STUDIO_PROJECT_ENV = "FER_LABEL_STUDIO_PROJECT"
+NO_LABEL_STUDIO = "no Label Studio configured"
+
+
+class LabelStudioSettingError(ValueError):
+    """A Label Studio connection setting that cannot work; the message names the field."""
+
+
+class LabelStudio(dg.ConfigurableResource):
+    """The Label Studio server of the review loop (docs/review.md). Unset (no URL) = the loop is off:
+    the review assets record "no Label Studio configured" and the sensor skips. Each field falls back
+    to its environment variable, read when used (so the token never sits in a settings file or the
+    UI's run config): ``FER_LABEL_STUDIO_URL``, ``FER_LABEL_STUDIO_API_KEY``, ``FER_LABEL_STUDIO_PROJECT``."""
+
+    url: str = Field(default="", description="Label Studio's base URL (http://host:port); empty = "
+                     f"${LABEL_STUDIO_URL_ENV}; neither = the review loop is off")
+    api_key: str = Field(default="", description=f"An access token of the reviewer account; empty = "
+                         f"${LABEL_STUDIO_KEY_ENV}")
+    project: str = Field(default="", description=f"Title of the review project (created when absent); empty = "
+                         f"${LABEL_STUDIO_PROJECT_ENV}, else 'fer-pipeline review'")
+    push_top_n: int = Field(default=100, ge=0, description="The queue's top N images are pushed as tasks")
+    timeout_s: float = Field(default=30.0, gt=0, description="Seconds one HTTP request may take")
+
+    @property
+    def base_url(self) -> str:
+        return (self.url or os.environ.get(LABEL_STUDIO_URL_ENV, "")).strip()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.base_url)
+
+    @property
+    def project_title(self) -> str:
+        return (self.project or os.environ.get(LABEL_STUDIO_PROJECT_ENV, "")).strip() or "fer-pipeline review"
+
+    def checked(self) -> tuple[str, str]:
+        """(URL, token), or :class:`LabelStudioSettingError` naming the field that cannot work."""
+        url = self.base_url
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise LabelStudioSettingError(f"label_studio.url ({LABEL_STUDIO_URL_ENV}) = {url[:200]!r} is not an "
+                                          "http(s)://host[:port] URL")
+        key = (self.api_key or os.environ.get(LABEL_STUDIO_KEY_ENV, "")).strip()
+        if not key:
+            raise LabelStudioSettingError(f"label_studio.api_key ({LABEL_STUDIO_KEY_ENV}) is empty, but "
+                                          f"label_studio.url is set to {url}: give the reviewer account's token")
+        return url.rstrip("/"), key
+
+    def client(self) -> ReviewClient:
+        url, key = self.checked()
+        return ReviewClient(url, key, self.project_title, timeout=self.timeout_s)

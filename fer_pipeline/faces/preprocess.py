@@ -27,7 +27,7 @@ from fer_pipeline.sources.formats import (
     sniff_format,
 )
 
-PREPROCESS_VERSION = 1  # bump when the algorithm changes, so cached faces are recomputed
+PREPROCESS_VERSION = 2  # bump when the algorithm changes, so cached faces are recomputed (2: big images reduced first)
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,30 @@ def to_grayscale(img: Image.Image) -> Image.Image:
     return img if img.mode == "L" else img.convert("L")
 
 
+REDUCE_ABOVE = 4_000_000
+"""Decoded images with more pixels than this are first shrunk by an integer box average
+(``Image.reduce``) to at least twice the target size, so grayscale conversion, alpha compositing
+and cropping work on a small copy instead of several full-size ones (a 40-megapixel RGBA PNG
+peaked at ~790 MB). JPEGs are already decoded at a reduced scale (``draft``) and stay below it."""
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")  # the modes Image.reduce accepts
+
+
+def _reduced(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``img`` box-averaged by the largest integer factor that keeps it at least twice ``size``
+    on both sides (either orientation); ``img`` itself when small or of a mode reduce refuses."""
+    if img.width * img.height <= REDUCE_ABOVE or img.mode not in _REDUCIBLE:
+        return img
+    factor = min(img.width, img.height) // (2 * max(size))
+    return img.reduce(factor) if factor >= 2 else img  # keeps info (EXIF): orientation still applies
+
+
 def preprocess_image(img: Image.Image, size: tuple[int, int] = (48, 48)) -> np.ndarray:
-    """EXIF orientation (applied to ``img`` in place), grayscale, centre crop to the target aspect,
-    resize; uint8 (H, W)."""
+    """EXIF orientation (applied to ``img`` in place when it is small), grayscale, centre crop to
+    the target aspect, resize; uint8 (H, W)."""
     img.load()  # PNG chunks after the pixels (eXIf) are only known once loaded
+    small = _reduced(img, size)
+    if small is not img:
+        img = small  # a copy without the file's format: its EXIF is read from info below
     if _may_carry_orientation(img):
         ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to rotate
     gray = to_grayscale(img)

@@ -4,7 +4,10 @@ Work is keyed by raw content hash in the :class:`~fer_pipeline.faces.store.FaceS
 before under the same settings are not read, decoded or hashed again, so re-running after a
 source grows only processes the new files. Large batches are decoded in worker processes
 (both cores; :mod:`fer_pipeline.faces.batch` is what a worker runs) while the parent streams
-bytes out of the sources through a bounded queue, so memory stays bounded.
+bytes out of the sources. What the parent holds is bounded by bytes, not by a count of files
+(``max_bytes_in_flight``): files read and not yet decoded never add up to more than the budget,
+whatever their sizes, and a chunk closes at :data:`CHUNK` files or at its share of the budget.
+A file larger than the whole budget is still processed, alone (nothing else is held meanwhile).
 
 One bad file is one rejected row, never a failed run: a file that cannot be read now (removed,
 permission, above the size cap) or that makes the decoder raise or its worker process die gets
@@ -42,6 +45,7 @@ from fer_pipeline.faces.batch import (
 from fer_pipeline.faces.framing import SourceFraming
 from fer_pipeline.faces.preprocess import PreprocessSettings
 from fer_pipeline.faces.store import INDEX_COLUMNS, ITEM_KEY, FaceStore
+from fer_pipeline.limits import MAX_BYTES_IN_FLIGHT
 from fer_pipeline.sources.files import MemberError
 from fer_pipeline.sources.framing import CROP
 
@@ -114,27 +118,94 @@ def _read_failure(exc: Exception) -> str:
     return f"unreadable ({type(exc).__name__}: {exc})"
 
 
-def _jobs(todo: list[tuple[str, str, str, str]], fns: Mapping[str, ChunkFn], read: ReadFn,
-          failures: dict[FailureKey, str]) -> Iterator[Job]:
-    """Chunks of (sha256, bytes) of one framing each (``todo`` rows: sha256, source, path, framing);
-    a file that cannot be read goes to ``failures`` with its reason."""
+class _Budget:
+    """File bytes the stage holds: read from a source and not yet decoded (the chunk being built,
+    and chunks sent to a worker whose result has not come back). ``peak`` is the most ever held."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held, self.peak = max(1, int(limit)), 0, 0
+
+    def fits(self, n: int) -> bool:
+        """Whether ``n`` more bytes may be read now: always when nothing is held (a file larger
+        than the budget proceeds, alone)."""
+        return self.held == 0 or self.held + n <= self.limit
+
+    def take(self, n: int) -> None:
+        self.held += n
+        self.peak = max(self.peak, self.held)
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class _Serial:
+    """Chunks decoded in this process, one at a time, when collected (the in-process path)."""
+
+    limit = 0  # no chunk waits: each is decoded as soon as it is sent
+
+    def __init__(self, settings: PreprocessSettings) -> None:
+        self.settings = settings
+        self._jobs: deque[tuple[Job, int]] = deque()
+
+    @property
+    def pending(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, job: Job, nbytes: int) -> None:
+        self._jobs.append((job, nbytes))
+
+    def collect_oldest(self, budget: _Budget, failures: dict[FailureKey, str]) -> Iterator[tuple[str, ChunkResult]]:
+        job, nbytes = self._jobs.popleft()
+        try:
+            results = [job[1](job[2], self.settings)]
+        except Exception:  # noqa: BLE001 - find the file at fault
+            results = list(_one_by_one(job, self.settings, failures))
+        budget.give(nbytes)
+        for result in results:
+            yield job[0], result
+
+
+def _stream(todo: list[tuple[str, str, str, str]], sizes: list[int], fns: Mapping[str, ChunkFn], read: ReadFn,
+            failures: dict[FailureKey, str], runner: _Serial | _WorkerPool, budget: _Budget,
+            chunk_bytes: int) -> Iterator[tuple[str, ChunkResult]]:
+    """Read ``todo`` (rows: sha256, source, path, framing) into chunks of one framing each, send them
+    to ``runner`` and yield (framing, result) in order, holding at most ``budget`` bytes of files.
+
+    ``sizes`` are the sizes declared by the inventory (0: unknown): before a file is read, results
+    are collected until it fits. A file that cannot be read goes to ``failures`` with its reason."""
     batch: list[Item] = []
-    current = None
-    for sha, source, path, framing in todo:
-        if batch and framing != current:
-            yield current, fns[current], batch  # type: ignore[index,misc]
-            batch = []
+    batch_bytes = 0
+    current = CROP
+
+    def send() -> None:
+        nonlocal batch, batch_bytes
+        runner.submit((current, fns[current], batch), batch_bytes)
+        batch, batch_bytes = [], 0
+
+    for (sha, source, path, framing), declared in zip(todo, sizes):
+        if batch and (framing != current or batch_bytes + declared > chunk_bytes):
+            send()
+        while not budget.fits(declared):
+            if batch:  # held either way: send it so that it can be decoded and let go
+                send()
+            yield from runner.collect_oldest(budget, failures)
         current = framing
         try:
-            batch.append((sha, read(source, path)))
+            data = read(source, path)
         except Exception as exc:  # noqa: BLE001 - one unreadable file is that file's outcome
             failures[(sha, framing)] = _read_failure(exc)
             continue
-        if len(batch) == (CHUNK if framing == CROP else DETECT_CHUNK):
-            yield framing, fns[framing], batch
-            batch = []
+        budget.take(len(data))  # what was read (a file grown since the inventory counts in full)
+        batch.append((sha, data))
+        batch_bytes += len(data)
+        if len(batch) == (CHUNK if framing == CROP else DETECT_CHUNK) or batch_bytes >= chunk_bytes:
+            send()
+        while runner.pending > runner.limit:  # bounded: stream, don't buffer a dataset
+            yield from runner.collect_oldest(budget, failures)
     if batch:
-        yield current, fns[current], batch  # type: ignore[index,misc]
+        send()
+    while runner.pending:
+        yield from runner.collect_oldest(budget, failures)
 
 
 def _decoder_error(exc: BaseException) -> str:
@@ -156,12 +227,14 @@ class _WorkerPool:
 
     A chunk whose task raises, or whose worker process dies (the pool is then restarted), is
     run again one file per task, so the file at fault gets the reason and the others their
-    faces. Results come back in submission order, at most ``limit`` chunks in flight."""
+    faces. Results come back in submission order (:func:`_stream` keeps at most ``limit``
+    chunks and the byte budget in flight)."""
 
     def __init__(self, workers: int, settings: PreprocessSettings) -> None:
         self.workers, self.settings = workers, settings
         self.limit = workers * IN_FLIGHT_PER_WORKER
         self.generation = 0  # which pool a future belongs to: restart only the current one
+        self._in_flight: deque[tuple[Future[ChunkResult], int, Job, int]] = deque()  # (.., job, bytes)
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -188,30 +261,38 @@ class _WorkerPool:
             self._restart(generation)
             raise _WorkerDied(WORKER_DIED) from None
 
-    def map(self, jobs: Iterator[Job], failures: dict[FailureKey, str]) -> Iterator[tuple[str, ChunkResult]]:
-        in_flight: deque[tuple[Future[ChunkResult], int, Job]] = deque()
-        for job in jobs:
-            in_flight.append((*self._submit(job[1], job[2]), job))
-            while len(in_flight) > self.limit:  # bounded: stream, don't buffer a dataset
-                yield from self._collect(*in_flight.popleft(), failures)
-        while in_flight:
-            yield from self._collect(*in_flight.popleft(), failures)
+    @property
+    def pending(self) -> int:
+        return len(self._in_flight)
 
-    def _collect(self, future: Future[ChunkResult], generation: int, job: Job,
-                 failures: dict[FailureKey, str]) -> Iterator[tuple[str, ChunkResult]]:
+    def submit(self, job: Job, nbytes: int) -> None:
+        self._in_flight.append((*self._submit(job[1], job[2]), job, nbytes))
+
+    def collect_oldest(self, budget: _Budget, failures: dict[FailureKey, str]) -> Iterator[tuple[str, ChunkResult]]:
+        """The oldest chunk's results (its files retried one per task if the chunk failed); its
+        bytes are let go once its outcome is known."""
+        future, generation, job, nbytes = self._in_flight.popleft()
         framing, fn, chunk = job
         try:
-            yield framing, future.result()
-            return
+            result: ChunkResult | None = future.result()
         except BrokenProcessPool:
             self._restart(generation)
+            result = None
         except Exception:  # noqa: BLE001 - retried file by file below
-            pass
+            result = None
+        if result is not None:
+            budget.give(nbytes)
+            yield framing, result
+            return
+        results = []
         for item in chunk:
             try:
-                yield framing, self._run_one(fn, [item])
+                results.append(self._run_one(fn, [item]))
             except Exception as exc:  # noqa: BLE001
                 failures[(item[0], framing)] = WORKER_DIED if isinstance(exc, _WorkerDied) else _decoder_error(exc)
+        budget.give(nbytes)
+        for result in results:
+            yield framing, result
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -227,13 +308,15 @@ class FacesReport:
     workers: int
     detected: int = 0  # images run through the face detector this time
     detect_reused: int = 0  # images of detect sources whose faces came from the cache
+    peak_bytes_in_flight: int = 0  # the most file bytes held at once (read, not yet decoded)
 
 
 def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, settings: PreprocessSettings,
                   workers: int | None = None, log: Callable[[str], None] | None = None,
                   ignore_cache: bool = False, parallel_min: int = PARALLEL_MIN,
                   chunk_fn: ChunkFn = process_chunk,
-                  framings: Mapping[str, SourceFraming] | None = None) -> FacesReport:
+                  framings: Mapping[str, SourceFraming] | None = None,
+                  max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT) -> FacesReport:
     """Bring the face store up to date for ``candidates`` (columns source, source_path, sha256).
 
     ``framings`` says per source how its files become faces (absent: crops). ``ignore_cache``
@@ -241,6 +324,8 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
     exactly these candidates' results. Worker processes are used from ``parallel_min`` new
     images on (a photo to detect counts :data:`DETECT_COST`); results are identical either way.
     ``chunk_fn`` is what decodes a chunk of crops (a worker runs it; tests swap in one that fails).
+    ``max_bytes_in_flight`` bounds the file bytes held at once; a ``bytes`` column in ``candidates``
+    (the inventory's declared sizes) lets the stage wait for room before reading a file.
     """
     start = time.perf_counter()
     framings = framings or {}
@@ -249,6 +334,8 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
     fns: dict[str, ChunkFn] = {CROP: chunk_fn}
     fns.update({key: functools.partial(process_detect_chunk, detection=d) for key, d in detections.items()})
     cands = candidates[["source", "source_path", "sha256"]].copy()
+    declared = pd.to_numeric(candidates["bytes"], errors="coerce").fillna(0).astype("int64") \
+        if "bytes" in candidates else pd.Series(0, index=candidates.index, dtype="int64")
     cands["framing"] = cands["source"].map(per_source).fillna(CROP).astype(str) if per_source else CROP
     index = store.load_index()
     if ignore_cache:
@@ -261,6 +348,7 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
     new = first.loc[is_new].sort_values("framing", key=lambda f: f != CROP, kind="stable")  # crops first
     todo = list(zip(new["sha256"].tolist(), new["source"].tolist(), new["source_path"].tolist(),
                     new["framing"].tolist()))
+    sizes = declared.loc[new.index].clip(lower=0).tolist()
     n_detect = int((new["framing"] != CROP).sum())
     workers = max(1, workers or os.cpu_count() or 1)
     use_pool = workers > 1 and len(todo) - n_detect + DETECT_COST * n_detect >= parallel_min
@@ -292,21 +380,16 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
         if log and done % (CHUNK * 40) < len(set(result.sha256)):
             log(f"faces: {done}/{len(todo)} new images decoded")
 
-    jobs = _jobs(todo, fns, read, failures)
-    if use_pool:
-        pool = _WorkerPool(workers, settings)
-        try:
-            for framing, result in pool.map(jobs, failures):
-                consume(framing, result)
-        finally:
-            pool.close()
-    else:
-        for job in jobs:
-            try:
-                consume(job[0], job[1](job[2], settings))
-            except Exception:  # noqa: BLE001 - find the file at fault
-                for result in _one_by_one(job, settings, failures):
-                    consume(job[0], result)
+    budget = _Budget(max_bytes_in_flight)
+    runner: _Serial | _WorkerPool = _WorkerPool(workers, settings) if use_pool else _Serial(settings)
+    # a chunk's share of the budget: every chunk the pool may queue, plus the one being built
+    chunk_bytes = max(1, budget.limit // (runner.limit + 1))
+    try:
+        for framing, result in _stream(todo, sizes, fns, read, failures, runner, budget, chunk_bytes):
+            consume(framing, result)
+    finally:
+        if isinstance(runner, _WorkerPool):
+            runner.close()
     flush()
     if ignore_cache and not new_index:
         store.save_index(index)
@@ -317,7 +400,8 @@ def process_faces(candidates: pd.DataFrame, read: ReadFn, store: FaceStore, sett
     n_detect_units = int((first["framing"] != CROP).sum())
     return FacesReport(table, processed=len(todo), reused=len(first) - len(todo),
                        seconds=time.perf_counter() - start, workers=workers if use_pool else 1,
-                       detected=detected, detect_reused=n_detect_units - n_detect)
+                       detected=detected, detect_reused=n_detect_units - n_detect,
+                       peak_bytes_in_flight=budget.peak)
 
 
 def _item_table(cands: pd.DataFrame, index: pd.DataFrame, framings: Mapping[str, SourceFraming],

@@ -15,7 +15,7 @@ from fer_pipeline.classes import CLASSES
 from fer_pipeline.demo.synthetic_faces import generate_demo_source
 from fer_pipeline.definitions import defs
 
-DATA_ASSETS = ["raw_sources", "faces", "deduplicated_faces", "manifest", "splits", "data_plots"]
+DATA_ASSETS = ["label_studio_reviews", "raw_sources", "faces", "deduplicated_faces", "manifest", "splits", "data_plots"]
 
 
 def run_data_job(root: Path, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance | None = None):

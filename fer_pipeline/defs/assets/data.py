@@ -17,12 +17,15 @@ from fer_pipeline.dataset.manifest import (
     ITEM,
     accounting_items,
     apply_relabels,
+    apply_reviews,
     build_manifest,
     check_accounting,
     read_relabels,
 )
 from fer_pipeline.dataset.splits import assign_splits, split_summary
+from fer_pipeline.atomic import write_csv
 from fer_pipeline.defs.assets.ingest import GROUP, INGEST_ASSETS, deduplicated_faces, faces, raw_sources
+from fer_pipeline.defs.assets.review import label_studio_reviews
 from fer_pipeline.defs.checks import (
     MANIFEST_CHECKS,
     SPLIT_CHECKS,
@@ -64,9 +67,9 @@ def _audit(context: dg.AssetExecutionContext, fer: FerSettings, candidate: Candi
     return results, failed
 
 
-@fer_asset(group_name=GROUP, deps=[deduplicated_faces],
+@fer_asset(group_name=GROUP, deps=[deduplicated_faces, label_studio_reviews],
           description="The run's candidate manifest (kept images) and excluded table (every file not kept, with "
-                      "reason), audited by the manifest checks; `splits` publishes them once every blocking check "
+                      "reason), with the reviewers' decisions applied (reviews/reviews.parquet), audited by the manifest checks; `splits` publishes them once every blocking check "
                       "has passed.",
           check_specs=check_specs(MANIFEST_CHECKS, "manifest"))
 def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
@@ -81,7 +84,15 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
     if len(pool_excluded):
         excluded = pd.concat([excluded, pool_excluded], ignore_index=True).sort_values(ITEM, kind="mergesort")
         excluded = excluded.reset_index(drop=True)
-    # user corrections (e.g. from the label_issues report); recorded in column relabelled_from
+    # people's reviews (Label Studio, pulled by label_studio_reviews): relabels and exclusions, with provenance
+    reviews = pd.read_parquet(paths.reviews) if paths.reviews.is_file() else None
+    kept, excluded, review_report = apply_reviews(kept, excluded, reviews)
+    if len(review_report) or paths.report("review_outcomes").is_file():
+        write_csv(paths.report("review_outcomes"), review_report)
+    stale = review_report[~review_report["applied"]] if len(review_report) else review_report
+    for outcome, n in stale["outcome"].value_counts().items():
+        context.log.warning(f"{n} review(s) {outcome} (see {paths.report('review_outcomes')})")
+    # user corrections (e.g. from the label_issues report); recorded in column relabelled_from (applied last: wins)
     kept, relabels = apply_relabels(kept, read_relabels(paths.relabels))
     items = accounting_items(inv, faces_table)  # each file, and each further face of a `keep: all` photo
     accounting = check_accounting(items, kept, excluded, pool)
@@ -113,6 +124,9 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         "demographics_coverage": coverage,
         "preview": md_table(kept[["image_id", "source", "source_path", "label", "gender", "age_group"]], 10),
         "relabels_applied": int(relabels["applied"].sum()),
+        "reviewed_images": int(kept["review_source"].notna().sum()) + int((excluded["stage"] == "review").sum()),
+        "reviews_by_outcome": counts(review_report["outcome"]),
+        "reviews_not_applied": md_table(stale, 30),
         "relabels": md_table(relabels, 50),
         "manifest_version": version,
         "candidate": dg.MetadataValue.path(str(candidate.dir)),
@@ -197,4 +211,4 @@ def data_plots(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materi
     return dg.MaterializeResult(metadata=metadata)
 
 
-DATA_ASSETS = [*INGEST_ASSETS, manifest, splits, data_plots]
+DATA_ASSETS = [*INGEST_ASSETS, label_studio_reviews, manifest, splits, data_plots]

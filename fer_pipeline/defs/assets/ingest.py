@@ -155,7 +155,8 @@ def faces(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materialize
     framings = {name: SourceFraming.of(spec) for name, spec in specs.items()}
     with SourceBytes(specs, max_file_bytes=fer.max_file_bytes) as read:
         report = process_faces(candidates, read, store, settings, workers=fer.workers or None,
-                               log=context.log.info, ignore_cache=fer.rebuild, framings=framings)
+                               log=context.log.info, ignore_cache=fer.rebuild, framings=framings,
+                               max_bytes_in_flight=fer.max_bytes_in_flight)
     table = report.table
     write_parquet(paths.faces_table, table)
     reasons = table.loc[table["reason"].notna(), "reason"].map(plots.reason_category)  # no sizes, paths

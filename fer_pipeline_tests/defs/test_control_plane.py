@@ -124,12 +124,15 @@ def test_a_changed_setting_marks_exactly_what_computes_with_it(built: tuple[Path
     unsynced = not_fresh(root, home)
     groups = {k.to_user_string(): definitions(root).resolve_asset_graph().get(k).group_name
               for k in definitions(root).resolve_asset_graph().materializable_asset_keys}
-    assert unsynced == {k for k, g in groups.items() if g == "evaluation"}, unsynced
+    # the evaluation group computes with analysis settings; the review queue reads its label issues
+    assert unsynced == {k for k, g in groups.items() if g in ("evaluation", "review")}, unsynced
     before = len(runs(home))
     refresh(root, home)
     assert not_fresh(root, home) == set()
     rerun = {k.to_user_string() for r in runs(home)[before:] for k in r.asset_selection or []}
-    assert not rerun & {k for k, g in groups.items() if g in ("data", "models")}
+    # nothing of the data half or the trained models; the shipped model is chosen among the fold
+    # ensemble (retrained here) and the single models, so it is chosen again
+    assert not rerun & {k for k, g in groups.items() if g in ("data", "models")} - {"shipped_model"}
     assert "cv_fold" in rerun and "model_card" in rerun
 
 

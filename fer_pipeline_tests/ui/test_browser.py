@@ -66,7 +66,7 @@ INSTALL_NOTE = REPO / "test-output" / "browser-install.txt"
 LOCATION = "fer_pipeline.definitions"  # the code location's name (workspace.yaml)
 DATA_ASSETS = ["source_files", "raw_sources", "faces", "deduplicated_faces", "manifest", "splits", "data_plots"]
 PARTITIONED = {"cv_fold": ["0", "1"], "loso_fold": ["a", "b"]}  # cv_folds: 2; the two four-class sources
-GROUPS = ("data", "models", "evaluation")
+GROUPS = ("data", "models", "evaluation", "review")
 MANIFEST_CHECKS = ["manifest_accounting", "manifest_class_balance", "manifest_class_counts",
                    "manifest_image_size", "manifest_schema"]
 SENSOR = "source_files_sensor"

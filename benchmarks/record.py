@@ -60,7 +60,9 @@ def provenance(command: str | None = None) -> dict[str, Any]:
     return {
         "command": command or " ".join(["python", *sys.argv]),
         "commit": _git("rev-parse", "HEAD"),
-        "working_tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # results files written by earlier benchmarks are not code: they do not make the tree dirty
+        "working_tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                        ":(exclude)benchmarks/results")),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device(),
         "cpu_count": os.cpu_count(),

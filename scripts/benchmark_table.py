@@ -105,13 +105,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                Figure("ratios.0", "pair 1"), Figure("ratios.1", "pair 2"), Figure("ratios.2", "pair 3"),
                Figure("runs.0.pipeline_images_per_s", "pipeline, pair 1", "images/s"),
                Figure("runs.0.floor_images_per_s", "floor, pair 1", "images/s"),
-               Figure("peak_parent_mb", "peak RSS, parent", "MB"))),
+               Figure("peak_parent_mb", "peak RSS, parent", "MB")), readme=True),
     Benchmark("bench_faces_memory", "peak memory of the faces stage (parent + workers): 10,000 JPEGs of ~2 MB "
               "vs 10,000 of ~20 KB", "PYTHONPATH=. .venv/bin/python benchmarks/bench_faces_memory.py",
               (Figure("ratio", "big / small", target="<= 1.3"),
                Figure("big.peak_sum_mb", "~2 MB files", "MB"), Figure("small.peak_sum_mb", "~20 KB files", "MB"),
                Figure("big.peak_bytes_in_flight", "bytes in flight, ~2 MB files", "B"),
-               Figure("budget_bytes", "max_bytes_in_flight", "B"))),
+               Figure("budget_bytes", "max_bytes_in_flight", "B")), readme=True),
     Benchmark("bench_incremental", "incremental re-run of the data assets on FER2013 after +400 images",
               ".venv/bin/python benchmarks/bench_incremental.py --wait-idle 600",
               (Figure("full_seconds", "full materialization", "s"),
@@ -137,7 +137,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                Figure("dedup.1.dense_over_distinct_stage", "near-identical / distinct, N = 20,000", "", "<= 1.5"),
                Figure("dedup.1.dense_over_distinct_grouping", "grouping alone (pixels in memory), N = 20,000", ""),
                Figure("dedup.1.dense_outsiders.stage.seconds", "20,000 frames, 2 % outsiders", "s"),
-               Figure("dedup.1.dense_next_day.stage.seconds", "next day: 2,000 new frames vs 18,000 cached", "s"))),
+               Figure("dedup.1.dense_next_day.stage.seconds", "next day: 2,000 new frames vs 18,000 cached", "s")), readme=True),
     Benchmark("bench_cv_distributed", "10 cross-validation folds of the main model (3 epochs each): in one process "
               "vs the Dask executor with 2 single-thread workers", ".venv/bin/python benchmarks/bench_cv_distributed.py "
               "--folds 10 --epochs 3 --workers 2 --estimate-workers 4",
@@ -278,6 +278,8 @@ def benchmark_rows(spec: Benchmark, body: dict[str, Any] | None, torch_pin: str 
         return [row]
     figures = figures_of(body)
     wanted = spec.figures or tuple(Figure(p, p) for p in scalar_paths(figures)[:AUTO_ROWS])
+    if compact:  # the README: the figures with a target, else the first one
+        wanted = tuple(f for f in wanted if f.target) or wanted[:1]
     rows = []
     for i, fig in enumerate(wanted):
         try:

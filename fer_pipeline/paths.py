@@ -51,6 +51,8 @@ REPORT_FILES: dict[str, str] = {
     "loso_results": "loso_results",  # folder: one row per loso_fold partition (<source>-<hash>.json)
     # label_issues
     "label_issues": "label_issues",  # .parquet + .csv
+    "quality_flags": "quality_flags.parquet",
+    "flagged_faces": "flagged_faces.png",
     "label_issues_top": "label_issues_top.png",
     "relabels_suggested": "relabels_suggested.csv",
     # manifest (reviews applied)

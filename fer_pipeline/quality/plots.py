@@ -293,3 +293,21 @@ def plot_exclusions(excluded: pd.DataFrame, out: Path) -> Path:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(0, ordered["count"].max() * 1.15)
     return save_figure(out, fig)
+
+
+def plot_face_grid(faces: np.ndarray, captions: Sequence[str], out: Path, title: str, columns: int = 6) -> Path:
+    """Faces (N, H, W) uint8 in a grid, each with a short caption (a flag, a reason): the review
+    sample the UI shows."""
+    n = len(faces)
+    rows = max(1, math.ceil(n / columns))
+    fig = new_figure(1.9 * columns, 2.1 * rows + 0.5)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if k < n:
+            ax.imshow(faces[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_title(str(captions[k])[:60], fontsize=6, wrap=True)
+    if n == 0:
+        no_data_panel(axes[0, 0], "nothing flagged")
+    fig.suptitle(title)
+    return save_figure(out, fig)

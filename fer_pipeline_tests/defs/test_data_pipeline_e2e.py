@@ -15,7 +15,8 @@ from fer_pipeline.classes import CLASSES
 from fer_pipeline.demo.synthetic_faces import generate_demo_source
 from fer_pipeline.definitions import defs
 
-DATA_ASSETS = ["label_studio_reviews", "raw_sources", "faces", "deduplicated_faces", "manifest", "splits", "data_plots"]
+DATA_ASSETS = ["label_studio_reviews", "raw_sources", "faces", "deduplicated_faces", "manifest", "splits", "data_plots",
+               "data_quality_flags"]
 
 
 def run_data_job(root: Path, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance | None = None):
@@ -135,3 +136,40 @@ def test_bad_catalogue_fails_fast_naming_source_and_field(tmp_path: Path, monkey
         failure.step_failure_data.error.message
     assert "source 'broken', field 'path'" in message
     assert not (tmp_path / "manifest" / "manifest.parquet").exists()
+
+
+def test_quality_flags_name_the_planted_dark_and_blurred_faces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder source with a darkened and a blurred copy of two drawn faces beside the demo: the
+    data job's ``data_quality_flags`` flags exactly those files with their reasons (faces stay in
+    the manifest), and its warning check reports the planted source's share."""
+    from PIL import Image, ImageFilter
+
+    from fer_pipeline.paths import DataPaths
+    drawn = tmp_path / "drawn"
+    generate_demo_source(drawn, n_images=40, seed=5)
+    faces = sorted((drawn / "Angry").glob("*.png"))[:3]
+    planted = tmp_path / "data" / "raw" / "planted" / "Angry"
+    planted.mkdir(parents=True)
+    with Image.open(faces[0]) as im:
+        im.convert("L").point(lambda v: v * 0.1).save(planted / "dark.png")
+    with Image.open(faces[1]) as im:
+        im.convert("L").filter(ImageFilter.GaussianBlur(4)).save(planted / "blurred.png")
+    with Image.open(faces[2]) as im:
+        im.convert("L").save(planted / "plain.png")
+    root = tmp_path / "data"
+    (root / "sources.yaml").write_text(yaml.safe_dump({"sources": [
+        {"name": "demo", "kind": "synthetic", "path": "raw/demo", "n_images": 200, "seed": 3},
+        {"name": "planted", "kind": "image_folders", "path": "raw/planted", "label_map": {"Angry": "Angry"}}]}))
+    result = run_data_job(root, monkeypatch)
+    assert result.success
+    flags = pd.read_parquet(DataPaths(root).report("quality_flags"))
+    mine = flags[flags["source"] == "planted"]
+    assert set(mine["source_path"]) == {"Angry/dark.png", "Angry/blurred.png"}, mine
+    assert "dark" in set(mine.loc[mine["source_path"] == "Angry/dark.png", "flag"])  # (and low contrast)
+    assert "blurred" in set(mine.loc[mine["source_path"] == "Angry/blurred.png", "flag"])
+    assert mine["reason"].str.contains(": ").all()
+    manifest = pd.read_parquet(DataPaths(root).manifest)
+    assert {"Angry/dark.png", "Angry/blurred.png"} <= set(manifest["source_path"])  # flagged, still kept
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}["flag_shares"]
+    assert not check.passed and check.metadata["sources_over"].value == ["planted"]  # 2 of 3 flagged
+    assert check.severity == dg.AssetCheckSeverity.WARN

@@ -41,7 +41,8 @@ from fer_pipeline_tests.servers import (
 
 INSTALL_NOTE = REPO / "test-output" / "postgres-install.txt"
 
-DATA_ASSETS = ["label_studio_reviews", "raw_sources", "faces", "deduplicated_faces", "manifest", "splits", "data_plots"]
+DATA_ASSETS = ["label_studio_reviews", "raw_sources", "faces", "deduplicated_faces", "manifest", "splits", "data_plots",
+               "data_quality_flags"]
 SUPERUSER, SUPERUSER_PASSWORD = "postgres", "fer-pg-super"
 DB_NAME, DB_USER, DB_PASSWORD = "fer_dagster", "fer_dagster", "fer-dagster-secret"
 

@@ -72,6 +72,23 @@ def test_queue_ranks_suspects_first_then_scored_then_unscored_and_leaves_reviewe
     assert queue.loc[0, "image"] == "faces/x.npy#2"
 
 
+def test_quality_flagged_faces_come_right_after_the_label_suspects() -> None:
+    """id4 (unscored) and id1 (scored, high label quality) are flagged: both move up to just after
+    the suspect id2, worst flag first, with the flags' reasons; a flag on the suspect only adds its
+    reason; a flag on the reviewed id5 changes nothing."""
+    flags = pd.DataFrame({"image_id": ["id4", "id1", "id1", "id2", "id5"], "score": [0.8, 0.3, 0.6, 0.2, 0.9],
+                          "reason": ["dark: 90th percentile intensity 20 < 50", "blurred: x", "noisy: y",
+                                     "washed out: z", "dark: w"]})
+    queue = build_review_queue(_manifest(), _issues(), flags=flags)
+    assert queue["image_id"].tolist() == ["id2", "id4", "id1", "id0", "id3"]
+    assert queue.loc[1, "reasons"] == "dark: 90th percentile intensity 20 < 50" and queue.loc[1, "score"] == 0.8
+    assert queue.loc[2, "reasons"].endswith("; noisy: y; blurred: x")  # worst flag first
+    assert queue.loc[2, "score"] == pytest.approx(0.6)
+    assert queue.loc[0, "reasons"].startswith("cleanlab label suspect") and queue.loc[0, "reasons"].endswith(
+        "; washed out: z")
+    assert queue.loc[4, "reasons"] == UNSCORED_REASON
+
+
 def test_queue_without_any_model_lists_every_unreviewed_image() -> None:
     queue = build_review_queue(_manifest())
     assert len(queue) == 5 and (queue["reasons"] == UNSCORED_REASON).all() and queue["predicted"].isna().all()

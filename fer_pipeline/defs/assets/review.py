@@ -7,6 +7,11 @@
 * ``label_studio_reviews`` pulls every annotation of the review project into the versioned review
   table (``reviews/reviews.parquet``; each distinct version also under ``reviews/versions/``). It is
   in the data group, so every data run pulls first and the manifest applies the decisions.
+* ``data_quality_flags`` flags every published face that is blurred, noisy, dark, washed out, of
+  low information, near-constant or cropped from an extreme aspect ratio
+  (:mod:`fer_pipeline.quality.flags`; ``reports/quality_flags.parquet``), with a warning check of
+  the flagged share per source and a grid of the worst faces in its metadata. Flagged faces stay
+  in the manifest.
 * ``review_queue`` ranks what a person should look at first (``reviews/review_queue.parquet``).
 * ``label_studio_tasks`` pushes the queue's top N as tasks (never twice the same image).
 
@@ -20,10 +25,13 @@ import dagster as dg
 import pandas as pd
 
 from fer_pipeline.atomic import read_parquet_meta, write_parquet
-from fer_pipeline.defs.metadata import counts, md_table
+from fer_pipeline.defs.metadata import counts, frame_version, md_image, md_table
 from fer_pipeline.defs.resources import NO_LABEL_STUDIO, FerSettings, LabelStudio
 from fer_pipeline.defs.settings import fer_asset
+from fer_pipeline.faces.store import load_faces
 from fer_pipeline.publish import read_published
+from fer_pipeline.quality.flags import quality_flags
+from fer_pipeline.quality.plots import plot_face_grid
 from fer_pipeline.review.label_studio import (
     LabelStudioError,
     build_tasks,
@@ -35,6 +43,10 @@ from fer_pipeline.schema import REVIEW_COLUMNS, MetricsReport
 DATA_GROUP = "data"
 REVIEW_GROUP = "review"
 QUEUE_SHOWN = 20
+FLAGS_ASSET = "data_quality_flags"
+FLAG_MAX_SHARE = 0.05  # the warning check: a source with more of its faces flagged needs a look
+FLAG_COLUMNS = ["image_id", "source", "source_path", "label", "flag", "score", "reason"]
+GRID_FACES = 24
 
 
 def _read_reviews(path) -> pd.DataFrame | None:
@@ -92,7 +104,62 @@ def label_studio_reviews(context: dg.AssetExecutionContext, fer: FerSettings,
     }, data_version=dg.DataVersion(version))
 
 
-@fer_asset(group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey("label_issues"), dg.AssetKey("model_evaluation")],
+def flag_shares(flags: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
+    """Per source: faces, flagged faces, their share, and the count of each flag."""
+    out = faces.groupby("source").size().rename("faces").to_frame()
+    out["flagged"] = flags.groupby("source")["image_id"].nunique().reindex(out.index).fillna(0).astype(int)
+    out["share"] = (out["flagged"] / out["faces"].clip(lower=1)).round(4)
+    per_flag = flags.groupby(["source", "flag"]).size().unstack(fill_value=0)
+    return out.join(per_flag, how="left").fillna(0).reset_index()
+
+
+@fer_asset(name=FLAGS_ASSET, group_name=DATA_GROUP, deps=[dg.AssetKey("splits")],
+           description="Image-quality flags of every published face (blurred, noisy, dark, washed out, low "
+                       "information, near-constant, extreme aspect), each with a score and a reason "
+                       "(reports/quality_flags.parquet); flagged faces stay in the manifest and go up the review "
+                       "queue.",
+           check_specs=[dg.AssetCheckSpec("flag_shares", asset=FLAGS_ASSET, blocking=False,
+                                          description=f"Warning: per source, at most {FLAG_MAX_SHARE:.0%} of its "
+                                                      "faces flagged; the metadata gives every source's shares.")])
+def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
+    paths = fer.paths
+    published = read_published(paths)
+    faces = published.manifest.reset_index(drop=True)
+    pixels = load_faces(paths.root, faces["face_path"].tolist()) if len(faces) else None
+    found = (quality_flags(pixels, faces["width"].to_numpy(), faces["height"].to_numpy())
+             if pixels is not None else pd.DataFrame(columns=["row", "flag", "score", "reason"]))
+    flags = faces.iloc[found["row"].to_numpy(dtype=int)].reset_index(drop=True).assign(
+        flag=found["flag"].to_numpy(), score=found["score"].to_numpy(dtype=float), reason=found["reason"].to_numpy())
+    flags = flags.reindex(columns=FLAG_COLUMNS).sort_values(["score", "image_id"], ascending=[False, True],
+                                                            kind="mergesort").reset_index(drop=True)
+    write_parquet(paths.report("quality_flags"), flags, {"data_version": published.data_version})
+    shares = flag_shares(flags, faces) if len(faces) else pd.DataFrame(columns=["source", "faces", "flagged", "share"])
+    over = shares[shares["share"] > FLAG_MAX_SHARE]
+    top = flags.drop_duplicates("image_id").head(GRID_FACES)
+    by_id = faces.drop_duplicates("image_id").set_index("image_id")["face_path"]
+    grid = plot_face_grid(load_faces(paths.root, by_id.loc[top["image_id"]].tolist()) if len(top)
+                          else pd.DataFrame().to_numpy(), [f"{r.flag} {r.score:.2f} {r.source}" for r in top.itertuples()],
+                          paths.report("flagged_faces"), "Most suspect faces (highest flag score first)")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": len(flags),
+        "faces_checked": len(faces),
+        "faces_flagged": int(flags["image_id"].nunique()),
+        "by_flag": counts(flags["flag"]),
+        "flags_by_source": md_table(shares),
+        "top_suspects": md_table(flags[["image_id", "source", "source_path", "label", "flag", "score", "reason"]]
+                                 .round({"score": 3}), 15),
+        "flagged_faces": md_image(grid, "most suspect faces"),
+        "data_version": published.data_version,
+        "path": dg.MetadataValue.path(str(paths.report("quality_flags"))),
+    }, check_results=[dg.AssetCheckResult(
+        check_name="flag_shares", passed=over.empty, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"flag_max_share": FLAG_MAX_SHARE, "sources_over": over["source"].tolist(),
+                  "shares": md_table(shares)})],
+        data_version=frame_version(flags))
+
+
+@fer_asset(group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey("label_issues"), dg.AssetKey("model_evaluation"),
+                                          dg.AssetKey(FLAGS_ASSET)],
            description="What a person should review first, with the reasons: cleanlab's label suspects, then the rest "
                        "of the label-quality ranking, then the images nothing scored yet; the model's prediction and "
                        "probabilities beside each. Reviewed images are left out.")
@@ -106,7 +173,9 @@ def review_queue(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mate
     tests = pd.read_parquet(test_path) if test_path.is_file() else None
     oof_path = paths.report("cv_oof")
     oof = pd.read_parquet(oof_path) if oof_path.is_file() else None
-    queue = build_review_queue(published.manifest, issues, probability_table(tests, best, oof))
+    flags_path = paths.report("quality_flags")
+    flags = pd.read_parquet(flags_path) if flags_path.is_file() else None
+    queue = build_review_queue(published.manifest, issues, probability_table(tests, best, oof), flags=flags)
     write_parquet(paths.review_queue, queue, {"data_version": published.data_version})
     if issues is None:
         context.log.warning("no label-issue ranking yet (reports/label_issues.parquet): the queue lists the kept "
@@ -117,6 +186,7 @@ def review_queue(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mate
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(queue),
         "label_suspects": int(queue["reasons"].str.startswith("cleanlab label suspect").sum()),
+        "quality_flagged": int(queue["image_id"].isin(flags["image_id"]).sum()) if flags is not None else 0,
         "with_prediction": int(queue["predicted"].notna().sum()),
         "top": md_table(shown.round({"score": 3}), QUEUE_SHOWN),
         "data_version": published.data_version,
@@ -154,6 +224,8 @@ def label_studio_tasks(context: dg.AssetExecutionContext, fer: FerSettings,
     })
 
 
-REVIEW_ASSETS = [review_queue, label_studio_tasks]
-"""The review group (``label_studio_reviews`` joins the data assets: every data run pulls first)."""
-__all__ = ["REVIEW_ASSETS", "REVIEW_COLUMNS", "label_studio_reviews", "label_studio_tasks", "review_queue"]
+REVIEW_ASSETS = [data_quality_flags, review_queue, label_studio_tasks]
+"""The review loop's assets but ``label_studio_reviews``, which joins the data assets (every data run
+pulls first); ``data_quality_flags`` is in the data group too (the data job computes it)."""
+__all__ = ["REVIEW_ASSETS", "REVIEW_COLUMNS", "data_quality_flags", "label_studio_reviews", "label_studio_tasks",
+           "review_queue"]

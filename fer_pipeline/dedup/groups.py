@@ -292,9 +292,9 @@ def near_pairs(hashes: np.ndarray, max_distance: int, mirrored: np.ndarray | Non
     return i[order], j[order]
 
 
-def pixel_correlation(faces: np.ndarray, i: np.ndarray, j: np.ndarray, mirrored: bool = False,
-                      chunk: int = 512, best_of_mirror: bool = False, enough: float | None = None) -> np.ndarray:
-    """Pearson correlation of faces[i] and faces[j] (or j's mirror image), pair by pair, in chunks.
+def pixel_correlation(faces: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 512,
+                      best_of_mirror: bool = False, enough: float | None = None) -> np.ndarray:
+    """Pearson correlation of faces[i] and faces[j], pair by pair, in chunks.
 
     Each face of a chunk is normalised once (zero mean, unit norm), however many pairs it is in
     (a chain through near-identical frames meets each frame twice). With ``best_of_mirror`` the
@@ -309,8 +309,7 @@ def pixel_correlation(faces: np.ndarray, i: np.ndarray, j: np.ndarray, mirrored:
         x = _normalised(faces[involved])
         a, b = inv[:len(ci)], inv[len(ci):]
         flat = x.reshape(len(x), -1)
-        corr = (np.einsum("ij,ij->i", flat[a], x[b][:, :, ::-1].reshape(len(b), -1)) if mirrored
-                else np.einsum("ij,ij->i", flat[a], flat[b]))
+        corr = np.einsum("ij,ij->i", flat[a], flat[b])
         if best_of_mirror:
             low = np.flatnonzero(corr < enough) if enough is not None else np.arange(len(corr))
             if len(low):

@@ -22,6 +22,7 @@ a failed step naming the URL, never an empty review table.
 """
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from fer_pipeline.atomic import read_parquet_meta, write_parquet
@@ -45,7 +46,7 @@ REVIEW_GROUP = "review"
 QUEUE_SHOWN = 20
 FLAGS_ASSET = "data_quality_flags"
 FLAG_MAX_SHARE = 0.05  # the warning check: a source with more of its faces flagged needs a look
-FLAG_COLUMNS = ["image_id", "source", "source_path", "label", "flag", "score", "reason"]
+FLAG_TABLE_COLUMNS = ["image_id", "source", "source_path", "label", "flag", "score", "reason"]
 GRID_FACES = 24
 
 
@@ -128,17 +129,18 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
     pixels = load_faces(paths.root, faces["face_path"].tolist()) if len(faces) else None
     found = (quality_flags(pixels, faces["width"].to_numpy(), faces["height"].to_numpy())
              if pixels is not None else pd.DataFrame(columns=["row", "flag", "score", "reason"]))
-    flags = faces.iloc[found["row"].to_numpy(dtype=int)].reset_index(drop=True).assign(
-        flag=found["flag"].to_numpy(), score=found["score"].to_numpy(dtype=float), reason=found["reason"].to_numpy())
-    flags = flags.reindex(columns=FLAG_COLUMNS).sort_values(["score", "image_id"], ascending=[False, True],
-                                                            kind="mergesort").reset_index(drop=True)
+    rows = found["row"].to_numpy(dtype=int)
+    flags = faces.iloc[rows].reset_index(drop=True).assign(
+        flag=found["flag"].to_numpy(), score=found["score"].to_numpy(dtype=float), reason=found["reason"].to_numpy(),
+        row=rows)  # the face's row in ``pixels``: the grid below reuses the loaded faces
+    flags = flags.sort_values(["score", "image_id"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
+    top = flags.drop_duplicates("image_id").head(GRID_FACES)
+    flags = flags.reindex(columns=FLAG_TABLE_COLUMNS)
     write_parquet(paths.report("quality_flags"), flags, {"data_version": published.data_version})
     shares = flag_shares(flags, faces) if len(faces) else pd.DataFrame(columns=["source", "faces", "flagged", "share"])
     over = shares[shares["share"] > FLAG_MAX_SHARE]
-    top = flags.drop_duplicates("image_id").head(GRID_FACES)
-    by_id = faces.drop_duplicates("image_id").set_index("image_id")["face_path"]
-    grid = plot_face_grid(load_faces(paths.root, by_id.loc[top["image_id"]].tolist()) if len(top)
-                          else pd.DataFrame().to_numpy(), [f"{r.flag} {r.score:.2f} {r.source}" for r in top.itertuples()],
+    grid = plot_face_grid(pixels[top["row"].to_numpy()] if len(top) else np.zeros((0, 1, 1), np.uint8),
+                          [f"{r.flag} {r.score:.2f} {r.source}" for r in top.itertuples()],
                           paths.report("flagged_faces"), "Most suspect faces (highest flag score first)")
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(flags),

@@ -181,8 +181,31 @@ def stored_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return folds
 
 
+_MEMO: dict[tuple, object] = {}
+
+
+def _memo(key: tuple, make):
+    """Seed 0's backbone and single model of the chosen recipe are the very ones the recipe
+    choice trained (same data, recipe, seed and config): train them once."""
+    if key not in _MEMO:
+        _MEMO[key] = make()
+    return _MEMO[key]
+
+
 def pretrain(px: np.ndarray, py: np.ndarray, max_images: int, epochs: int, seed: int, config: TrainConfig) -> dict:
     """A backbone of the main architecture pretrained on a seeded stratified sample of the pool."""
+    return _memo(("backbone", max_images, epochs, seed), lambda: _pretrain(px, py, max_images, epochs, seed, config))
+
+
+def fine_tune(images, labels, split, state: dict, recipe: tuple[int, int], seed: int, config: TrainConfig):
+    """The main model fine-tuned on train from ``recipe``'s backbone of ``seed`` (early stopping on validation)."""
+    tr, va = split["train"], split["validation"]
+    return _memo(("single", *recipe, seed), lambda: train_model(
+        images[tr], labels[tr], images[va], labels[va], ARCHITECTURES[MAIN_MODEL], replace(config, seed=seed),
+        init_state=state))
+
+
+def _pretrain(px: np.ndarray, py: np.ndarray, max_images: int, epochs: int, seed: int, config: TrainConfig) -> dict:
     from fer_pipeline.ml.pretrain import backbone_features, cap_pool, pretrain_backbone
 
     keep = cap_pool(py, max_images, seed=seed)
@@ -208,13 +231,12 @@ def _probs(result, images: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def choose_recipe(images, labels, split, px, py, recipes, config: TrainConfig) -> tuple[tuple[int, int], list[dict]]:
     """The pretraining recipe (pool images, epochs) with the best validation macro-F1 of the
     fine-tuned main model (seed 0). Reads train and validation only."""
-    tr, va = split["train"], split["validation"]
+    va = split["validation"]
     rows = []
     for max_images, epochs in recipes:
         print(f"recipe {max_images} pool images x {epochs} epochs:", flush=True)
         state = pretrain(px, py, max_images, epochs, 0, config)
-        result = train_model(images[tr], labels[tr], images[va], labels[va], ARCHITECTURES[MAIN_MODEL],
-                             replace(config, seed=0), init_state=state)
+        result = fine_tune(images, labels, split, state, (max_images, epochs), 0, config)
         val = _scores(labels[va], _probs(result, images[va]))
         rows.append({"pool_images": max_images, "pretrain_epochs": epochs, "val_macro_f1": val["macro_f1"],
                      "val_accuracy": val["accuracy"]})
@@ -236,7 +258,7 @@ def run_seed(images, labels, split, px, py, recipe: tuple[int, int], seed: int, 
     t0 = time.perf_counter()
     scratch = train_model(images[tr], labels[tr], images[va], labels[va], arch, cfg)
     state = pretrain(px, py, recipe[0], recipe[1], seed, config)
-    single = train_model(images[tr], labels[tr], images[va], labels[va], arch, cfg, init_state=state)
+    single = fine_tune(images, labels, split, state, recipe, seed, config)
     single_val = _scores(labels[va], _probs(single, images[va]))
 
     def arrays(rows: np.ndarray, tag: str) -> SplitArrays:

@@ -61,13 +61,14 @@ EXCLUDED_COLUMNS: tuple[str, ...] = ("source", "source_path", "stage", "reason",
 file with several detected faces, one row per face not kept (``face_index``; 0 otherwise)."""
 
 EXCLUDED_STAGES: tuple[str, ...] = ("inventory", "label_mapping", "faces", "deduplication", "pool",
-                                   "leakage_guard", "review")
+                                   "leakage_guard", "review", "quality")
 """``stage`` of an excluded row: where the pipeline set the file (or face) aside. ``pool``: an exact
 duplicate (same processed pixels) of another pretraining-pool image; ``leakage_guard``: a pool image
 that duplicates a validation or test image (``duplicate_of`` names it); ``review``: a person reviewing the
-image (Label Studio) decided "not a face" or "exclude"."""
+image (Label Studio) decided "not a face" or "exclude"; ``quality``: an image-quality flag the
+settings exclude (``fer.exclude_flags``; the reason is the flag's)."""
 (STAGE_INVENTORY, STAGE_LABEL_MAPPING, STAGE_FACES, STAGE_DEDUP, STAGE_POOL, STAGE_LEAKAGE_GUARD,
- STAGE_REVIEW) = EXCLUDED_STAGES
+ STAGE_REVIEW, STAGE_QUALITY) = EXCLUDED_STAGES
 
 SPLIT_COLUMNS: tuple[str, ...] = ("image_id", "split", "fold")
 """``splits.parquet``."""

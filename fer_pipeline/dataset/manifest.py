@@ -12,6 +12,7 @@ decoded like the others but never meet the four classes' de-duplication or label
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from fer_pipeline.schema import (
     STAGE_FACES,
     STAGE_INVENTORY,
     STAGE_LABEL_MAPPING,
+    STAGE_QUALITY,
     STAGE_REVIEW,
 )
 
@@ -331,3 +333,33 @@ def apply_reviews(manifest: pd.DataFrame, excluded: pd.DataFrame, reviews: pd.Da
         out[col] = out[col].astype("string")
     report = pd.DataFrame(report_rows, columns=REVIEW_OUTCOME_COLUMNS)
     return out.reset_index(drop=True), excluded, report
+
+
+def exclude_flagged(manifest: pd.DataFrame, excluded: pd.DataFrame, flags: pd.DataFrame,
+                    exclude: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Move kept faces that carry a flag named in ``exclude`` to the excluded table.
+
+    ``flags``: rows of ``image_id``, ``flag``, ``reason`` (:func:`fer_pipeline.quality.flags.quality_flags`
+    keyed by image). The excluded row's stage is ``quality`` and its reason lists the flags' own
+    reasons. A face a reviewer has already decided on (``review_source`` set) stays: a person's
+    decision outranks a threshold. Returns (manifest, excluded, the moved rows).
+    """
+    if not len(exclude) or not len(flags) or not len(manifest):
+        return manifest, excluded, manifest.iloc[:0]
+    hit = flags[flags["flag"].isin(list(exclude))].sort_values(["image_id", "flag"], kind="mergesort")
+    reasons = hit.groupby("image_id", sort=False)["reason"].agg("; ".join)
+    reviewed = (manifest["review_source"].notna() if "review_source" in manifest.columns
+                else pd.Series(False, index=manifest.index))
+    moving = manifest["image_id"].isin(reasons.index) & ~reviewed
+    moved = manifest[moving]
+    if not len(moved):
+        return manifest, excluded, moved
+    rows = pd.DataFrame({
+        "source": moved["source"].to_numpy(), "source_path": moved["source_path"].to_numpy(),
+        "stage": STAGE_QUALITY, "reason": ("quality flag: " + moved["image_id"].map(reasons)).to_numpy(),
+        "raw_label": moved["original_label"].to_numpy(), "label": moved["label"].to_numpy(),
+        "duplicate_of": None, "face_index": moved["face_index"].astype("int64").to_numpy()})
+    out = pd.concat([excluded, rows.reindex(columns=list(EXCLUDED_COLUMNS))], ignore_index=True)
+    out = out.sort_values(ITEM, kind="mergesort").reset_index(drop=True)
+    out["face_index"] = out["face_index"].astype("int64")
+    return manifest[~moving].reset_index(drop=True), out, moved.reset_index(drop=True)

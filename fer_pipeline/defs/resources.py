@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from fer_pipeline.analysis.bias import ATTRIBUTES
 from fer_pipeline.faces.preprocess import PreprocessSettings
@@ -22,6 +22,7 @@ from fer_pipeline.ml.pretrain import PretrainConfig
 from fer_pipeline.ml.train import TrainConfig
 from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
 from fer_pipeline.publish import KEEP_REJECTED
+from fer_pipeline.quality.flags import QUALITY_FLAGS, unknown_flags
 from fer_pipeline.review.label_studio import ReviewClient
 from fer_pipeline.sources.catalog import Catalog, CatalogError, load_catalog
 from fer_pipeline.storage import ObjectStore
@@ -62,6 +63,19 @@ class FerSettings(dg.ConfigurableResource):
     framing_max_share: float = Field(default=0.3, description="Warning check face_framing: a 'faces: detect' "
                                      "source warns when more than this share of its images has no face, several "
                                      "faces, or a face filling the frame (it is probably crops, or photos of groups)")
+    exclude_flags: list[str] = Field(default=[], description="Image-quality flags whose faces the manifest "
+                                     "excludes (stage 'quality', the flag's reason), e.g. [blurred, dark]; "
+                                     f"empty = flagged faces stay and go up the review queue. One of: "
+                                     f"{', '.join(QUALITY_FLAGS)}")
+
+    @field_validator("exclude_flags")
+    @classmethod
+    def _known_flags(cls, value: list[str]) -> list[str]:
+        bad = unknown_flags(value)
+        if bad:
+            raise ValueError(f"unknown quality flag(s) {', '.join(map(repr, bad[:5]))}; "
+                             f"known: {', '.join(QUALITY_FLAGS)}")
+        return list(dict.fromkeys(value))
 
     _store: ObjectStore | None = PrivateAttr(default=None)
     _sources_pulled: bool = PrivateAttr(default=False)

@@ -2,7 +2,9 @@
 
 Flags are for a person to look at: the ``data_quality_flags`` asset computes them on the published
 manifest's faces and the review queue (:mod:`fer_pipeline.review.queue`) ranks flagged faces right
-after cleanlab's label suspects. A flagged face stays in the manifest.
+after cleanlab's label suspects. A flagged face stays in the manifest unless the settings name its
+flag in ``fer.exclude_flags``: then the manifest stage moves it to the excluded table
+(:func:`flag_stored_faces` here, :func:`fer_pipeline.dataset.manifest.exclude_flagged` there).
 
 :func:`quality_flags`, vectorised over the processed 48x48 grayscale faces, makes the checks
 cleanvision makes (blurry, dark, light, low information, odd aspect ratio) on the face store's
@@ -26,7 +28,9 @@ Plain Python (numpy, pandas).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -105,3 +109,31 @@ def quality_flags(faces: np.ndarray, width: np.ndarray, height: np.ndarray,
         for k in np.flatnonzero(hit):
             rows.append((int(k), flag, float(np.clip(score[k], 1e-3, 1.0)), reason(k)))
     return pd.DataFrame(rows, columns=FLAG_COLUMNS).sort_values(["row", "flag"]).reset_index(drop=True)
+
+
+STORED_FLAG_COLUMNS = ["image_id", "flag", "score", "reason"]
+FLAG_CHUNK = 4096  # faces read and flagged at once: 4096 x 48 x 48 x 8 bytes = 75 MB of float64 at most
+
+
+def flag_stored_faces(root: str | Path, faces: pd.DataFrame, thresholds: FlagThresholds = FlagThresholds(),
+                      chunk: int = FLAG_CHUNK) -> pd.DataFrame:
+    """:func:`quality_flags` of stored faces (``image_id``, ``face_path``, ``width``, ``height``
+    columns), read from the face store ``chunk`` faces at a time so memory does not grow with the
+    dataset. Rows: ``STORED_FLAG_COLUMNS``, in ``faces`` order."""
+    from fer_pipeline.faces.store import load_faces
+
+    parts = []
+    for start in range(0, len(faces), chunk):
+        part = faces.iloc[start:start + chunk]
+        found = quality_flags(load_faces(root, part["face_path"].tolist()), part["width"].to_numpy(),
+                              part["height"].to_numpy(), thresholds)
+        if len(found):
+            parts.append(found.assign(image_id=part["image_id"].to_numpy()[found["row"].to_numpy(dtype=int)]))
+    if not parts:
+        return pd.DataFrame(columns=STORED_FLAG_COLUMNS)
+    return pd.concat(parts, ignore_index=True)[STORED_FLAG_COLUMNS]
+
+
+def unknown_flags(names: Sequence[str]) -> list[str]:
+    """The names in ``names`` that are not quality flags (settings validation)."""
+    return [n for n in names if n not in QUALITY_FLAGS]

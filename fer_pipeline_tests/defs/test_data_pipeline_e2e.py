@@ -19,10 +19,12 @@ DATA_ASSETS = ["label_studio_reviews", "raw_sources", "faces", "deduplicated_fac
                "data_quality_flags"]
 
 
-def run_data_job(root: Path, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance | None = None):
+def run_data_job(root: Path, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance | None = None,
+                 run_config: dict | None = None):
     monkeypatch.setenv("FER_DATA_DIR", str(root))
     job = defs.resolve_job_def("data_pipeline")
-    return job.execute_in_process(instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    return job.execute_in_process(instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False,
+                                  run_config=run_config)
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +175,18 @@ def test_quality_flags_name_the_planted_dark_and_blurred_faces(tmp_path: Path, m
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}["flag_shares"]
     assert not check.passed and check.metadata["sources_over"].value == ["planted"]  # 2 of 3 flagged
     assert check.severity == dg.AssetCheckSeverity.WARN
+
+    # fer.exclude_flags (here a launchpad override of one run): the dark face moves to the excluded
+    # table with its flag's reason; the blurred one (flag not named) stays; every file still accounted
+    again = run_data_job(root, monkeypatch, run_config={"resources": {"fer": {"config": {"exclude_flags": ["dark"]}}}})
+    assert again.success
+    manifest = pd.read_parquet(DataPaths(root).manifest)
+    excluded = pd.read_parquet(DataPaths(root).excluded)
+    assert "Angry/dark.png" not in set(manifest["source_path"])
+    assert "Angry/blurred.png" in set(manifest["source_path"])
+    row = excluded[excluded["source_path"] == "Angry/dark.png"].iloc[0]
+    assert row["stage"] == "quality" and row["reason"].startswith("quality flag: dark: 90th percentile"), row
+    evaluations = {e.check_name: e for e in again.get_asset_check_evaluations()}
+    assert evaluations["manifest_accounting"].passed
+    meta = next(e for e in again.get_asset_materialization_events() if e.asset_key.path[-1] == "manifest")
+    assert meta.materialization.metadata["excluded_by_quality_flags"].value >= 1

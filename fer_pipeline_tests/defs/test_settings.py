@@ -106,6 +106,7 @@ def test_special_files_are_refused_unread(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("sections", "message"), [
     ({"training": {"epoch": 3}}, r"training\.epoch: unknown setting"),
     ({"fer": {"image_size": "big"}}, r"fer\.image_size: .*integer.*got 'big'"),
+    ({"fer": {"exclude_flags": ["blurred", "darkk"]}}, r"fer\.exclude_flags: .*unknown quality flag.*'darkk'"),
     ({"analysis": {"min_group_size": "x" * 500}}, r"analysis\.min_group_size: .*\.\.\.\)$"),
 ])
 def test_bad_values_fail_when_the_code_location_loads(tmp_path: Path, sections: dict, message: str) -> None:

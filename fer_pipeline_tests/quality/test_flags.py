@@ -57,3 +57,29 @@ def test_each_corruption_gets_its_flag_and_real_faces_mostly_none(real_faces: np
     assert "extreme_aspect" in set(flags.loc[flags["row"] == 0, "flag"])
     real_flagged = flags[(flags["row"] < n) & (flags["flag"] != "extreme_aspect")]["row"].nunique()
     assert real_flagged / n <= 0.03
+
+
+def test_exclude_flagged_moves_named_flags_keeps_reviewed_and_accounts() -> None:
+    """Only faces with a flag the setting names move (reasons joined, stage ``quality``); a face a
+    reviewer decided on stays; each moved face is one excluded row, none lost or doubled."""
+    import pandas as pd
+
+    from fer_pipeline.dataset.manifest import exclude_flagged
+    from fer_pipeline.schema import EXCLUDED_COLUMNS
+
+    kept = pd.DataFrame({"image_id": ["a", "b", "c", "d"], "source": "s", "source_path": ["a", "b", "c", "d"],
+                         "face_index": 0, "label": "Angry", "original_label": "anger",
+                         "review_source": [None, None, "label-studio task 7", None]})
+    excluded = pd.DataFrame([{"source": "s", "source_path": "z", "stage": "faces", "reason": "rejected: x",
+                              "raw_label": "anger", "label": None, "duplicate_of": None, "face_index": 0}])
+    flags = pd.DataFrame({"image_id": ["a", "a", "b", "c", "d"], "flag": ["dark", "blurred", "noisy", "dark", "dark"],
+                          "score": 0.5, "reason": ["dark: p90 20", "blurred: r", "noisy: r", "dark: p90 9", "dark: 3"]})
+    out, excl, moved = exclude_flagged(kept, excluded, flags, ["dark", "blurred"])
+    assert list(out["image_id"]) == ["b", "c"]  # b: only an unnamed flag; c: reviewed
+    assert sorted(moved["image_id"]) == ["a", "d"]
+    rows = excl.set_index("source_path")
+    assert rows.loc["a", "stage"] == "quality" and rows.loc["a", "reason"] == "quality flag: blurred: r; dark: p90 20"
+    assert rows.loc["a", "raw_label"] == "anger" and rows.loc["a", "label"] == "Angry"
+    assert len(excl) == 3 and list(excl.columns) == list(EXCLUDED_COLUMNS)
+    same, same_excl, none = exclude_flagged(kept, excluded, flags, [])
+    assert same is kept and same_excl is excluded and none.empty

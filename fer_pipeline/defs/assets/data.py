@@ -20,6 +20,7 @@ from fer_pipeline.dataset.manifest import (
     apply_reviews,
     build_manifest,
     check_accounting,
+    exclude_flagged,
     read_relabels,
 )
 from fer_pipeline.dataset.splits import assign_splits, split_summary
@@ -50,6 +51,7 @@ from fer_pipeline.publish import (
     record_audit,
 )
 from fer_pipeline.quality import plots
+from fer_pipeline.quality.flags import flag_stored_faces
 from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES, SPLIT_COLUMNS
 
 
@@ -94,6 +96,11 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         context.log.warning(f"{n} review(s) {outcome} (see {paths.report('review_outcomes')})")
     # user corrections (e.g. from the label_issues report); recorded in column relabelled_from (applied last: wins)
     kept, relabels = apply_relabels(kept, read_relabels(paths.relabels))
+    # image-quality flags the settings exclude (fer.exclude_flags; none by default: flags go to review)
+    quality_moved = kept.iloc[:0]
+    if fer.exclude_flags:
+        kept, excluded, quality_moved = exclude_flagged(kept, excluded, flag_stored_faces(paths.root, kept),
+                                                        fer.exclude_flags)
     items = accounting_items(inv, faces_table)  # each file, and each further face of a `keep: all` photo
     accounting = check_accounting(items, kept, excluded, pool)
     version = manifest_version(kept, excluded, pool)
@@ -127,6 +134,8 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         "reviewed_images": int(kept["review_source"].notna().sum()) + int((excluded["stage"] == "review").sum()),
         "reviews_by_outcome": counts(review_report["outcome"]),
         "reviews_not_applied": md_table(stale, 30),
+        "exclude_flags": ", ".join(fer.exclude_flags) or "none (flagged faces stay; see data_quality_flags)",
+        "excluded_by_quality_flags": len(quality_moved),
         "relabels": md_table(relabels, 50),
         "manifest_version": version,
         "candidate": dg.MetadataValue.path(str(candidate.dir)),

@@ -164,6 +164,13 @@ def test_round_trip_through_label_studio(label_studio, tmp_path: Path) -> None:
     assert len(queue) == len(before) and queue["rank"].tolist() == list(range(1, len(queue) + 1))
     assert queue["reasons"].head(5).str.startswith("cleanlab label suspect").all()
     assert queue["predicted"].notna().sum() == len(oof)
+    # in the UI: the queue's first faces as a grid (24 faces: 4 rows of 6), the Label Studio server and project
+    shown = asset_metadata(pushed, "review_queue")
+    assert shown["label_studio"] == url and shown["label_studio_project"] == PROJECT
+    grid = paths.report("review_queue_top")
+    assert base64.b64encode(grid.read_bytes()).decode() in shown["top_faces"]
+    with Image.open(grid) as im:
+        assert 0.7 < im.height / im.width < 0.85, im.size  # (2.1 x 4 + 0.5) / (1.9 x 6): four full rows
 
     sdk = SDK(base_url=url, api_key=token)
     project = next(p for p in sdk.projects.list() if p.title == PROJECT)

@@ -160,12 +160,19 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         data_version=frame_version(flags))
 
 
+def _caption(row: object) -> str:
+    """Grid caption of a queue row: rank, label (-> prediction) and the first reason."""
+    pred = getattr(row, "predicted", None)
+    arrow = f" -> {pred}" if isinstance(pred, str) and pred and pred != row.label else ""
+    return f"#{row.rank} {row.label}{arrow}: {str(row.reasons).split(';')[0]}"
+
+
 @fer_asset(group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey("label_issues"), dg.AssetKey("model_evaluation"),
                                           dg.AssetKey(FLAGS_ASSET)],
            description="What a person should review first, with the reasons: cleanlab's label suspects, then the rest "
                        "of the label-quality ranking, then the images nothing scored yet; the model's prediction and "
                        "probabilities beside each. Reviewed images are left out.")
-def review_queue(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
+def review_queue(context: dg.AssetExecutionContext, fer: FerSettings, label_studio: LabelStudio) -> dg.MaterializeResult:
     paths = fer.paths
     published = read_published(paths)
     issues_path = paths.report("label_issues").with_suffix(".parquet")
@@ -185,12 +192,21 @@ def review_queue(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mate
     version = review_table_version(queue)
     shown = queue.head(QUEUE_SHOWN)[["rank", "image_id", "source", "source_path", "label", "predicted", "score",
                                      "reasons"]]
+    first = queue.head(GRID_FACES)
+    face_path = published.manifest.set_index("image_id")["face_path"]
+    grid = plot_face_grid(load_faces(paths.root, first["image_id"].map(face_path).tolist()) if len(first)
+                          else np.zeros((0, 1, 1), np.uint8), [_caption(r) for r in first.itertuples()],
+                          paths.report("review_queue_top"), "Review first (queue order, with the reasons)")
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(queue),
         "label_suspects": int(queue["reasons"].str.startswith("cleanlab label suspect").sum()),
         "quality_flagged": int(queue["image_id"].isin(flags["image_id"]).sum()) if flags is not None else 0,
         "with_prediction": int(queue["predicted"].notna().sum()),
         "top": md_table(shown.round({"score": 3}), QUEUE_SHOWN),
+        "top_faces": md_image(grid, "the queue's first faces"),
+        # the server is not contacted here (the queue does not need it): label_studio_tasks links the project itself
+        "label_studio": (dg.MetadataValue.url(label_studio.base_url) if label_studio.enabled else NO_LABEL_STUDIO),
+        "label_studio_project": label_studio.project_title,
         "data_version": published.data_version,
         "path": dg.MetadataValue.path(str(paths.review_queue)),
     }, data_version=dg.DataVersion(version))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fer_pipeline.config_yaml import short_repr
 from fer_pipeline.ml.checkpoint import LoadedModel, load_checkpoint
 from fer_pipeline.paths import DataPaths
 from fer_pipeline.schema import (  # the file's format: with the other published formats (readable without torch)
@@ -121,11 +122,17 @@ def load_shipped(where: DataPaths | str | os.PathLike[str], device: str = "cpu")
 
 def load_members(members: Sequence[ShippedMember], paths: DataPaths, data_version: str = "",
                  origin: str = "shipped model", device: str = "cpu") -> list[LoadedModel]:
-    """Each member's checkpoint, checked against its record (exists, trained on ``data_version``
-    when given, records the same temperature)."""
+    """Each member's checkpoint, checked against its record (under the data root, exists, trained
+    on ``data_version`` when given, records the same temperature). ``shipped_model`` writes its
+    members under the data root; a file that names one elsewhere (``../``, an absolute path, a link
+    out) was not written by it and is refused before anything is read."""
     loaded_members = []
+    root = paths.root.resolve()
     for m in members:
         ckpt = paths.resolve(m.checkpoint)
+        if not ckpt.resolve().is_relative_to(root):
+            raise ValueError(f"{origin}: member {m.name!r} names a checkpoint outside the data root {root}: "
+                             f"{short_repr(m.checkpoint, 120)}")
         if not ckpt.is_file():
             raise ValueError(f"{origin}: member {m.name!r} has no checkpoint at {ckpt}: re-materialize shipped_model")
         loaded = load_checkpoint(ckpt, device)

@@ -25,6 +25,7 @@ from fer_pipeline.ml.architectures import build_model
 from fer_pipeline.ml.checkpoint import save_checkpoint
 from fer_pipeline.ml.data import Normalization, SplitArrays
 from fer_pipeline.ml.evaluate import compare_checkpoints, write_comparison
+from fer_pipeline.ml.shipped import load_shipped
 from fer_pipeline.ml.train import TrainResult
 from fer_pipeline.paths import DataPaths
 from fer_pipeline.schema import SELECTED_BY_VALIDATION, MetricsReport
@@ -112,3 +113,14 @@ def test_shipped_model_and_predict_default_follow_the_validation_winner(disagree
     assert origin == str(paths.shipped_json)
     faces = np.random.default_rng(1).integers(0, 255, (3, *SIZE), dtype=np.uint8)
     assert (chosen.predict_proba(faces).argmax(1) == 0).all()  # says_neutral's answer
+
+    # a shipped.json that names a checkpoint outside its data root is refused before anything is read
+    outside = paths.root.parent / "elsewhere.safetensors"
+    outside.write_bytes(paths.checkpoint("says_neutral").read_bytes())  # a loadable model: only the place is wrong
+    (paths.models_dir / "link.safetensors").symlink_to(outside)
+    for named in ("../elsewhere.safetensors", str(outside), "models/link.safetensors"):
+        data = spec.to_json()
+        data["members"][0]["checkpoint"] = named
+        paths.shipped_json.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="outside the data root"):
+            load_shipped(paths)

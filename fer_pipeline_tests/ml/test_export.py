@@ -142,6 +142,34 @@ def test_a_foreign_onnx_file_is_refused(exported: dict[str, Path], tmp_path: Pat
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         load_onnx(tmp_path / "junk.onnx")
+    whole = exported["a"].read_bytes()
+    (tmp_path / "truncated.onnx").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        load_onnx(tmp_path / "truncated.onnx")
+
+
+def test_an_export_reading_weights_from_outside_its_folder_is_refused(exported: dict[str, Path], tmp_path: Path) -> None:
+    """A hostile file whose weights point at external data beyond its folder (``../``, or a link
+    in the folder to a file elsewhere) must not read that file."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(4096, dtype=np.float32).tobytes())
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "link.bin").symlink_to(secret)
+    for location in ("../secret.bin", "link.bin"):
+        proto = onnx.load(str(exported["a"]))
+        weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        size = len(weight.raw_data)
+        weight.ClearField("raw_data")
+        weight.data_location = onnx.TensorProto.EXTERNAL
+        del weight.external_data[:]
+        for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+            entry = weight.external_data.add()
+            entry.key, entry.value = key, value
+        hostile = folder / "hostile.onnx"
+        hostile.write_bytes(proto.SerializeToString())
+        with pytest.raises(ValueError, match="not a loadable ONNX model.*escapes model directory"):
+            load_onnx(hostile)
 
 
 def _data_root(tmp_path: Path, ckpt: Path) -> Path:

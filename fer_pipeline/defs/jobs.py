@@ -38,6 +38,7 @@ from fer_pipeline.sources.catalog import MAX_CATALOG_BYTES, Catalog, CatalogErro
 
 CV_FOLDS_ENV = "FER_CV_FOLDS"
 SOURCE_OBSERVATION = "source_files"
+REVIEWS_OBSERVATION = "label_studio_annotations"  # the review project's annotations (observable source asset)
 CATALOG_FILE = "sources.yaml"
 
 # Asset names of the training work (the assets live in defs/assets/evaluation.py).
@@ -119,8 +120,8 @@ def held_out_partitions(keys: Sequence[str]) -> dg.StaticPartitionsDefinition:
 _TRAINING_WORK = dg.AssetSelection.assets(CV_FOLD, LOSO_FOLD)
 
 data_pipeline_job = dg.define_asset_job(
-    DATA_JOB, selection=dg.AssetSelection.assets(SOURCE_OBSERVATION) | dg.AssetSelection.groups("data"),
-    description="Observe the source files, then every data asset: sources → faces → de-duplicated → manifest → "
+    DATA_JOB, selection=dg.AssetSelection.assets(SOURCE_OBSERVATION, REVIEWS_OBSERVATION) | dg.AssetSelection.groups("data"),
+    description="Observe the source files and the review project, then every data asset: sources → faces → de-duplicated → manifest → "
                 "splits → plots.")
 
 main_job = dg.define_asset_job(

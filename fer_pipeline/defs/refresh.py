@@ -1,6 +1,6 @@
 """Bring the whole graph up to date by Dagster's own definition of "out of date": observe the
-sources, then run what Dagster reports *missing* or *unsynced* (code or data versions changed),
-job by job in the order the partitions need: ``main``, one run per ``cv_folds``/``loso_folds``
+sources and the Label Studio review project, then run what Dagster reports *missing* or
+*unsynced* (code or data versions changed), job by job in the order the partitions need: ``main``, one run per ``cv_folds``/``loso_folds``
 partition, ``training_reports``. ``make demo`` runs::
 
     python -m fer_pipeline.defs.refresh --settings configs/demo.yaml
@@ -37,7 +37,15 @@ from dagster._core.remote_origin import (
 )
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
-from fer_pipeline.defs.jobs import CV_FOLDS_JOB, DATA_JOB, LOSO_FOLDS_JOB, MAIN_JOB, REPORTS_JOB, SOURCE_OBSERVATION
+from fer_pipeline.defs.jobs import (
+    CV_FOLDS_JOB,
+    DATA_JOB,
+    LOSO_FOLDS_JOB,
+    MAIN_JOB,
+    REPORTS_JOB,
+    REVIEWS_OBSERVATION,
+    SOURCE_OBSERVATION,
+)
 from fer_pipeline.paths import REPO_ROOT
 from fer_pipeline.settings import install_settings, settings_path
 
@@ -148,7 +156,8 @@ MAX_SWEEPS = 4
 def refresh(run_config: dict[str, Any] | None = None, concurrency: int = 1) -> list[Outcome]:
     """Observe the sources, then each job's missing or unsynced assets; stops after a failed ``main``."""
     run_config = run_config or {}
-    outcomes = [execute(DATA_JOB, [dg.AssetKey(SOURCE_OBSERVATION)], None, {})]
+    # the sources and the review project: what changed there marks the data half unsynced
+    outcomes = [execute(DATA_JOB, [dg.AssetKey(SOURCE_OBSERVATION), dg.AssetKey(REVIEWS_OBSERVATION)], None, {})]
     # Dagster marks an asset unsynced once an input it read has a newer version; an input that is
     # only due to change (several levels up, across the partitioned folds) shows when it has
     # changed. So sweep the jobs again until a sweep finds nothing to do (a few at most).

@@ -108,12 +108,12 @@ def test_refresh_builds_everything_and_looks_like_a_ui_run(built: tuple[Path, Pa
     partitions = {(r.job_name, r.tags.get("dagster/partition")) for r in history}
     assert {("cv_folds", "0"), ("cv_folds", "1"), ("loso_folds", "a"), ("loso_folds", "b")} <= partitions
     assert "training_reports" in {r.job_name for r in history}
-    # nothing to do the second time: only the source observation runs
+    # nothing to do the second time: only the observations (sources, review project) run
     before = len(history)
     refresh(root, home)
     after = runs(home)[before:]
     assert [(r.job_name, sorted(k.to_user_string() for k in r.asset_selection or [])) for r in after] == \
-        [("data_pipeline", ["source_files"])]
+        [("data_pipeline", ["label_studio_annotations", "source_files"])]
 
 
 def test_a_changed_setting_marks_exactly_what_computes_with_it(built: tuple[Path, Path, str]) -> None:

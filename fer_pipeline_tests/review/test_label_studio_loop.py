@@ -28,12 +28,17 @@ import io
 import os
 import secrets
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from dagster._core.definitions.data_version import (
+    CachingStaleStatusResolver,
+    StaleStatus,
+)
 from PIL import Image
 
 from fer_pipeline.analysis.label_issues import label_issue_report
@@ -125,15 +130,26 @@ def _stand_in_cross_validation(paths: DataPaths) -> pd.DataFrame:
     return oof
 
 
-def _data_run(root: Path, env: dict[str, str]):
+def _data_run(root: Path, env: dict[str, str], instance: dg.DagsterInstance | None = None,
+              only: Sequence[str] | None = None):
     from fer_pipeline.definitions import defs
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FER_DATA_DIR", str(root))
         for k, v in env.items():
             mp.setenv(k, v)
-        return defs.resolve_job_def(DATA_JOB).execute_in_process(instance=dg.DagsterInstance.ephemeral(),
-                                                                 raise_on_error=False)
+        return defs.resolve_job_def(DATA_JOB).execute_in_process(
+            instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False,
+            asset_selection=[dg.AssetKey(k) for k in only] if only else None)
+
+
+def _reviews_status(instance: dg.DagsterInstance) -> StaleStatus:
+    """What Dagster (the UI, `fer-pipeline run`) says of label_studio_reviews in ``instance``."""
+    from fer_pipeline.definitions import defs
+    from fer_pipeline.defs.refresh import _Loading
+
+    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph(), _Loading(instance))
+    return resolver.get_status(dg.AssetKey("label_studio_reviews"), None)
 
 
 def test_round_trip_through_label_studio(label_studio, tmp_path: Path) -> None:
@@ -146,8 +162,10 @@ def test_round_trip_through_label_studio(label_studio, tmp_path: Path) -> None:
     paths = DataPaths(root)
 
     # 1. the data run: the pull finds no project yet, so nothing is reviewed
-    first = _data_run(root, env)
+    instance = dg.DagsterInstance.ephemeral()  # one instance: Dagster's own idea of what is out of date
+    first = _data_run(root, env, instance)
     assert first.success
+    assert _reviews_status(instance) == StaleStatus.FRESH
     pulled = asset_metadata(first, "label_studio_reviews")
     assert pulled["dagster/row_count"] == 0 and pulled["project"] == PROJECT
     before = pd.read_parquet(paths.manifest)
@@ -191,6 +209,10 @@ def test_round_trip_through_label_studio(label_studio, tmp_path: Path) -> None:
     assert asset_metadata(again, "label_studio_tasks")["pushed"] == 0
     assert len(list(sdk.tasks.list(project=project.id))) == N_TASKS
 
+    # tasks without answers are not reviews: observing the project changes nothing
+    assert _data_run(root, env, instance, only=["label_studio_annotations"]).success
+    assert _reviews_status(instance) == StaleStatus.FRESH
+
     # the sensor before any review: nothing to run
     sensor = build_review_sensor()
     with dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(),
@@ -223,7 +245,10 @@ def test_round_trip_through_label_studio(label_studio, tmp_path: Path) -> None:
         pixels = np.asarray(im.convert("L"), dtype=np.int16)
     Image.fromarray(np.clip(pixels + 12, 0, 255).astype(np.uint8), "L").save(changed_path, format="PNG")
 
-    # 4. the sensor notices the reviews and asks for the data run; the manifest applies them
+    # 4. Dagster notices: observing the review project (as `fer-pipeline run` and the data job do) marks
+    # label_studio_reviews unsynced; the sensor asks for the data run; the manifest applies the reviews
+    assert _data_run(root, env, instance, only=["label_studio_annotations"]).success
+    assert _reviews_status(instance) == StaleStatus.STALE
     with dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), cursor=quiet.cursor,
                                  resources={"label_studio": resources["label_studio"]}) as ctx:
         noticed = sensor(ctx)

@@ -339,7 +339,7 @@ def _user_session(server: Server, page) -> str:  # type: ignore[no-untyped-def]
     # (cv_folds: 2) and the catalogue (two four-class sources)
     for asset, keys in PARTITIONED.items():
         assert materializable.get(asset) == keys, (asset, materializable.get(asset))
-    assert "model_card" in materializable and observable == {"source_files"}, (sorted(materializable), observable)
+    assert "model_card" in materializable and observable == {"source_files", "label_studio_annotations"}, (sorted(materializable), observable)
     assert {n["groupName"] for n in nodes} == set(GROUPS)
 
     # 1. nothing has run, and nothing shows as done

@@ -26,7 +26,7 @@ from fer_pipeline.dataset.manifest import (
 from fer_pipeline.dataset.splits import assign_splits, split_summary
 from fer_pipeline.atomic import write_csv
 from fer_pipeline.defs.assets.ingest import GROUP, INGEST_ASSETS, deduplicated_faces, faces, raw_sources
-from fer_pipeline.defs.assets.review import label_studio_reviews
+from fer_pipeline.defs.assets.review import label_studio_annotations, label_studio_reviews
 from fer_pipeline.defs.checks import (
     MANIFEST_CHECKS,
     SPLIT_CHECKS,
@@ -220,4 +220,4 @@ def data_plots(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Materi
     return dg.MaterializeResult(metadata=metadata)
 
 
-DATA_ASSETS = [*INGEST_ASSETS, label_studio_reviews, manifest, splits, data_plots]
+DATA_ASSETS = [*INGEST_ASSETS, label_studio_annotations, label_studio_reviews, manifest, splits, data_plots]

@@ -37,7 +37,7 @@ from fer_pipeline.sources.readers import SourceBytes
 GROUP = "data"
 
 
-def _beta_api_ok(decorator: Callable[..., Any]) -> Callable[..., Any]:
+def beta_api_ok(decorator: Callable[..., Any]) -> Callable[..., Any]:
     """``decorator`` without Dagster's "currently in beta" warning (observable source assets are)."""
     def call(*args: Any, **kwargs: Any) -> Any:
         with warnings.catch_warnings():
@@ -69,7 +69,7 @@ def _prepare_synthetic(settings: FerSettings, log: dg.DagsterLogManager) -> list
     return names
 
 
-@_beta_api_ok(dg.observable_source_asset)(
+@beta_api_ok(dg.observable_source_asset)(
     name=SOURCE_OBSERVATION, group_name=GROUP, required_resource_keys={"fer"},
     description="The files of every source in sources.yaml, observed by their names, sizes, dates and inodes (no "
                 "image is read). A new observation with another data version marks raw_sources and everything "

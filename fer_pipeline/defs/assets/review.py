@@ -21,11 +21,15 @@ and still applied); ``make demo`` runs them that way. An unreachable server or a
 a failed step naming the URL, never an empty review table.
 """
 
+import hashlib
+
 import dagster as dg
 import numpy as np
 import pandas as pd
 
 from fer_pipeline.atomic import read_parquet_meta, write_parquet
+from fer_pipeline.defs.assets.ingest import beta_api_ok
+from fer_pipeline.defs.jobs import REVIEWS_OBSERVATION
 from fer_pipeline.defs.metadata import counts, frame_version, md_image, md_table
 from fer_pipeline.defs.resources import NO_LABEL_STUDIO, FerSettings, LabelStudio
 from fer_pipeline.defs.settings import fer_asset
@@ -54,7 +58,31 @@ def _read_reviews(path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
-@fer_asset(group_name=DATA_GROUP,
+@beta_api_ok(dg.observable_source_asset)(
+    name=REVIEWS_OBSERVATION, group_name=DATA_GROUP, required_resource_keys={"label_studio"},
+    description="The Label Studio review project's annotations, observed by their ids, update times and decisions "
+                "(nothing is downloaded). A new observation with another data version marks label_studio_reviews "
+                "and the manifest unsynced, so `fer-pipeline run`, 'Materialize unsynced' and the reviews sensor "
+                "agree on when reviews are new. No Label Studio configured: a constant version.")
+def label_studio_annotations(context: dg.OpExecutionContext) -> dg.ObserveResult:
+    label_studio: LabelStudio = context.resources.label_studio
+    if not label_studio.enabled:
+        return dg.ObserveResult(data_version=dg.DataVersion("no-label-studio"),
+                                metadata={"label_studio": NO_LABEL_STUDIO})
+    try:
+        client = label_studio.client()
+        digest, n = client.fingerprint()
+    except (LabelStudioError, ValueError) as exc:
+        # not a failed observation: the data half goes on; label_studio_reviews fails naming the URL when it runs
+        context.log.warning(f"review project not observed: {exc}")
+        problem = hashlib.sha256(str(exc).encode()).hexdigest()[:16]
+        return dg.ObserveResult(data_version=dg.DataVersion(f"unreachable-{problem}"),
+                                metadata={"problem": str(exc)[:500]})
+    return dg.ObserveResult(data_version=dg.DataVersion(digest[:16]),
+                            metadata={"annotations": n, "project": client.project_title})
+
+
+@fer_asset(group_name=DATA_GROUP, deps=[REVIEWS_OBSERVATION],
            description="Every review of the Label Studio review project (decision, reviewer, time, task), keyed by "
                        "the image's content hash: the versioned table the manifest applies. No Label Studio "
                        "configured: a no-op that keeps the table pulled before.")

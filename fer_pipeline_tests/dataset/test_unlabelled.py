@@ -216,3 +216,39 @@ def test_without_a_model_unlabelled_images_are_listed_unscored_saying_why() -> N
     assert queue["image_id"].tolist() == ["u0", "u1", "u2", "k0", "k1", "k2"]
     assert (queue["reasons"].iloc[:3] == "unlabelled: not scored (no model here)").all()
     assert (queue["reasons"].iloc[3:] == UNSCORED_REASON).all() and queue["predicted"].isna().all()
+
+
+def test_score_unlabelled_runs_the_shipped_model_in_the_queue_class_order(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped model's probabilities come back per image in CLASSES order (the model's own order
+    may differ); a model for another face size, or none, leaves them unscored saying why."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fer_pipeline.faces.store import FaceStore
+    from fer_pipeline.ml import shipped as shipped_module
+    from fer_pipeline.paths import DataPaths
+    from fer_pipeline.review.unlabelled import score_unlabelled
+
+    paths = DataPaths(tmp_path)
+    refs = FaceStore(tmp_path, "k").write_shard("s", np.stack([np.full((48, 48), v, np.uint8) for v in (10, 200)]))
+    unlabelled = pd.DataFrame({"image_id": ["u0", "u1"], "face_path": refs})
+    assert score_unlabelled(unlabelled, paths).probabilities is None  # no shipped model
+    write(paths.shipped_json, b"{}")
+    order = tuple(reversed(CLASSES))
+
+    def predict_proba(faces: np.ndarray) -> np.ndarray:  # the model's class order: reversed
+        bright = faces.reshape(len(faces), -1).mean(axis=1) > 100
+        return np.array([[0.7, 0.1, 0.1, 0.1] if b else [0.1, 0.1, 0.1, 0.7] for b in bright])
+
+    model = SimpleNamespace(classes=order, input_size=(48, 48), predict_proba=predict_proba)
+    monkeypatch.setattr(shipped_module, "load_shipped",
+                        lambda *a, **k: SimpleNamespace(model=model, spec=SimpleNamespace(name="m")))
+    scores = score_unlabelled(unlabelled, paths)
+    table = scores.probabilities.set_index("image_id")
+    assert table.loc["u0", f"p_{order[-1]}"] == pytest.approx(0.7) and table.loc["u1", f"p_{order[0]}"] == 0.7
+    assert (table["probabilities"] == "calibrated (shipped model m)").all()
+    model.input_size = (64, 64)
+    scores = score_unlabelled(unlabelled, paths)
+    assert scores.probabilities is None and "takes (64, 64) faces" in scores.unscored_reason

@@ -3,7 +3,7 @@ the synthetic demo source. Its new faces land in the published unlabelled table,
 labelled demo face is excluded as that face's duplicate, the accounting check passes and the
 splits hold no unlabelled image; then a review gives one unlabelled image a class (it joins the
 manifest and the splits, with provenance) and says another is not a face (excluded, stage
-review), and the accounting still balances."""
+review), and the accounting still balances; the review queue lists the one left."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ import json
 import shutil
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 import yaml
 
+from fer_pipeline.defs.assets.review import review_queue
+from fer_pipeline.defs.resources import FerSettings, LabelStudio
 from fer_pipeline.demo.synthetic_faces import MANIFEST_NAME, generate_demo_source
+from fer_pipeline.review.label_studio import build_tasks
+from fer_pipeline.review.queue import UNLABELLED_UNSCORED_REASON, UNSCORED_REASON
 from fer_pipeline.schema import REVIEW_COLUMNS
 from fer_pipeline_tests.defs.test_data_pipeline_e2e import run_data_job
 
@@ -113,3 +118,25 @@ def test_reviews_bring_an_unlabelled_image_into_the_four_classes(world: dict) ->
     meta = next(e for e in world["second"].get_asset_materialization_events()
                 if e.asset_key.path[-1] == "manifest").materialization.metadata
     assert meta["reviewed_images"].value == 2 and meta["unlabelled"].value == 1
+
+
+def test_the_review_queue_lists_the_unlabelled_image_before_the_unscored_ones(world: dict,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """No shipped model here: the unlabelled image is listed unscored, saying so, after the
+    quality-flagged faces and before the kept images nothing scored; its task shows no label."""
+    for var in ("FER_LABEL_STUDIO_URL", "FER_LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    root = world["root"]
+    resources = {"fer": FerSettings(data_root=str(root)), "label_studio": LabelStudio()}
+    result = dg.materialize([review_queue], resources=resources)
+    assert result.success
+    queue = pd.read_parquet(root / "reviews" / "review_queue.parquet")
+    row = queue[queue["source"] == "unl"]
+    assert row["source_path"].tolist() == [NEW[2]]  # the reviewed ones are not queued again
+    assert row["label"].isna().all() and row["reasons"].tolist() == [UNLABELLED_UNSCORED_REASON]
+    at = int(row["rank"].iloc[0])
+    flagged = queue["reasons"] != UNSCORED_REASON
+    assert flagged.iloc[: at - 1].all() and (queue["reasons"].iloc[at:] == UNSCORED_REASON).all()
+    assert (queue["reasons"] == UNSCORED_REASON).sum() == len(queue) - at
+    task = build_tasks(row, root, "p")[0]
+    assert "predictions" not in task and task["data"]["label"] == "current label: none (unlabelled)"

@@ -224,8 +224,9 @@ def publish(candidate: Candidate, wait: float = WAIT_S) -> str:
     :class:`PublishConflict` names the run that published meanwhile, the published set stays as
     that run left it and the candidate stays for inspection."""
     if not candidate.has(UNLABELLED) and candidate.has("manifest"):  # written without one: no unlabelled images
+        meta = candidate.meta("manifest")
         write_parquet(candidate.path(UNLABELLED), empty_unlabelled(),
-                      {"manifest_version": candidate.meta("manifest").get("manifest_version")})
+                      {k: meta[k] for k in ("manifest_version", "run_id") if k in meta})
     versions = {t: candidate.meta(t).get("manifest_version") for t in PUBLISH_ORDER}
     if len(set(versions.values())) != 1 or None in versions.values():
         raise MixedSetError(f"candidate {candidate.dir} is not one set: manifest versions {versions}")

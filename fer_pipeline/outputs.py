@@ -24,6 +24,11 @@ def summary(paths: DataPaths) -> str:
             lines.append(f"  pool          {paths.pool}  ({len(pool)} pretraining images: "
                          + ", ".join(f"{k} {v}" for k, v in pool["pool_label"].value_counts().sort_index().items())
                          + ")")
+        if paths.unlabelled.exists():
+            unlabelled = pd.read_parquet(paths.unlabelled, columns=["image_id"])
+            if len(unlabelled):
+                lines.append(f"  unlabelled    {paths.unlabelled}  ({len(unlabelled)} images with no class yet: "
+                             "the review queue ranks them)")
     else:
         lines.append("  (no manifest yet: run `make demo` or materialize the data assets)")
     for name, path in (("faces", paths.faces_dir), ("models", paths.models_dir), ("reports", paths.reports_dir)):

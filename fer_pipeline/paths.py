@@ -116,6 +116,7 @@ class DataPaths:
     excluded = _Under("manifest", "excluded.parquet")
     splits = _Under("manifest", "splits.parquet")
     pool = _Under("manifest", "pool.parquet")  # the pretraining pool (published with the three above)
+    unlabelled = _Under("manifest", "unlabelled.parquet")  # images with no class yet (published with them too)
     candidates_dir = _Under("manifest", "candidates")  # per-run candidates (write, audit, publish)
     reports_dir = _Under("reports")
     reviews_dir = _Under("reviews")  # the review loop (Label Studio): what to review and what was decided

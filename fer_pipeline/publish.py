@@ -1,23 +1,23 @@
 """Write, audit, publish: what readers see of the data half always comes from one run that
 passed its blocking checks.
 
-A run writes its ``manifest``, ``excluded``, ``pool`` and ``splits`` tables as a *candidate* under
+A run writes its ``manifest``, ``excluded``, ``pool``, ``unlabelled`` and ``splits`` tables as a *candidate* under
 ``manifest/candidates/<run id>/``; the data checks validate the candidate; only when every
 blocking check of the manifest and the splits has passed are the candidate's files renamed over
-the published ``manifest/manifest.parquet``, ``excluded.parquet``, ``pool.parquet`` and
-``splits.parquet`` (each synced to disk first, the manifest last). A run whose blocking check
+the published ``manifest/manifest.parquet``, ``excluded.parquet``, ``pool.parquet``,
+``unlabelled.parquet`` and ``splits.parquet`` (each synced to disk first, the manifest last). A run whose blocking check
 fails leaves the published set exactly as it was and keeps its candidate, with the check results
 (``checks_<stage>.json``), for inspection.
 
 Every published table records its versions in its Parquet key-value metadata:
 ``manifest_version`` (a content hash of the manifest run: kept, excluded and pool rows as the
-manifest stage wrote them) in all four, ``data_version`` (image ids, labels and splits: what
+manifest stage wrote them) in all of them, ``data_version`` (image ids, labels and splits: what
 checkpoints record) in the splits, and in the pool its own ``pool_version`` (image ids, pool
 labels, pixels: what a pretrained backbone records) and the ``data_version`` of the splits its
 leakage guard used. :func:`read_published` and :func:`read_pool` refuse a set whose versions
 disagree (e.g. a crash between two renames, or a table copied in by hand), so mixing two runs is
-detected instead of trained on. A data root published before the pool existed has no
-``pool.parquet``: it reads as an empty pool. Readers open each table once and check the versions
+detected instead of trained on. A data root published before the pool (or the unlabelled
+images) existed has no ``pool.parquet`` (``unlabelled.parquet``): it reads as an empty table. Readers open each table once and check the versions
 of what they read (never check, then reopen: a publication in between would go unnoticed).
 
 Two runs on one data root at once (two instances, the CLI beside the daemon) never interleave
@@ -50,11 +50,13 @@ from fer_pipeline.atomic import (
 )
 from fer_pipeline.paths import DataPaths
 from fer_pipeline.publish_lock import WAIT_S, publication_lock, reading
-from fer_pipeline.schema import POOL_COLUMNS
+from fer_pipeline.schema import MANIFEST_COLUMNS, MANIFEST_REVIEW_COLUMNS, POOL_COLUMNS
 
-TABLES = ("manifest", "excluded", "splits")  # always published (the pool may be absent in old data roots)
+TABLES = ("manifest", "excluded", "splits")  # always published (the others may be absent in old data roots)
 POOL = "pool"
-PUBLISH_ORDER = ("excluded", POOL, "splits", "manifest")  # the manifest last: its rename commits the set
+UNLABELLED = "unlabelled"  # images of `role: unlabelled` sources, no class yet: what review may label
+OPTIONAL = (POOL, UNLABELLED)  # published by every run, absent from data roots published before they existed
+PUBLISH_ORDER = ("excluded", POOL, UNLABELLED, "splits", "manifest")  # the manifest last: its rename commits the set
 KEEP_REJECTED = 5  # rejected candidates kept for inspection (oldest removed first)
 BASE_FILE = "base.json"  # in a candidate: the published set it was built from
 
@@ -96,9 +98,11 @@ def _describe(head: Head | None) -> str:
     return f"run {head.get('run_id')}'s set (manifest version {head.get('manifest_version')})"
 
 
-def manifest_version(kept: pd.DataFrame, excluded: pd.DataFrame, pool: pd.DataFrame | None = None) -> str:
+def manifest_version(kept: pd.DataFrame, excluded: pd.DataFrame, pool: pd.DataFrame | None = None,
+                     unlabelled: pd.DataFrame | None = None) -> str:
     """Content hash of a manifest run: every kept image with its label, every exclusion with its
-    reason, every pool image with its pool label (an empty pool changes nothing)."""
+    reason, every pool image with its pool label, every unlabelled image (an empty pool or
+    unlabelled table changes nothing)."""
     def rows(frame: pd.DataFrame, tag: str, what: list[str]) -> pd.Series:
         parts = [frame[c].astype(str) for c in ["source", "source_path", *what]]
         return tag + "|" + parts[0].str.cat(parts[1:], sep="|") if len(frame) else pd.Series([], dtype=str)
@@ -106,6 +110,8 @@ def manifest_version(kept: pd.DataFrame, excluded: pd.DataFrame, pool: pd.DataFr
     lines = rows(kept, "k", ["image_id", "label"]).tolist() + rows(excluded, "x", ["reason"]).tolist()
     if pool is not None:
         lines += rows(pool, "p", ["image_id", "pool_label"]).tolist()
+    if unlabelled is not None:
+        lines += rows(unlabelled, "u", ["image_id"]).tolist()
     return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:16]
 
 
@@ -120,6 +126,11 @@ def pool_content_version(pool: pd.DataFrame) -> str:
 def empty_pool() -> pd.DataFrame:
     """The pool of a catalogue without pool labels (or of a data root from before the pool)."""
     return pd.DataFrame({c: pd.Series(dtype="object") for c in POOL_COLUMNS})
+
+
+def empty_unlabelled() -> pd.DataFrame:
+    """The unlabelled table of a catalogue without ``role: unlabelled`` sources (or of an old data root)."""
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in (*MANIFEST_COLUMNS, *MANIFEST_REVIEW_COLUMNS)})
 
 
 def data_version(manifest: pd.DataFrame, splits: pd.DataFrame) -> str:
@@ -175,21 +186,21 @@ class Candidate:
         return write_json(self.dir / f"checks_{stage}.json", results)
 
     def adopt_published(self) -> None:
-        """Start from the published manifest, excluded and pool tables (a run that re-splits only:
+        """Start from the published manifest, excluded, pool and unlabelled tables (a run that re-splits only:
         the published pool is guarded again against the new splits; images an earlier guard
         dropped stay excluded, which is conservative). The copies are taken under the shared
         publication lock and checked to be one set; the copied manifest is this candidate's base."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with reading(self.paths.root):
-            for table in ("manifest", "excluded", POOL):
+            for table in ("manifest", "excluded", *OPTIONAL):
                 try:
                     shutil.copyfile(getattr(self.paths, table), self.path(table))
                 except FileNotFoundError:
-                    if table != POOL:
+                    if table not in OPTIONAL:
                         raise FileNotFoundError(f"{getattr(self.paths, table)} does not exist: materialize "
                                                 "manifest first") from None
-                    self.path(POOL).unlink(missing_ok=True)  # published before the pool existed
-        metas = {t: _meta_or_refuse(self.path(t)) for t in ("manifest", "excluded", POOL) if self.has(t)}
+                    self.path(table).unlink(missing_ok=True)  # published before the table existed
+        metas = {t: _meta_or_refuse(self.path(t)) for t in ("manifest", "excluded", *OPTIONAL) if self.has(t)}
         versions = {t: m.get("manifest_version") for t, m in metas.items()}
         if len(set(versions.values())) != 1 or None in versions.values():
             detail = ", ".join(f"{t}.parquet {v}" for t, v in versions.items())
@@ -199,6 +210,8 @@ class Candidate:
         if not self.has(POOL):  # published before the pool existed
             self.write(POOL, empty_pool(), {"manifest_version": versions["manifest"],
                                             "pool_version": pool_content_version(empty_pool())})
+        if not self.has(UNLABELLED):  # published before unlabelled sources existed
+            self.write(UNLABELLED, empty_unlabelled(), {"manifest_version": versions["manifest"]})
 
 
 def publish(candidate: Candidate, wait: float = WAIT_S) -> str:
@@ -210,6 +223,10 @@ def publish(candidate: Candidate, wait: float = WAIT_S) -> str:
     published set is still the one the candidate was built from; otherwise
     :class:`PublishConflict` names the run that published meanwhile, the published set stays as
     that run left it and the candidate stays for inspection."""
+    if not candidate.has(UNLABELLED) and candidate.has("manifest"):  # written without one: no unlabelled images
+        meta = candidate.meta("manifest")
+        write_parquet(candidate.path(UNLABELLED), empty_unlabelled(),
+                      {k: meta[k] for k in ("manifest_version", "run_id") if k in meta})
     versions = {t: candidate.meta(t).get("manifest_version") for t in PUBLISH_ORDER}
     if len(set(versions.values())) != 1 or None in versions.values():
         raise MixedSetError(f"candidate {candidate.dir} is not one set: manifest versions {versions}")
@@ -325,12 +342,12 @@ def _read_once(path: Path, rows: bool) -> _Read | None:
 
 
 def _read_set(paths: DataPaths, rows: tuple[str, ...] = ()) -> dict[str, _Read]:
-    """Every published table (the pool when there is one), each opened once, under the shared
+    """Every published table (the pool and the unlabelled table when there are), each opened once, under the shared
     publication lock; the tables in ``rows`` with their rows. Refuses a set that is incomplete
     (FileNotFoundError), unreadable or not one set (:class:`MixedSetError`), judging only what
     was read."""
     with reading(paths.root):
-        read = {t: _read_once(getattr(paths, t), t in rows) for t in (*TABLES, POOL)}
+        read = {t: _read_once(getattr(paths, t), t in rows) for t in (*TABLES, *OPTIONAL)}
     missing = [t for t in TABLES if read[t] is None]
     if missing:
         raise FileNotFoundError(f"no published {', '.join(missing)} under {paths.manifest_dir}: materialize the "
@@ -346,11 +363,12 @@ def _read_set(paths: DataPaths, rows: tuple[str, ...] = ()) -> dict[str, _Read]:
 
 def published_versions(paths: DataPaths) -> dict[str, str | None]:
     """The manifest version each published table records (None: missing or unversioned); the pool
-    only when there is one (data roots published before it have none). Each footer is read once."""
+    and the unlabelled table only when there are (data roots published before them have none).
+    Each footer is read once."""
     with reading(paths.root):
-        read = {t: _read_once(getattr(paths, t), rows=False) for t in (*TABLES, POOL)}
+        read = {t: _read_once(getattr(paths, t), rows=False) for t in (*TABLES, *OPTIONAL)}
     return {t: (r.meta.get("manifest_version") if r else None) for t, r in read.items()
-            if r is not None or t != POOL}
+            if r is not None or t not in OPTIONAL}
 
 
 def check_published(paths: DataPaths) -> str:
@@ -389,6 +407,14 @@ def read_pool(paths: DataPaths) -> pd.DataFrame:
     return empty_pool() if pool is None or pool.frame is None else pool.frame
 
 
+def read_unlabelled(paths: DataPaths) -> pd.DataFrame:
+    """The published unlabelled images (the manifest's columns, ``label`` null), verified to belong
+    to the published set; empty when the data root has none. What the review queue ranks."""
+    read = _read_set(paths, rows=(UNLABELLED,))
+    table = read.get(UNLABELLED)
+    return empty_unlabelled() if table is None or table.frame is None else table.frame
+
+
 def pool_version(paths: DataPaths) -> str:
     """The published pool's version (:func:`pool_content_version`; that of an empty pool when there
     is none): what a pretrained backbone records, so it is retrained only when the pool changes."""
@@ -402,18 +428,21 @@ def pool_version(paths: DataPaths) -> str:
 
 
 def publish_tables(paths: DataPaths, kept: pd.DataFrame, excluded: pd.DataFrame, splits: pd.DataFrame,
-                   run_id: str = "manual", pool: pd.DataFrame | None = None) -> str:
+                   run_id: str = "manual", pool: pd.DataFrame | None = None,
+                   unlabelled: pd.DataFrame | None = None) -> str:
     """Publish a set made outside a pipeline run (tools, tests) with the same versions and
-    renames as a run (an empty pool unless ``pool`` is given); the caller vouches for its checks.
-    Returns the manifest version."""
+    renames as a run (an empty pool and unlabelled table unless given); the caller vouches for its
+    checks. Returns the manifest version."""
     pool = empty_pool() if pool is None else pool
-    version = manifest_version(kept, excluded, pool)
+    unlabelled = empty_unlabelled() if unlabelled is None else unlabelled
+    version = manifest_version(kept, excluded, pool, unlabelled)
     split_version = data_version(kept, splits)
     candidate = Candidate(paths, run_id)
     candidate.write("manifest", kept, {"manifest_version": version, "run_id": run_id})
     candidate.write("excluded", excluded, {"manifest_version": version, "run_id": run_id})
     candidate.write(POOL, pool, {"manifest_version": version, "data_version": split_version,
                                  "pool_version": pool_content_version(pool), "run_id": run_id})
+    candidate.write(UNLABELLED, unlabelled, {"manifest_version": version, "run_id": run_id})
     candidate.write("splits", splits, {"manifest_version": version, "data_version": split_version,
                                        "run_id": run_id})
     return publish(candidate)

@@ -7,6 +7,13 @@ label conflict). ``check_accounting`` proves it. A photo of a ``faces: detect`` 
 ``keep: all`` may give several faces: each is one *item*, named by ``(source, source_path,
 face_index)``, and it is items that are accounted for (:func:`accounting_items`). Pool items are
 decoded like the others but never meet the four classes' de-duplication or label conflicts.
+
+Images of a ``role: unlabelled`` source (inventory status ``unlabelled``: no class yet) are
+de-duplicated *with* the labelled faces, so an unlabelled copy of a labelled face is excluded as
+its duplicate and a group never straddles the splits later; the representatives that are
+unlabelled form the ``unlabelled`` table (:func:`build_unlabelled`, the manifest's columns with a
+null label). A reviewer's class moves one into the manifest (:func:`apply_reviews`), so the
+accounting is kept + excluded + pool + unlabelled = inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import pandas as pd
 from fer_pipeline.classes import CLASSES
 from fer_pipeline.faces.framing import NO_FACE
 from fer_pipeline.sources.framing import CROP, DETECT
-from fer_pipeline.sources.inventory import CANDIDATE, POOL, UNMAPPED
+from fer_pipeline.sources.inventory import CANDIDATE, DECODED, UNLABELLED, UNMAPPED
 from fer_pipeline.paths import RELABELS_FILE
 from fer_pipeline.schema import (
     DETECTION_COLUMNS,
@@ -59,27 +66,29 @@ def image_id_for(key: pd.Series) -> pd.Series:
 
 
 def candidates_for_decoding(inventory: pd.DataFrame) -> pd.DataFrame:
-    """Inventory rows that go on to decoding: target classes and pretraining-pool labels (files
-    with an unmapped label are not decoded)."""
-    return inventory[inventory["status"].isin([CANDIDATE, POOL])]
+    """Inventory rows that go on to decoding: target classes, pretraining-pool labels and
+    unlabelled images (files with an unmapped label are not decoded)."""
+    return inventory[inventory["status"].isin(list(DECODED))]
 
 
-def accepted_faces(inventory: pd.DataFrame, faces: pd.DataFrame, status: str = CANDIDATE) -> pd.DataFrame:
-    """Accepted faces of the inventory rows with ``status`` (target candidates or pool items),
-    joined with those rows: one row per face."""
+def accepted_faces(inventory: pd.DataFrame, faces: pd.DataFrame,
+                   status: str | Sequence[str] = CANDIDATE) -> pd.DataFrame:
+    """Accepted faces of the inventory rows with ``status`` (one status or several: target
+    candidates, pool items, unlabelled images), joined with those rows: one row per face."""
     ok = faces[faces["reason"].isna()][["source", "source_path", *FACE_COLUMNS]]
-    rows = inventory[inventory["status"] == status]
+    rows = inventory[inventory["status"].isin([status] if isinstance(status, str) else list(status))]
     return rows.merge(ok, on=["source", "source_path"], how="inner")
 
 
 def dedup_input(inventory: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
-    """Accepted faces of the target candidates (one row per face): what de-duplication groups.
-    Pool items are not here: the pool has its own rules (:mod:`fer_pipeline.dataset.pool`).
+    """Accepted faces of the target candidates and the unlabelled images (one row per face; an
+    unlabelled one has a null ``label``): what de-duplication groups. Pool items are not here: the
+    pool has its own rules (:mod:`fer_pipeline.dataset.pool`).
 
     De-duplication tells faces apart by ``sha256``; here that column holds each face's key (the
     file's hash for a crop), and ``file_sha256`` the file's own hash, which :func:`build_manifest`
     puts back."""
-    df = accepted_faces(inventory.drop(columns=["pool_label"], errors="ignore"), faces)
+    df = accepted_faces(inventory.drop(columns=["pool_label"], errors="ignore"), faces, (CANDIDATE, UNLABELLED))
     df["file_sha256"] = df["sha256"]
     df["sha256"] = df["face_key"]
     df["image_id"] = image_id_for(df["face_key"])
@@ -97,10 +106,11 @@ def accounting_items(inventory: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFra
 
 def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataFrame,
                    image_size: tuple[int, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(manifest, excluded) from the three stage tables."""
+    """(manifest, excluded) from the three stage tables. The manifest holds the labelled
+    representatives only; the unlabelled ones are :func:`build_unlabelled`'s."""
     excluded_parts: list[pd.DataFrame] = []
     # stage 1: inventory (junk, non-images, no or unmapped label); pool items go on to the pool
-    inv_excl = inventory[~inventory["status"].isin([CANDIDATE, POOL])].copy()
+    inv_excl = inventory[~inventory["status"].isin(list(DECODED))].copy()
     inv_excl["stage"] = inv_excl["status"].map(lambda s: STAGE_LABEL_MAPPING if s == UNMAPPED else STAGE_INVENTORY)
     excluded_parts.append(inv_excl)
     # stage 2: decoding/validation rejects
@@ -114,7 +124,7 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
     rep_path = dedup[dedup["is_representative"]].set_index("dup_group")[["source", "source_path"]]
     conflicts = dedup[dedup["conflict"]].copy()
     if len(conflicts):
-        labels = conflicts.groupby("dup_group")["label"].agg(lambda s: ", ".join(sorted(set(s))))
+        labels = conflicts.groupby("dup_group")["label"].agg(lambda s: ", ".join(sorted(set(s.dropna()))))
         conflicts["reason"] = conflicts["dup_group"].map(
             lambda g: f"label conflict: duplicate group {g} is labelled {labels[g]}")
         conflicts["stage"] = STAGE_DEDUP
@@ -130,7 +140,19 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
     excluded["face_index"] = excluded["face_index"].fillna(0).astype("int64")
     excluded = excluded.sort_values(ITEM, kind="mergesort").reset_index(drop=True)
 
-    kept = dedup[dedup["is_representative"] & ~dedup["conflict"]].copy()
+    manifest = _kept(dedup, image_size, labelled=True)
+    return manifest, excluded
+
+
+def build_unlabelled(dedup: pd.DataFrame, image_size: tuple[int, int]) -> pd.DataFrame:
+    """The unlabelled table: the representatives of duplicate groups with no labelled member (the
+    manifest's columns, ``label`` null). Their duplicates are excluded rows of :func:`build_manifest`."""
+    return _kept(dedup, image_size, labelled=False)
+
+
+def _kept(dedup: pd.DataFrame, image_size: tuple[int, int], labelled: bool) -> pd.DataFrame:
+    """The representatives that are kept (no label conflict), labelled or not, as manifest rows."""
+    kept = dedup[dedup["is_representative"] & ~dedup["conflict"] & (dedup["label"].notna() == labelled)].copy()
     kept = kept.rename(columns={"raw_label": "original_label", "face_ref": "face_path"})
     if "file_sha256" in kept.columns:  # dedup_input lent `sha256` to the face key
         kept["sha256"] = kept["file_sha256"]
@@ -145,15 +167,23 @@ def build_manifest(inventory: pd.DataFrame, faces: pd.DataFrame, dedup: pd.DataF
     kept["faces_found"] = kept["faces_found"].astype("Int64")
     for col in DETECTION_COLUMNS[1:]:
         kept[col] = kept[col].astype("Float64")
-    manifest = kept[list(MANIFEST_COLUMNS)].sort_values(ITEM, kind="mergesort").reset_index(drop=True)
-    return manifest, excluded
+    return kept[list(MANIFEST_COLUMNS)].sort_values(ITEM, kind="mergesort").reset_index(drop=True)
+
+
+def split_unlabelled(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(manifest, unlabelled) from rows of both (after :func:`apply_reviews`: a reviewed image has
+    its class now, the others are still unlabelled), each in item order."""
+    has_label = rows["label"].notna()
+    return tuple(rows[m].sort_values(ITEM, kind="mergesort").reset_index(drop=True)  # type: ignore[return-value]
+                 for m in (has_label, ~has_label))
 
 
 def check_accounting(inventory: pd.DataFrame, manifest: pd.DataFrame, excluded: pd.DataFrame,
-                     pool: pd.DataFrame | None = None) -> dict[str, object]:
-    """Inputs = kept + not kept (+ pool), with no file in two tables or twice in one. ``inventory``
-    may be :func:`accounting_items` (items, with ``face_index``): then faces are what is counted."""
-    tables = [manifest, excluded] + ([pool] if pool is not None else [])
+                     pool: pd.DataFrame | None = None, unlabelled: pd.DataFrame | None = None) -> dict[str, object]:
+    """Inputs = kept + not kept (+ pool, + unlabelled), with no file in two tables or twice in one.
+    ``inventory`` may be :func:`accounting_items` (items, with ``face_index``): then faces are what
+    is counted."""
+    tables = [manifest, excluded] + [t for t in (pool, unlabelled) if t is not None]
     key = ITEM if all("face_index" in t.columns for t in (inventory, *tables)) else ITEM[:2]
     inputs = set(map(tuple, inventory[key].to_numpy()))
     rows = [list(map(tuple, t[key].to_numpy())) for t in tables]
@@ -163,6 +193,7 @@ def check_accounting(inventory: pd.DataFrame, manifest: pd.DataFrame, excluded: 
     missing = inputs - set(seen)
     return {"n_inputs": len(inventory), "n_kept": len(manifest), "n_excluded": len(excluded),
             "n_pool": len(pool) if pool is not None else 0,
+            "n_unlabelled": len(unlabelled) if unlabelled is not None else 0,
             "balanced": len(inventory) == len(seen) and not twice and not missing,
             "in_both": sorted(in_two)[:5], "missing": sorted(missing)[:5]}
 
@@ -257,7 +288,9 @@ REVIEW_OUTCOME_COLUMNS = ["sha256", "face_index", "image_id", "source", "source_
 APPLIED, CONFIRMED, EXCLUDED, STALE, NOT_KEPT, UNKNOWN, SUPERSEDED = (
     "relabelled", "label confirmed", "excluded", "not applied: the file changed since it was reviewed",
     "not applied: the image is not kept", "not applied: no such image in the data", "superseded by a later review")
-"""``outcome`` of a review row (:func:`apply_reviews`); only the first three change or confirm the manifest."""
+LABELLED = "labelled"
+"""``outcome`` of a review row (:func:`apply_reviews`); only the first three and :data:`LABELLED` (an
+unlabelled image given its class) change or confirm the manifest."""
 
 
 def review_source(row: pd.Series) -> str:
@@ -276,7 +309,10 @@ def apply_reviews(manifest: pd.DataFrame, excluded: pd.DataFrame, reviews: pd.Da
     review table keeps them with their reason. A class relabels the kept row (``label_before_review``,
     ``reviewed_label``, ``review_source`` record it; the same class confirms it); "not a face" and
     "exclude" move the row to ``excluded`` (stage ``review``), so every item is still accounted for
-    once. A review whose hash matches no kept image is reported, not applied: its file changed since
+    once. ``manifest`` may hold unlabelled images too (null ``label``, :func:`build_unlabelled`): a
+    class gives one its label (``label_before_review`` stays null: it had none), so
+    :func:`split_unlabelled` then moves it to the manifest; an exclusion excludes it like any
+    other. A review whose hash matches no kept image is reported, not applied: its file changed since
     (the same source path holds other bytes now), the image is not kept (excluded, e.g. as a
     duplicate) or it is unknown.
     """
@@ -315,14 +351,14 @@ def apply_reviews(manifest: pd.DataFrame, excluded: pd.DataFrame, reviews: pd.Da
                 dropped.append(i)
             else:
                 before = out.at[i, "label"]
-                outcome = CONFIRMED if before == r["decision"] else APPLIED
-                out.at[i, "label_before_review"] = before
+                outcome = LABELLED if pd.isna(before) else CONFIRMED if before == r["decision"] else APPLIED
+                out.at[i, "label_before_review"] = None if pd.isna(before) else before
                 out.at[i, "reviewed_label"] = r["decision"]
                 out.at[i, "review_source"] = review_source(r)
                 out.at[i, "label"] = r["decision"]
             report_rows.append({**{c: r.get(c) for c in REVIEW_OUTCOME_COLUMNS[:10]},
                                 "image_id": out.at[i, "image_id"] if i is not None else r.get("image_id"),
-                                "outcome": outcome, "applied": outcome in (APPLIED, CONFIRMED, EXCLUDED)})
+                                "outcome": outcome, "applied": outcome in (APPLIED, CONFIRMED, EXCLUDED, LABELLED)})
         if dropped:
             out = out.drop(index=dropped)
             add = pd.DataFrame(moved).reindex(columns=list(EXCLUDED_COLUMNS))

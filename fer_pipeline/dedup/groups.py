@@ -11,10 +11,11 @@
 * groups are connected components of the confirmed links (so near-duplicate chains end up
   together, which is the conservative choice against leakage between splits).
 
-Representative rule (documented in docs/data.md): the member with the largest original
+Representative rule (documented in docs/data.md): a labelled member when there is one (faces of
+a ``role: unlabelled`` source have a null label), then the member with the largest original
 resolution (width × height), then the largest file, then the first by (source, source_path).
 A group whose members carry different target labels is a *label conflict*: all its members are
-excluded, because nothing says which label is right.
+excluded, because nothing says which label is right (null labels do not count).
 
 Near pairs are found by multi-index hashing, never pair by pair in Python: the 64-bit hash is
 cut into ``max_distance + 1`` bands, and two hashes within ``max_distance`` bits must agree on at
@@ -535,17 +536,20 @@ def _group(df: pd.DataFrame, ei: np.ndarray, ej: np.ndarray, ni: np.ndarray, nj:
     _, labels = connected_components(graph, directed=False) if n else (0, np.zeros(0, int))
     df["dup_group"] = labels.astype(np.int64)
     df["dup_group_size"] = df.groupby("dup_group")["dup_group"].transform("size").astype(np.int64)
-    # representative: largest resolution, then largest file, then first by (source, path)
+    # representative: a labelled face if the group has one (an unlabelled copy of a labelled face is
+    # its duplicate, never the other way round), then largest resolution, then largest file, then
+    # first by (source, path)
     df["_area"] = df["width"].astype("int64") * df["height"].astype("int64")
-    order = df.sort_values(["dup_group", "_area", "bytes", "source", "source_path"],
-                           ascending=[True, False, False, True, True], kind="mergesort")
+    df["_unlabelled"] = df["label"].isna()
+    order = df.sort_values(["dup_group", "_unlabelled", "_area", "bytes", "source", "source_path"],
+                           ascending=[True, True, False, False, True, True], kind="mergesort")
     reps = order.groupby("dup_group").head(1)
     df["is_representative"] = df.index.isin(reps.index)
     rep_id = reps.set_index("dup_group")["image_id"]
     df["duplicate_of"] = df["dup_group"].map(rep_id).where(~df["is_representative"], None)
-    n_labels = df.groupby("dup_group")["label"].transform("nunique")
+    n_labels = df.groupby("dup_group")["label"].transform("nunique")  # null labels (unlabelled faces) not counted
     df["conflict"] = n_labels > 1
-    df = df.drop(columns=["_area"])
+    df = df.drop(columns=["_area", "_unlabelled"])
     groups_with_dups = int((df.groupby("dup_group").size() > 1).sum())
     conflicts = int(df.loc[df["conflict"], "dup_group"].nunique())
     return DedupReport(df, groups_with_dups, len(ei), len(ni), n_candidates, conflicts, time.perf_counter() - start)

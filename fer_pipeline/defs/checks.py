@@ -21,7 +21,7 @@ import pandas as pd
 from fer_pipeline.dataset import pool as pool_core
 from fer_pipeline.quality import validation
 from fer_pipeline.faces.stage import framing_shares
-from fer_pipeline.sources.inventory import CANDIDATE, POOL
+from fer_pipeline.sources.inventory import DECODED
 from fer_pipeline.publish import empty_pool
 from fer_pipeline.defs.metadata import md_table
 from fer_pipeline.defs.resources import FerSettings
@@ -36,6 +36,7 @@ class Tables:
     inventory: pd.DataFrame | None = None
     splits: pd.DataFrame | None = None
     pool: pd.DataFrame | None = None  # the pretraining pool (None: not this stage's concern)
+    unlabelled: pd.DataFrame | None = None  # images with no class yet (role: unlabelled sources)
 
     def splits_with_labels(self) -> pd.DataFrame:
         assert self.splits is not None
@@ -94,9 +95,10 @@ MANIFEST_CHECKS: tuple[GxCheck, ...] = (
             lambda t, fer: validation.validate_class_counts(t.kept, fer.min_images_per_class), blocking=True),
     GxCheck("manifest_class_balance", "largest/smallest class ratio within the limit.",
             lambda t, fer: validation.validate_class_balance(t.kept, fer.max_imbalance_ratio), warn=True),
-    GxCheck("manifest_accounting", "inputs = kept + not kept + pretraining pool; no file in two tables, none "
-            "listed twice.",
-            lambda t, fer: validation.validate_accounting(t.inventory, t.kept, t.excluded, t.pool), blocking=True),
+    GxCheck("manifest_accounting", "inputs = kept + not kept + pretraining pool + unlabelled; no file in two "
+            "tables, none listed twice.",
+            lambda t, fer: validation.validate_accounting(t.inventory, t.kept, t.excluded, t.pool, t.unlabelled),
+            blocking=True),
 )
 
 SPLIT_CHECKS: tuple[GxCheck, ...] = (
@@ -137,11 +139,11 @@ def results_json(results: Sequence[dg.AssetCheckResult]) -> dict[str, dict[str, 
 
 
 @dg.asset_check(asset="raw_sources", blocking=True,
-                description="Every catalogued source holds at least one image to decode (for the four classes or "
-                            "the pretraining pool).")
+                description="Every catalogued source holds at least one image to decode (for the four classes, "
+                            "the pretraining pool or review as unlabelled images).")
 def sources_have_images(fer: FerSettings) -> dg.AssetCheckResult:
     inv = pd.read_parquet(fer.paths.raw_inventory)
-    per_source = inv[inv["status"].isin([CANDIDATE, POOL])].groupby("source").size()
+    per_source = inv[inv["status"].isin(list(DECODED))].groupby("source").size()
     # the catalogue, not the inventory, says which sources exist: an empty folder has no rows at all
     names = [s.name for s in fer.catalog().sources]
     empty = [name for name in names if name not in per_source.index]

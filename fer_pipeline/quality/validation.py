@@ -231,21 +231,23 @@ def validate_class_balance(manifest: pd.DataFrame, max_ratio: float) -> Validati
 
 def validate_accounting(
     inputs: int | pd.DataFrame, kept: int | pd.DataFrame, excluded: int | pd.DataFrame,
-    pool: int | pd.DataFrame | None = None,
+    pool: int | pd.DataFrame | None = None, unlabelled: int | pd.DataFrame | None = None,
 ) -> ValidationOutcome:
-    """Every input file is either kept or excluded (or in the pretraining ``pool``, when given),
-    exactly once. Each argument is a count or the table (inventory, manifest, excluded, pool):
+    """Every input file is either kept or excluded (or in the pretraining ``pool``, or among the
+    ``unlabelled`` images, when given), exactly once. Each argument is a count or the table (inventory, manifest, excluded, pool):
     counts must add up; with the output tables, no file is in two or twice in one; with the inputs
     too, each input is accounted for once and no other file. When every table given has
     ``face_index``, the unit is a face of a file (a photo may give several)."""
     tables = {"inputs": inputs, "kept": kept, "excluded": excluded}
-    if pool is not None:
-        tables["pool"] = pool
+    for name, table in (("pool", pool), ("unlabelled", unlabelled)):
+        if table is not None:
+            tables[name] = table
     frames = [t for t in tables.values() if isinstance(t, pd.DataFrame) and len(t.columns)]
     key = [*_KEY, "face_index"] if frames and all("face_index" in t.columns for t in frames) else _KEY
     numbers = {f"n_{k}": len(v) if isinstance(v, pd.DataFrame) else int(v) for k, v in tables.items()}
-    total = "n_kept_plus_excluded" if pool is None else "n_kept_plus_excluded_plus_pool"
-    numbers[total] = numbers["n_kept"] + numbers["n_excluded"] + numbers.get("n_pool", 0)
+    outputs_named = [name for name in tables if name != "inputs"]
+    total = "n_" + "_plus_".join(outputs_named)  # n_kept_plus_excluded[_plus_pool][_plus_unlabelled]
+    numbers[total] = sum(numbers[f"n_{name}"] for name in outputs_named)
     pair = _gxe.ExpectColumnPairValuesToBeEqual(column_A="n_inputs", column_B=total)
     parts: list[_Part] = [(pd.DataFrame([numbers]), [pair], ())]
     details: dict[str, Any] = dict(numbers)
@@ -257,7 +259,7 @@ def validate_accounting(
         elif isinstance(table, pd.DataFrame):  # an empty table may come without columns
             keys[name] = table.reindex(columns=key)
     if "kept" in keys and "excluded" in keys:
-        outs = [name for name in ("kept", "excluded", "pool") if name in keys]
+        outs = [name for name in ("kept", "excluded", "pool", "unlabelled") if name in keys]
         outputs = pd.concat([keys[name].assign(table=name) for name in outs], ignore_index=True)
         details["in_both_tables"] = int(sum(len(keys[a].drop_duplicates().merge(keys[b].drop_duplicates()))
                                             for i, a in enumerate(outs) for b in outs[i + 1:]))

@@ -13,10 +13,16 @@ Faces with an image-quality flag (``data_quality_flags``: blurred, dark, washed 
 information, ...) come right after the label suspects, worst flag first, their flag reasons
 added to the row's reasons.
 
+Unlabelled images (``role: unlabelled`` sources: the published ``unlabelled`` table) come next,
+before the scored tier: a class is what they lack, and the one a reviewer gives them adds a face
+to the four classes. The shipped model's least certain first (smallest margin between its two
+most probable classes: where a person's answer teaches the most); without a model they are
+listed unscored, in table order (:func:`rank_unlabelled`).
+
 Images a person already reviewed (the manifest's ``review_source``) are left out. ``score`` is in
-[0, 1], higher = more worth a look: ``1 - label quality`` for scored images, 0 for unscored ones.
-Other rankings (embedding duplicates, outliers, unlabelled sources) add rows and reasons to the
-same contract.
+[0, 1], higher = more worth a look: ``1 - label quality`` for scored images, ``1 - top-2 margin``
+for unlabelled ones, 0 for unscored ones. Other rankings (embedding duplicates, outliers) add
+rows and reasons to the same contract.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 CALIBRATED = "calibrated"
 OUT_OF_FOLD = "out-of-fold"
 UNSCORED_REASON = "not scored yet: no label-quality ranking covers it (run cross_validation and label_issues)"
-SUSPECT, FLAGGED, SCORED, UNSCORED = 0, 1, 2, 3  # queue tiers, in order
+UNLABELLED_UNSCORED_REASON = "unlabelled: not scored (no shipped model yet: materialize shipped_model)"
+SUSPECT, FLAGGED, UNLABELLED, SCORED, UNSCORED = 0, 1, 2, 3, 4  # queue tiers, in order
 
 
 def _with_flags(order: pd.DataFrame, flags: pd.DataFrame | None) -> pd.DataFrame:
@@ -74,6 +81,32 @@ def probability_table(test_predictions: pd.DataFrame | None, best_model: str | N
     return table.reset_index(drop=True)
 
 
+def top2_margin(probabilities: np.ndarray) -> np.ndarray:
+    """Per row, the most probable class's probability minus the runner-up's: 0 = torn between two."""
+    top = np.sort(np.asarray(probabilities, dtype=np.float64), axis=1)
+    return top[:, -1] - top[:, -2]
+
+
+def rank_unlabelled(unlabelled: pd.DataFrame, probabilities: pd.DataFrame | None = None,
+                    unscored_reason: str = UNLABELLED_UNSCORED_REASON) -> pd.DataFrame:
+    """``image_id``, ``reasons``, ``score``, ``tier`` (UNLABELLED) for the unlabelled images: those
+    the model scored (``probabilities``: ``image_id`` and ``p_<class>``) least certain first
+    (smallest top-2 margin; ``score`` = 1 - margin), then the others unscored (score 0), in table
+    order, with ``unscored_reason``."""
+    ids = unlabelled[["image_id"]].reset_index(drop=True)
+    probs = probabilities if probabilities is not None else pd.DataFrame(columns=["image_id", *PROB_COLUMNS])
+    scored = ids.merge(probs[["image_id", *PROB_COLUMNS]].dropna(), on="image_id", how="inner")
+    margin = top2_margin(scored[PROB_COLUMNS].to_numpy()) if len(scored) else np.zeros(0)
+    scored = scored[["image_id"]].assign(
+        reasons=[f"unlabelled: least certain (top-2 margin {m:.2f})" for m in margin],
+        score=(1.0 - margin).clip(0.0, 1.0), _margin=margin)
+    scored = scored.sort_values(["_margin", "image_id"], kind="mergesort").drop(columns="_margin")
+    rest = ids[~ids["image_id"].isin(scored["image_id"])].assign(reasons=unscored_reason, score=0.0)
+    out = pd.concat([scored, rest], ignore_index=True)
+    out["score"] = out["score"].astype("float64")
+    return out.assign(tier=UNLABELLED)
+
+
 def _reason(row: pd.Series) -> str:
     if row["is_label_issue"]:
         return (f"cleanlab label suspect: labelled {row['given_label']}, the model says {row['predicted_label']} "
@@ -81,18 +114,28 @@ def _reason(row: pd.Series) -> str:
     return f"low label quality: labelled {row['given_label']} (self-confidence {row['self_confidence']:.2f})"
 
 
+def _unreviewed(table: pd.DataFrame) -> pd.DataFrame:
+    if "review_source" in table.columns:
+        table = table[table["review_source"].isna()]
+    return table.reset_index(drop=True)
+
+
 def build_review_queue(manifest: pd.DataFrame, label_issues: pd.DataFrame | None = None,
                        probabilities: pd.DataFrame | None = None,
-                       classes: Sequence[str] = CLASSES, flags: pd.DataFrame | None = None) -> pd.DataFrame:
+                       classes: Sequence[str] = CLASSES, flags: pd.DataFrame | None = None,
+                       unlabelled: pd.DataFrame | None = None, unlabelled_probabilities: pd.DataFrame | None = None,
+                       unlabelled_unscored_reason: str = UNLABELLED_UNSCORED_REASON) -> pd.DataFrame:
     """The ranked queue (:data:`REVIEW_QUEUE_COLUMNS`) over the kept images of ``manifest`` (the
     published manifest: ``image_id``, ``sha256``, ``face_index``, ``source``, ``source_path``,
     ``face_path``, ``label``, optionally ``review_source``). ``label_issues``: the label-issue
     ranking (``RANKING_COLUMNS`` of :mod:`fer_pipeline.analysis.label_issues`); ``probabilities``:
-    :func:`probability_table`; ``flags``: quality flags (``image_id``, ``score``, ``reason``)."""
-    kept = manifest
-    if "review_source" in kept.columns:
-        kept = kept[kept["review_source"].isna()]
-    kept = kept.reset_index(drop=True)
+    :func:`probability_table`; ``flags``: quality flags (``image_id``, ``score``, ``reason``);
+    ``unlabelled``: the published unlabelled images (the manifest's columns, null ``label``) and
+    ``unlabelled_probabilities`` the model's for them (``image_id``, ``p_<class>``,
+    ``probabilities``; None: no model), ranked by :func:`rank_unlabelled`."""
+    kept = _unreviewed(manifest)
+    cols = ["image_id", "sha256", "face_index", "source", "source_path", "face_path", "label"]
+    unl = _unreviewed(unlabelled) if unlabelled is not None else pd.DataFrame(columns=cols)
     if label_issues is not None and len(label_issues):
         ranked = label_issues[label_issues["image_id"].isin(kept["image_id"])].copy()
         ranked["reasons"] = ranked.apply(_reason, axis=1) if len(ranked) else pd.Series(dtype=str)
@@ -106,11 +149,18 @@ def build_review_queue(manifest: pd.DataFrame, label_issues: pd.DataFrame | None
                                "score": pd.Series(dtype="float64"), "tier": pd.Series(dtype="int64")})
     rest = kept.loc[~kept["image_id"].isin(ranked["image_id"]), ["image_id"]]
     rest = rest.assign(reasons=UNSCORED_REASON, score=0.0, tier=UNSCORED)
-    order = _with_flags(pd.concat([ranked, rest], ignore_index=True), flags)
-    cols = ["image_id", "sha256", "face_index", "source", "source_path", "face_path", "label"]
+    parts = [ranked, rest]
+    if len(unl):
+        parts.append(rank_unlabelled(unl, unlabelled_probabilities, unlabelled_unscored_reason))
+        kept = pd.concat([kept[cols], unl[cols].assign(label=None)], ignore_index=True)
+    order = _with_flags(pd.concat(parts, ignore_index=True), flags)
     queue = order.merge(kept[cols], on="image_id", how="left", validate="one_to_one")
     queue = queue.rename(columns={"face_path": "image"})
     probs = probabilities if probabilities is not None else probability_table(None, None, None)
+    if unlabelled_probabilities is not None and len(unlabelled_probabilities):
+        probs = pd.concat([probs[["image_id", *PROB_COLUMNS, "probabilities"]],
+                           unlabelled_probabilities[["image_id", *PROB_COLUMNS, "probabilities"]]],
+                          ignore_index=True).drop_duplicates("image_id", keep="first")
     queue = queue.merge(probs[["image_id", *PROB_COLUMNS, "probabilities"]], on="image_id", how="left")
     p = queue[PROB_COLUMNS].to_numpy(dtype=np.float64)
     has = ~np.isnan(p).any(axis=1)

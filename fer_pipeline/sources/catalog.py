@@ -14,6 +14,12 @@ A source may give labels the four classes do not use to the pretraining pool (``
 ``all``, a list of its labels, or a mapping label -> pool label to merge synonyms across sources);
 a ``role: pretrain`` source feeds only the pool (no ``label_map``; ``pretrain_labels`` defaults to
 ``all``). A label goes to the classes or to the pool, never both.
+
+A ``role: unlabelled`` source holds images with no class yet (its folder or file labels are
+ignored): they are decoded, de-duplicated with the labelled faces and published in the
+``unlabelled`` table, where the review queue ranks them and a reviewer's class brings them into
+the four classes. It has no ``label_map`` nor ``pretrain_labels`` (refused, not ignored: a map on
+such a source would say the author expected its labels to count).
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ POOL_MIN_IMAGES = 6  # a `role: pretrain` synthetic source: two faces of each po
 MAX_CATALOG_BYTES = 1 << 20  # a catalogue is a few lines per source: anything larger is refused unread
 MAX_NAME_CHARS = 100  # a source's name: a file-name part and a partition key
 MAX_PATH_CHARS = 4096  # PATH_MAX: a longer `path` cannot name a file
-ROLES = ("train", "pretrain")  # train: the four classes (and maybe the pool); pretrain: the pool only
+TRAIN, PRETRAIN, UNLABELLED = "train", "pretrain", "unlabelled"
+ROLES = (TRAIN, PRETRAIN, UNLABELLED)  # the four classes (and maybe the pool); the pool only; no class yet
 ALL_LABELS = "all"
 
 FER2013_EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -87,9 +94,14 @@ class SourceSpec:
     faces: str = CROP  # SOURCE_FRAMINGS: how an image frames its face
     detect: DetectSpec | None = None  # set when faces == DETECT
     licence: str | None = None  # as the catalogue declares it (the model card shows it; None: not declared)
-    role: str = "train"  # ROLES
+    role: str = TRAIN  # ROLES
     pool_labels: dict[str, str] = field(default_factory=dict)  # folded source label -> pool label
     pool_all: bool = False  # `pretrain_labels: all`: every label not in label_map goes to the pool
+
+    @property
+    def unlabelled(self) -> bool:
+        """Its images have no class yet (``role: unlabelled``): their labels are ignored."""
+        return self.role == UNLABELLED
 
     def map_label(self, raw_label: str | None) -> str | None:
         """The target class for a source label (case-insensitive), or None when unmapped."""
@@ -158,8 +170,13 @@ def _label_key(name: str, kind: str, src_label: Any, field_name: str = "label_ma
     return key
 
 
-def _parse_label_map(name: str, kind: str, raw: Any, role: str = "train") -> dict[str, str]:
-    if role == "pretrain":
+def _parse_label_map(name: str, kind: str, raw: Any, role: str = TRAIN) -> dict[str, str]:
+    if role == UNLABELLED:
+        if raw is not None:
+            raise _err(name, "label_map", "a 'role: unlabelled' source has no classes yet, so it has no label_map "
+                                          "(its images reach the four classes through review)")
+        return {}
+    if role == PRETRAIN:
         if raw is not None and raw != {}:
             raise _err(name, "label_map", "a 'role: pretrain' source feeds only the pretraining pool, so it has no "
                                           "label_map (its labels go to the pool: see pretrain_labels)")
@@ -192,8 +209,10 @@ def _parse_label_map(name: str, kind: str, raw: Any, role: str = "train") -> dic
 def _parse_pool_labels(name: str, kind: str, raw: Any, label_map: dict[str, str],
                        role: str) -> tuple[dict[str, str], bool]:
     """(folded source label -> pool label, every other label too) from ``pretrain_labels``."""
+    if role == UNLABELLED and raw is not None:
+        raise _err(name, "pretrain_labels", "a 'role: unlabelled' source has no labels to give the pretraining pool")
     if raw is None:
-        return {}, role == "pretrain"
+        return {}, role == PRETRAIN
     if raw == ALL_LABELS:
         return {}, True
     if isinstance(raw, list):
@@ -322,7 +341,7 @@ def _parse_synthetic_options(name: str, options: dict[str, Any], role: str) -> N
         if opt not in SYNTHETIC_OPTIONS:
             raise _err(name, opt, f"unknown field (synthetic takes {', '.join(SYNTHETIC_OPTIONS)})")
         lo, hi = SYNTHETIC_BOUNDS[opt]
-        if opt == "n_images" and role == "pretrain":
+        if opt == "n_images" and role == PRETRAIN:
             lo = POOL_MIN_IMAGES
         _number(name, opt, value, lo, hi, integer=True)
     if "scenes" in options and ("n_images" in options or "image_size" in options):
@@ -370,9 +389,12 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None, check_
             raise _err(name, "path", f"must be a folder or a .zip archive: {path}")
         if check_paths and kind == "fer2013_csv" and not path.is_file():
             raise _err(name, "path", f"must be the FER2013 CSV file: {path}")
-        role = entry.get("role", "train")
+        role = entry.get("role", TRAIN)
         if role not in ROLES:
-            raise _err(name, "role", f"must be {' or '.join(repr(r) for r in ROLES)}, not {short_repr(role)}")
+            raise _err(name, "role", f"must be {', '.join(repr(r) for r in ROLES[:-1])} or {ROLES[-1]!r}, not {short_repr(role)}")
+        if role == UNLABELLED and kind == "synthetic":
+            raise _err(name, "role", "'unlabelled' applies to sources of image files (image_folders, fer2013_csv), "
+                                     "not to the synthetic generator")
         label_map = _parse_label_map(name, kind, entry.get("label_map"), role)
         pool_labels, pool_all = _parse_pool_labels(name, kind, entry.get("pretrain_labels"), label_map, role)
         demographics = _parse_demographics(name, entry.get("demographics"))
@@ -389,7 +411,7 @@ def parse_catalog(data: Any, data_root: Path, origin: Path | None = None, check_
             raise _err(name, min(map(str, options)), "unknown field")
         if kind == "synthetic":
             _parse_synthetic_options(name, options, role)
-            if role == "pretrain" and "scenes" in options:
+            if role == PRETRAIN and "scenes" in options:
                 raise _err(name, "scenes", "does not apply with 'role: pretrain' (the pool generator draws face crops)")
         faces, detect = _parse_framing(name, entry)
         specs.append(SourceSpec(name=name, kind=kind, path=path, label_map=label_map,

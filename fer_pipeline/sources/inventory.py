@@ -1,5 +1,6 @@
 """Raw-source inventory: every file of every catalogued source, with its content hash, raw
-label, split hint, target class (or pretraining-pool label: status ``pool``) and demographics, or
+label, split hint, target class (or pretraining-pool label: status ``pool``; or none yet: status
+``unlabelled``, every image of a ``role: unlabelled`` source) and demographics, or
 the reason it is not an image candidate. Whether a file is an image is judged from its first bytes
 (:mod:`fer_pipeline.sources.formats`: the one format policy the decoder applies too), never by
 reading it whole; its name is only a hint.
@@ -60,10 +61,12 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing
                  "val": "validation", "valid": "validation", "validation": "validation", "dev": "validation",
                  "publictest": "test", "privatetest": "test"}
 
-# status of an inventory row: a candidate (a target class) or a pool item (a pretraining-pool label)
-# goes on to decoding, the others are excluded here
-CANDIDATE, POOL, JUNK, NOT_IMAGE, UNMAPPED = "candidate", "pool", "junk", "not_image", "unmapped"
-STATUSES = (CANDIDATE, POOL, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED, UNREADABLE, TOO_LARGE, SOURCE_ERROR)
+# status of an inventory row: a candidate (a target class), a pool item (a pretraining-pool label) or an
+# unlabelled image (a `role: unlabelled` source: no class yet) goes on to decoding, the others are excluded here
+CANDIDATE, POOL, UNLABELLED = "candidate", "pool", "unlabelled"
+JUNK, NOT_IMAGE, UNMAPPED = "junk", "not_image", "unmapped"
+STATUSES = (CANDIDATE, POOL, UNLABELLED, JUNK, NOT_IMAGE, NO_LABEL, UNMAPPED, UNREADABLE, TOO_LARGE, SOURCE_ERROR)
+DECODED = (CANDIDATE, POOL, UNLABELLED)  # the statuses the faces stage decodes
 
 INVENTORY_VERSION = 5  # bump when classification changes, so unchanged sources are listed again
 LISTINGS_ATTR = "fer_source_listings"  # per-source listing fingerprints, kept in the table's attrs
@@ -115,11 +118,16 @@ def _classify(member: Member, spec: SourceSpec) -> dict[str, object]:
         raw_label, hint = member.label, member.split_hint
     else:
         raw_label, hint = folder_label(member.path, spec)
+    if spec.unlabelled:  # no class yet: whatever label its folders or rows carry is not one
+        raw_label = None
     if member.problem is not None:  # unreadable, too large...: still say which class lost a file
         row.update(status=member.problem.status, reason=member.problem.reason, raw_label=raw_label,
                    split_hint=hint, label=spec.map_label(raw_label), pool_label=spec.pool_label(raw_label))
         return row
     row.update(raw_label=raw_label, split_hint=hint)
+    if spec.unlabelled:
+        row["status"] = UNLABELLED
+        return row
     if raw_label is None:
         row.update(status=NO_LABEL, reason="no label: the file is not inside a class folder")
         return row

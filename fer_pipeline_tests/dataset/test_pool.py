@@ -295,8 +295,8 @@ def _with_csv(root: Path) -> Path:
     ({"label_map": {"angry": "Angry"}, "pretrain_labels": []}, "pretrain_labels", "is empty"),
     ({"label_map": {"angry": "Angry"}, "pretrain_labels": "every"}, "pretrain_labels", "must be 'all', a list"),
     ({"role": "pretrain", "label_map": {"angry": "Angry"}}, "label_map", "a 'role: pretrain' source feeds only"),
-    ({"role": "pretraining"}, "role", "must be 'train' or 'pretrain', not 'pretraining'"),
-    ({"label_map": {"angry": "Angry"}, "role": None}, "role", "must be 'train' or 'pretrain', not None"),
+    ({"role": "pretraining"}, "role", "must be 'train', 'pretrain' or 'unlabelled', not 'pretraining'"),
+    ({"label_map": {"angry": "Angry"}, "role": None}, "role", "must be 'train', 'pretrain' or 'unlabelled', not None"),
 ])
 def test_bad_pool_configuration_fails_fast_naming_source_and_field(tmp_path: Path, entry: dict, field: str,
                                                                    message: str) -> None:

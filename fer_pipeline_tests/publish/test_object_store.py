@@ -67,7 +67,7 @@ from fer_pipeline_tests.servers import (
 
 BIN = Path(sys.executable).parent
 DATA_KEYS = ["raw_sources", "faces", "deduplicated_faces", "manifest", "splits"]
-PUBLISHED = ("manifest", "excluded", "pool", "splits")
+PUBLISHED = ("manifest", "excluded", "pool", "unlabelled", "splits")
 RUN_CONFIG = {"training": {"config": {"epochs": 1, "patience": 1, "num_threads": 1}}}
 
 
@@ -134,8 +134,9 @@ def test_push_and_pull_move_only_changes_in_commit_order(s3: S3, tmp_path: Path)
 
     first = a.push()
     rel = {name: a.rel(getattr(pa, name)) for name in PUBLISHED}
-    assert sorted(first.uploaded) == sorted(order) and len(order) == 7
-    assert order[0].startswith("faces/") and order[-4:] == [rel["excluded"], rel["pool"], rel["splits"], rel["manifest"]]
+    assert sorted(first.uploaded) == sorted(order) and len(order) == 8
+    assert order[0].startswith("faces/") and order[-5:] == [rel["excluded"], rel["pool"], rel["unlabelled"], rel["splits"],
+                                                          rel["manifest"]]
     assert order.index(a.rel(pa.metrics_json)) > order.index(a.rel(pa.checkpoint("cnn4")))
     assert not s3.fs.exists(f"{s3.bucket}/root/models/candidates") and \
         not s3.fs.exists(f"{s3.bucket}/root/manifest/candidates")
@@ -146,7 +147,7 @@ def test_push_and_pull_move_only_changes_in_commit_order(s3: S3, tmp_path: Path)
     assert sorted(pulled.downloaded) == sorted(order)
     assert check_published(b.paths) == version and b.paths.checkpoint("cnn4").read_bytes() == b"weights"
     again = b.pull_published()
-    assert again.downloaded == [] and again.unchanged == 7
+    assert again.downloaded == [] and again.unchanged == 8
 
     write_json(pa.metrics_json, {"best_model": "cnn3"})  # one file changes
     assert a.push().uploaded == [a.rel(pa.metrics_json)]
@@ -550,7 +551,7 @@ def test_a_damaged_sync_record_is_rebuilt_from_the_store(s3: S3, tmp_path: Path,
     assert outside.read_text() == "keep me"
     state = json.loads((b.local / ".fer-store.json").read_text())
     assert state["url"] == url and sorted(state["objects"]) == sorted(pulled.downloaded)
-    assert b.pull_published().unchanged == 5 and b.push().uploaded == []
+    assert b.pull_published().unchanged == 6 and b.push().uploaded == []
 
 
 def test_a_sync_record_of_another_url_is_refused(s3: S3, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from fer_pipeline.atomic import read_parquet_meta
 from fer_pipeline import publish as pub
 from fer_pipeline.publish import (
     POOL,
+    UNLABELLED,
     Candidate,
     MixedSetError,
     PublishConflict,
@@ -37,7 +38,7 @@ from fer_pipeline.publish import (
 from fer_pipeline.paths import DataPaths
 from fer_pipeline.publish_lock import PublishLockTimeout, publication_lock
 
-SET_TABLES = ("manifest", "excluded", POOL, "splits")
+SET_TABLES = ("manifest", "excluded", POOL, UNLABELLED, "splits")
 CTX = mp.get_context("spawn")
 
 

@@ -103,7 +103,7 @@ HUGE = "x" * 1_000_000
     ({"faces": list(range(100_000))}, "sources.yaml: source 's', field 'faces': must be 'crop' or 'detect', "
                                       "not <list of 100000 items>"),
     ({"licence": {"k": HUGE}}, "sources.yaml: source 's', field 'licence': must be text"),
-    ({"role": HUGE}, "sources.yaml: source 's', field 'role': must be 'train' or 'pretrain', not 'xxx"),
+    ({"role": HUGE}, "sources.yaml: source 's', field 'role': must be 'train', 'pretrain' or 'unlabelled', not 'xxx"),
     ({"name": HUGE}, "sources.yaml: source 'xxx"),
     ({"name": "n" * 101}, "sources.yaml: source 'nnn"),
     ({"path": HUGE}, "sources.yaml: source 's', field 'path': must be a file or folder name"),

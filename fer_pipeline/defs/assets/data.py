@@ -2,7 +2,8 @@
 ``manifest`` and ``splits`` write the run's tables as a candidate, audit it with their checks and
 publish the set only when every blocking check passed (the protocol is :mod:`fer_pipeline.publish`).
 The pretraining pool rides along: built by ``manifest``, guarded against every four-class image
-and published by ``splits``. The stages before (sources → faces → de-duplicated) are
+and published by ``splits``; so do the unlabelled images (``role: unlabelled`` sources: no class
+yet) that no review has labelled, which the review queue ranks. The stages before (sources → faces → de-duplicated) are
 :mod:`.ingest`."""
 
 
@@ -19,9 +20,11 @@ from fer_pipeline.dataset.manifest import (
     apply_relabels,
     apply_reviews,
     build_manifest,
+    build_unlabelled,
     check_accounting,
     exclude_flagged,
     read_relabels,
+    split_unlabelled,
 )
 from fer_pipeline.dataset.splits import assign_splits, split_summary
 from fer_pipeline.atomic import write_csv
@@ -42,6 +45,7 @@ from fer_pipeline.defs.metadata import counts, md_image, md_table
 from fer_pipeline.defs.resources import FerSettings
 from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.publish import POOL as POOL_TABLE
+from fer_pipeline.publish import UNLABELLED as UNLABELLED_TABLE
 from fer_pipeline.publish import (
     Candidate,
     data_version,
@@ -70,8 +74,8 @@ def _audit(context: dg.AssetExecutionContext, fer: FerSettings, candidate: Candi
 
 
 @fer_asset(group_name=GROUP, deps=[deduplicated_faces, label_studio_reviews],
-          description="The run's candidate manifest (kept images) and excluded table (every file not kept, with "
-                      "reason), with the reviewers' decisions applied (reviews/reviews.parquet), audited by the manifest checks; `splits` publishes them once every blocking check "
+          description="The run's candidate manifest (kept images), excluded table (every file not kept, with "
+                      "reason) and unlabelled table (images with no class yet), with the reviewers' decisions applied (reviews/reviews.parquet), audited by the manifest checks; `splits` publishes them once every blocking check "
                       "has passed.",
           check_specs=check_specs(MANIFEST_CHECKS, "manifest"))
 def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
@@ -82,13 +86,17 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
     dedup_table = pd.read_parquet(paths.dedup_table)
     size = (fer.image_size, fer.image_size)
     kept, excluded = build_manifest(inv, faces_table, dedup_table, size)
+    unlabelled = build_unlabelled(dedup_table, size)  # images with no class yet: review may give them one
     pool, pool_excluded = pool_core.build_pool(inv, faces_table, size)  # guarded by `splits`, once splits exist
     if len(pool_excluded):
         excluded = pd.concat([excluded, pool_excluded], ignore_index=True).sort_values(ITEM, kind="mergesort")
         excluded = excluded.reset_index(drop=True)
     # people's reviews (Label Studio, pulled by label_studio_reviews): relabels and exclusions, with provenance
     reviews = pd.read_parquet(paths.reviews) if paths.reviews.is_file() else None
-    kept, excluded, review_report = apply_reviews(kept, excluded, reviews)
+    # (a class decision on an unlabelled image moves it into the manifest, an exclusion to excluded)
+    rows = pd.concat([kept, unlabelled], ignore_index=True) if len(unlabelled) else kept
+    rows, excluded, review_report = apply_reviews(rows, excluded, reviews)
+    kept, unlabelled = split_unlabelled(rows)
     if len(review_report) or paths.report("review_outcomes").is_file():
         write_csv(paths.report("review_outcomes"), review_report)
     stale = review_report[~review_report["applied"]] if len(review_report) else review_report
@@ -102,13 +110,14 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         kept, excluded, quality_moved = exclude_flagged(kept, excluded, flag_stored_faces(paths.root, kept),
                                                         fer.exclude_flags)
     items = accounting_items(inv, faces_table)  # each file, and each further face of a `keep: all` photo
-    accounting = check_accounting(items, kept, excluded, pool)
-    version = manifest_version(kept, excluded, pool)
+    accounting = check_accounting(items, kept, excluded, pool, unlabelled)
+    version = manifest_version(kept, excluded, pool, unlabelled)
     candidate = Candidate(paths, context.run.run_id)
     candidate.write("manifest", kept, {"manifest_version": version, "run_id": context.run.run_id})
     candidate.write("excluded", excluded, {"manifest_version": version, "run_id": context.run.run_id})
     candidate.write(POOL_TABLE, pool, {"manifest_version": version, "run_id": context.run.run_id})
-    tables = Tables(kept, excluded, items, pool=pool)
+    candidate.write(UNLABELLED_TABLE, unlabelled, {"manifest_version": version, "run_id": context.run.run_id})
+    tables = Tables(kept, excluded, items, pool=pool, unlabelled=unlabelled)
     results, failed = _audit(context, fer, candidate, "manifest", MANIFEST_CHECKS, tables)
     by_class_source = kept.pivot_table(index="label", columns="source", values="image_id", aggfunc="count",
                                        fill_value=0)
@@ -120,6 +129,8 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
         "excluded": len(excluded),
         "pool_before_guard": len(pool),
         "pool_by_source_and_label": md_table(pool_core.pool_summary(pool)),
+        "unlabelled": len(unlabelled),
+        "unlabelled_by_source": counts(unlabelled["source"]),
         "inputs": accounting["n_inputs"],
         "input_files": len(inv),
         "by_framing": counts(kept["framing"]),
@@ -143,6 +154,7 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
                                                                          "its checks pass",
         "manifest_path": dg.MetadataValue.path(str(paths.manifest)),
         "excluded_path": dg.MetadataValue.path(str(paths.excluded)),
+        "unlabelled_path": dg.MetadataValue.path(str(paths.unlabelled)),
         "seconds": round(time.perf_counter() - start, 2),
     }
     return dg.MaterializeResult(metadata=metadata, check_results=results, data_version=dg.DataVersion(version))

@@ -31,7 +31,7 @@ from fer_pipeline.quality import plots
 from fer_pipeline.schema import DEMOGRAPHIC_ATTRIBUTES
 from fer_pipeline.sources import watch as source_watch
 from fer_pipeline.sources.catalog import CatalogError
-from fer_pipeline.sources.inventory import POOL, UNMAPPED, build_inventory
+from fer_pipeline.sources.inventory import POOL, UNLABELLED, UNMAPPED, build_inventory
 from fer_pipeline.sources.readers import SourceBytes
 
 GROUP = "data"
@@ -126,6 +126,7 @@ def raw_sources(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Mater
         "unmapped_labels": md_table(unmapped),
         "pool_files": int((inv["status"] == POOL).sum()),
         "pool_labels": md_table(pool_files.reset_index()),
+        "unlabelled_files": int((inv["status"] == UNLABELLED).sum()),
         "junk_skipped": {str(k): int(v) for k, v in report.junk.items()},
         "unreadable_examples": md_table(inv.loc[inv["status"].isin(["unreadable", "too_large", "source_error"]),
                                                 ["source", "source_path", "status", "reason"]], 20),

@@ -12,7 +12,8 @@
   (:mod:`fer_pipeline.quality.flags`; ``reports/quality_flags.parquet``), with a warning check of
   the flagged share per source and a grid of the worst faces in its metadata. Flagged faces stay
   in the manifest.
-* ``review_queue`` ranks what a person should look at first (``reviews/review_queue.parquet``).
+* ``review_queue`` ranks what a person should look at first (``reviews/review_queue.parquet``),
+  the unlabelled images (``role: unlabelled`` sources) too: the shipped model's least certain first.
 * ``label_studio_tasks`` pushes the queue's top N as tasks (never twice the same image).
 
 Without a Label Studio URL (:class:`~fer_pipeline.defs.resources.LabelStudio` unset) the pull and
@@ -34,7 +35,7 @@ from fer_pipeline.defs.metadata import counts, frame_version, md_image, md_table
 from fer_pipeline.defs.resources import NO_LABEL_STUDIO, FerSettings, LabelStudio
 from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.faces.store import load_faces
-from fer_pipeline.publish import read_published
+from fer_pipeline.publish import read_published, read_unlabelled
 from fer_pipeline.quality.flags import quality_flags
 from fer_pipeline.quality.plots import plot_face_grid
 from fer_pipeline.review.label_studio import (
@@ -43,6 +44,7 @@ from fer_pipeline.review.label_studio import (
     review_table_version,
 )
 from fer_pipeline.review.queue import build_review_queue, probability_table
+from fer_pipeline.review.unlabelled import score_unlabelled
 from fer_pipeline.schema import REVIEW_COLUMNS, MetricsReport
 
 DATA_GROUP = "data"
@@ -191,14 +193,16 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
 def _caption(row: object) -> str:
     """Grid caption of a queue row: rank, label (-> prediction) and the first reason."""
     pred = getattr(row, "predicted", None)
+    label = row.label if isinstance(row.label, str) else "unlabelled"
     arrow = f" -> {pred}" if isinstance(pred, str) and pred and pred != row.label else ""
-    return f"#{row.rank} {row.label}{arrow}: {str(row.reasons).split(';')[0]}"
+    return f"#{row.rank} {label}{arrow}: {str(row.reasons).split(';')[0]}"
 
 
 @fer_asset(group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey("label_issues"), dg.AssetKey("model_evaluation"),
                                           dg.AssetKey(FLAGS_ASSET)],
-           description="What a person should review first, with the reasons: cleanlab's label suspects, then the rest "
-                       "of the label-quality ranking, then the images nothing scored yet; the model's prediction and "
+           description="What a person should review first, with the reasons: cleanlab's label suspects, quality-flagged "
+                       "faces, the unlabelled images (the shipped model's least certain first), then the rest of the "
+                       "label-quality ranking, then the images nothing scored yet; the model's prediction and "
                        "probabilities beside each. Reviewed images are left out.")
 def review_queue(context: dg.AssetExecutionContext, fer: FerSettings, label_studio: LabelStudio) -> dg.MaterializeResult:
     paths = fer.paths
@@ -212,7 +216,13 @@ def review_queue(context: dg.AssetExecutionContext, fer: FerSettings, label_stud
     oof = pd.read_parquet(oof_path) if oof_path.is_file() else None
     flags_path = paths.report("quality_flags")
     flags = pd.read_parquet(flags_path) if flags_path.is_file() else None
-    queue = build_review_queue(published.manifest, issues, probability_table(tests, best, oof), flags=flags)
+    unlabelled = read_unlabelled(paths)
+    scores = score_unlabelled(unlabelled, paths)
+    if len(unlabelled) and scores.probabilities is None:
+        context.log.warning(f"{len(unlabelled)} unlabelled image(s) listed unscored: {scores.unscored_reason}")
+    queue = build_review_queue(published.manifest, issues, probability_table(tests, best, oof), flags=flags,
+                               unlabelled=unlabelled, unlabelled_probabilities=scores.probabilities,
+                               unlabelled_unscored_reason=scores.unscored_reason)
     write_parquet(paths.review_queue, queue, {"data_version": published.data_version})
     if issues is None:
         context.log.warning("no label-issue ranking yet (reports/label_issues.parquet): the queue lists the kept "
@@ -222,6 +232,8 @@ def review_queue(context: dg.AssetExecutionContext, fer: FerSettings, label_stud
                                      "reasons"]]
     first = queue.head(GRID_FACES)
     face_path = published.manifest.set_index("image_id")["face_path"]
+    if len(unlabelled):
+        face_path = pd.concat([face_path, unlabelled.set_index("image_id")["face_path"]])
     grid = plot_face_grid(load_faces(paths.root, first["image_id"].map(face_path).tolist()) if len(first)
                           else np.zeros((0, 1, 1), np.uint8), [_caption(r) for r in first.itertuples()],
                           paths.report("review_queue_top"), "Review first (queue order, with the reasons)")
@@ -230,6 +242,8 @@ def review_queue(context: dg.AssetExecutionContext, fer: FerSettings, label_stud
         "label_suspects": int(queue["reasons"].str.startswith("cleanlab label suspect").sum()),
         "quality_flagged": int(queue["image_id"].isin(flags["image_id"]).sum()) if flags is not None else 0,
         "with_prediction": int(queue["predicted"].notna().sum()),
+        "unlabelled": int(queue["label"].isna().sum()),
+        "unlabelled_scored": int((queue["label"].isna() & queue["predicted"].notna()).sum()),
         "top": md_table(shown.round({"score": 3}), QUEUE_SHOWN),
         "top_faces": md_image(grid, "the queue's first faces"),
         # the server is not contacted here (the queue does not need it): label_studio_tasks links the project itself

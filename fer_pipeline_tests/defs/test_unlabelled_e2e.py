@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from fer_pipeline.classes import CLASSES
 from fer_pipeline.defs.assets.review import review_queue
 from fer_pipeline.defs.resources import FerSettings, LabelStudio
 from fer_pipeline.demo.synthetic_faces import MANIFEST_NAME, generate_demo_source
@@ -140,3 +141,47 @@ def test_the_review_queue_lists_the_unlabelled_image_before_the_unscored_ones(wo
     assert (queue["reasons"] == UNSCORED_REASON).sum() == len(queue) - at
     task = build_tasks(row, root, "p")[0]
     assert "predictions" not in task and task["data"]["label"] == "current label: none (unlabelled)"
+
+
+def test_with_a_real_shipped_model_the_unlabelled_image_is_scored(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real (tiny, one-epoch) model trained on the published faces and shipped: the queue scores
+    the unlabelled image with it: a prediction, calibrated probabilities that sum to 1 and the
+    top-2 margin in the reason, equal to what the model itself says of that face."""
+    import numpy as np
+
+    from fer_pipeline.classes import CLASS_TO_INDEX
+    from fer_pipeline.faces.store import load_faces
+    from fer_pipeline.ml import ArchConfig, TrainConfig, train_model
+    from fer_pipeline.ml.checkpoint import load_checkpoint, save_checkpoint
+    from fer_pipeline.paths import DataPaths
+    from fer_pipeline.schema import ShippedMember, ShippedSpec
+
+    for var in ("FER_LABEL_STUDIO_URL", "FER_LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    root = world["root"]
+    paths = DataPaths(root)
+    kept = pd.read_parquet(paths.manifest)
+    faces = load_faces(root, kept["face_path"].tolist())
+    labels = kept["label"].map(CLASS_TO_INDEX).to_numpy()
+    result = train_model(faces, labels, faces, labels, ArchConfig("tiny", (8, 16)),
+                         TrainConfig(epochs=1, batch_size=64, warmup_epochs=0, num_threads=1))
+    ckpt = save_checkpoint(paths.models_dir / "tiny.safetensors", result, data_version="tiny")
+    spec = ShippedSpec("single", "tiny", (ShippedMember("tiny", "models/tiny.safetensors",
+                                                         float(load_checkpoint(ckpt).temperature)),),
+                       "validation macro-F1", "tiny")
+    paths.shipped_json.write_text(json.dumps(spec.to_json()))
+    try:
+        assert dg.materialize([review_queue], resources={"fer": FerSettings(data_root=str(root)),
+                                                         "label_studio": LabelStudio()}).success
+        queue = pd.read_parquet(paths.review_queue)
+        row = queue[queue["source"] == "unl"].iloc[0]
+        probs = np.array([row[f"p_{c}"] for c in CLASSES])
+        assert row["predicted"] == CLASSES[int(probs.argmax())] and probs.sum() == pytest.approx(1.0)
+        top2 = np.sort(probs)[-2:]
+        assert row["reasons"] == f"unlabelled: least certain (top-2 margin {top2[1] - top2[0]:.2f})"
+        unl = pd.read_parquet(root / "manifest" / "unlabelled.parquet").set_index("source_path")
+        own = load_checkpoint(ckpt).predict_proba(load_faces(root, [unl.loc[NEW[2], "face_path"]]))[0]
+        order = [list(load_checkpoint(ckpt).classes).index(c) for c in CLASSES]
+        assert np.allclose(own[order], probs, atol=1e-5)
+    finally:
+        paths.shipped_json.unlink()

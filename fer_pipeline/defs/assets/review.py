@@ -199,7 +199,7 @@ def _caption(row: object) -> str:
 
 
 @fer_asset(group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey("label_issues"), dg.AssetKey("model_evaluation"),
-                                          dg.AssetKey(FLAGS_ASSET)],
+                                          dg.AssetKey(FLAGS_ASSET), dg.AssetKey("shipped_model")],  # scores the unlabelled
            description="What a person should review first, with the reasons: cleanlab's label suspects, quality-flagged "
                        "faces, the unlabelled images (the shipped model's least certain first), then the rest of the "
                        "label-quality ranking, then the images nothing scored yet; the model's prediction and "

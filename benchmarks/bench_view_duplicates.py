@@ -22,7 +22,10 @@ Protocol (real faces, ``../shared/datasets/affectnet-4class.zip``; skipped when 
   half: recall (planted pairs found) and false pairs there are the figures. pHash's recall (the
   manifest's rule: distance <= 4, mirrored, correlation >= 0.95) on the same plants beside it;
 * a second plant family *outside* the views (shift 12 %, scale 0.85, rotation 8°) shows how far
-  the views reach.
+  the views reach;
+* the evaluation pairs counted false are listed by archive member with their margins: AffectNet
+  itself holds re-cropped copies of one photograph that pHash does not link, and they count as
+  false here.
 
 Brute force (54 x N^2 dot products): fine for the two halves here, not for a pipeline of 10^5
 faces; wiring it into the de-duplication stage needs an approximate nearest-neighbour index.
@@ -65,11 +68,11 @@ def decode(data: bytes) -> np.ndarray:
         return preprocess_image(im, (SIDE, SIDE))
 
 
-def read_affectnet() -> list[bytes]:
+def read_affectnet() -> tuple[list[bytes], list[str]]:
     with zipfile.ZipFile(DATASETS / "affectnet-4class.zip") as zf:
         names = sorted(n for n in zf.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png"))
                        and "__MACOSX" not in n and not n.split("/")[-1].startswith("._") and "Gender" not in n)
-        return [zf.read(n) for n in names]
+        return [zf.read(n) for n in names], names
 
 
 def plant_copy(data: bytes, rng: np.random.Generator, shift: float = 0.08, scale: float = 0.9,
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
-    files = read_affectnet()
+    files, names = read_affectnet()
     faces = np.stack([decode(d) for d in files])
     _, first = np.unique(faces.reshape(len(faces), -1), axis=0, return_index=True)
     first = np.sort(first)
@@ -202,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         sim = view_similarity(ev_faces)
         by_margin = scores(margins(sim), ev_n, ev_plants, t_margin)
         by_sim = scores(sim, ev_n, ev_plants, t_sim)
+        if not prefix:  # the pairs counted false, strongest first, by archive member: look at them
+            score = margins(sim)[:ev_n, :ev_n]
+            iu = np.triu_indices(ev_n, 1)
+            top = np.argsort(-score[iu])[:by_margin["false_pairs"]]
+            rows = halves["evaluation"]
+            figures["false_pairs_listed"] = [[names[rows[iu[0][k]]], names[rows[iu[1][k]]],
+                                              round(float(score[iu][k]), 4)] for k in top]
         figures[f"{prefix}view_recall"] = round(by_margin["recall"], 4)
         figures[f"{prefix}view_false_pair_rate"] = round(by_margin["false_pair_rate"], 5)
         figures[f"{prefix}view_false_pairs"] = by_margin["false_pairs"]

@@ -105,6 +105,17 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                Figure("photos_onnx.stages_s.detector load", "scenes: loading the (PyTorch) detector", "s"),
                Figure("load_average_at_start.0", "load average at the start (shared machine)")),
               readme=True),
+    Benchmark("bench_view_duplicates", "re-cropped copies pHash misses (issue 20): a multi-view descriptor with a "
+              "margin test on AffectNet, 200 planted copies per half, threshold from the calibration half "
+              "(not yet in the pipeline)", "PYTHONPATH=. .venv/bin/python benchmarks/bench_view_duplicates.py",
+              (Figure("view_recall", "planted copies found (evaluation half)", "", ">= 0.9"),
+               Figure("view_false_pair_rate", "pairs among distinct faces, per face (AffectNet's own re-crops "
+                      "count as false; listed in the file)", "", "<= 0.01"),
+               Figure("phash_recall", "pHash rule on the same copies"),
+               Figure("similarity_only_recall", "similarity threshold alone: recall"),
+               Figure("similarity_only_false_pair_rate", "similarity threshold alone: false pairs per face"),
+               Figure("outside_views_view_recall", "copies beyond the views (shift 12 %, scale 0.85, 8°): recall"),
+               Figure("outside_views_view_false_pair_rate", "copies beyond the views: false pairs per face"))),
     Benchmark("train_throughput_cuda", "training throughput of the main model on one GPU (`train_model`, batch 64, "
               "default mode: deterministic, bf16, CUDA graphs)", ".venv/bin/python benchmarks/train_throughput.py "
               "--device cuda",

@@ -191,11 +191,13 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
 
 
 def _caption(row: object) -> str:
-    """Grid caption of a queue row: rank, label (-> prediction) and the first reason."""
-    pred = getattr(row, "predicted", None)
+    """Grid caption of a queue row, two short lines: rank and label (-> prediction); the first
+    reason's kind (its text before the colon; the table beside the grid has the whole reason)."""
     label = row.label if isinstance(row.label, str) else "unlabelled"
-    arrow = f" -> {pred}" if isinstance(pred, str) and pred and pred != row.label else ""
-    return f"#{row.rank} {label}{arrow}: {str(row.reasons).split(';')[0]}"
+    pred = getattr(row, "predicted", None)
+    arrow = f" -> {pred}" if isinstance(pred, str) and pred and pred != label else ""
+    reason = str(row.reasons).split(";")[0].split(":")[0].strip()
+    return f"#{row.rank} {label}{arrow}\n{reason[:30]}"
 
 
 @fer_asset(group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey("label_issues"), dg.AssetKey("model_evaluation"),

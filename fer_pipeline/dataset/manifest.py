@@ -361,10 +361,7 @@ def apply_reviews(manifest: pd.DataFrame, excluded: pd.DataFrame, reviews: pd.Da
                                 "outcome": outcome, "applied": outcome in (APPLIED, CONFIRMED, EXCLUDED, LABELLED)})
         if dropped:
             out = out.drop(index=dropped)
-            add = pd.DataFrame(moved).reindex(columns=list(EXCLUDED_COLUMNS))
-            excluded = pd.concat([excluded, add], ignore_index=True).sort_values(ITEM, kind="mergesort")
-            excluded = excluded.reset_index(drop=True)
-            excluded["face_index"] = excluded["face_index"].astype("int64")
+            excluded = with_excluded(excluded, pd.DataFrame(moved))
     for col in MANIFEST_REVIEW_COLUMNS:
         out[col] = out[col].astype("string")
     report = pd.DataFrame(report_rows, columns=REVIEW_OUTCOME_COLUMNS)
@@ -395,7 +392,13 @@ def exclude_flagged(manifest: pd.DataFrame, excluded: pd.DataFrame, flags: pd.Da
         "stage": STAGE_QUALITY, "reason": ("quality flag: " + moved["image_id"].map(reasons)).to_numpy(),
         "raw_label": moved["original_label"].to_numpy(), "label": moved["label"].to_numpy(),
         "duplicate_of": None, "face_index": moved["face_index"].astype("int64").to_numpy()})
+    return manifest[~moving].reset_index(drop=True), with_excluded(excluded, rows), moved.reset_index(drop=True)
+
+
+def with_excluded(excluded: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``excluded`` plus ``rows`` (excluded columns), in item order: the one way a later stage
+    (a review, a quality flag) adds to the excluded table."""
     out = pd.concat([excluded, rows.reindex(columns=list(EXCLUDED_COLUMNS))], ignore_index=True)
     out = out.sort_values(ITEM, kind="mergesort").reset_index(drop=True)
     out["face_index"] = out["face_index"].astype("int64")
-    return manifest[~moving].reset_index(drop=True), out, moved.reset_index(drop=True)
+    return out

@@ -36,7 +36,7 @@ from fer_pipeline.defs.resources import NO_LABEL_STUDIO, FerSettings, LabelStudi
 from fer_pipeline.defs.settings import fer_asset
 from fer_pipeline.faces.store import load_faces
 from fer_pipeline.publish import read_published, read_unlabelled
-from fer_pipeline.quality.flags import quality_flags
+from fer_pipeline.quality.flags import flag_stored_faces
 from fer_pipeline.quality.plots import plot_face_grid
 from fer_pipeline.review.label_studio import (
     LabelStudioError,
@@ -156,20 +156,15 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
     paths = fer.paths
     published = read_published(paths)
     faces = published.manifest.reset_index(drop=True)
-    pixels = load_faces(paths.root, faces["face_path"].tolist()) if len(faces) else None
-    found = (quality_flags(pixels, faces["width"].to_numpy(), faces["height"].to_numpy())
-             if pixels is not None else pd.DataFrame(columns=["row", "flag", "score", "reason"]))
-    rows = found["row"].to_numpy(dtype=int)
-    flags = faces.iloc[rows].reset_index(drop=True).assign(
-        flag=found["flag"].to_numpy(), score=found["score"].to_numpy(dtype=float), reason=found["reason"].to_numpy(),
-        row=rows)  # the face's row in ``pixels``: the grid below reuses the loaded faces
+    found = flag_stored_faces(paths.root, faces)  # read a chunk at a time, like the manifest's exclusions
+    flags = found.merge(faces.drop(columns=["flag", "score", "reason"], errors="ignore"), on="image_id", how="left")
     flags = flags.sort_values(["score", "image_id"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
     top = flags.drop_duplicates("image_id").head(GRID_FACES)
     flags = flags.reindex(columns=FLAG_TABLE_COLUMNS)
     write_parquet(paths.report("quality_flags"), flags, {"data_version": published.data_version})
     shares = flag_shares(flags, faces) if len(faces) else pd.DataFrame(columns=["source", "faces", "flagged", "share"])
     over = shares[shares["share"] > FLAG_MAX_SHARE]
-    grid = plot_face_grid(pixels[top["row"].to_numpy()] if len(top) else np.zeros((0, 1, 1), np.uint8),
+    grid = plot_face_grid(load_faces(paths.root, top["face_path"].tolist()) if len(top) else np.zeros((0, 1, 1), np.uint8),
                           [f"{r.flag} {r.score:.2f} {r.source}" for r in top.itertuples()],
                           paths.report("flagged_faces"), "Most suspect faces (highest flag score first)")
     return dg.MaterializeResult(metadata={

@@ -105,13 +105,18 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                Figure("photos_onnx.stages_s.detector load", "scenes: loading the (PyTorch) detector", "s"),
                Figure("load_average_at_start.0", "load average at the start (shared machine)")),
               readme=True),
-    Benchmark("bench_view_duplicates", "re-cropped copies pHash misses (issue 20): a multi-view descriptor with a "
-              "margin test on AffectNet, 200 planted copies per half, threshold from the calibration half "
-              "(not yet in the pipeline)", "PYTHONPATH=. .venv/bin/python benchmarks/bench_view_duplicates.py",
+    Benchmark("bench_view_duplicates", "re-cropped copies pHash misses (issue 20): the de-duplication's multi-view "
+              "descriptor and margin test (`fer_pipeline/dedup/views.py`) on AffectNet, 200 planted copies per "
+              "half, rule chosen on the calibration half", "PYTHONPATH=. .venv/bin/python "
+              "benchmarks/bench_view_duplicates.py",
               (Figure("view_recall", "planted copies found (evaluation half)", "", ">= 0.9"),
                Figure("view_false_pair_rate", "pairs among distinct faces, per face (AffectNet's own re-crops "
                       "count as false; listed in the file)", "", "<= 0.01"),
                Figure("phash_recall", "pHash rule on the same copies"),
+               Figure("margin_threshold", "rule chosen on the calibration half: margin"),
+               Figure("similarity_floor", "rule chosen on the calibration half: similarity floor"),
+               Figure("default_rule_is_calibrated", "the pipeline's defaults are that rule"),
+               Figure("hnsw_view_recall", "recall through the HNSW index (used above 20,000 faces)"),
                Figure("similarity_only_recall", "similarity threshold alone: recall"),
                Figure("similarity_only_false_pair_rate", "similarity threshold alone: false pairs per face"),
                Figure("outside_views_view_recall", "copies beyond the views (shift 12 %, scale 0.85, 8°): recall"),

@@ -11,7 +11,8 @@ stage like every other file, but they skip the four classes' de-duplication and 
   harmless for pretraining.
 * :func:`leakage_guard`: once the splits are known, every pool image that duplicates a four-class
   image of *any* split, train included (exact, near or mirrored: the manifest's rule,
-  :func:`~fer_pipeline.dedup.groups.duplicates_across`), leaves the pool for the excluded table
+  :func:`~fer_pipeline.dedup.groups.duplicates_across`; and, when the manifest links re-cropped
+  copies, a view similarity at its floor: :func:`~fer_pipeline.dedup.views.view_matches_across`), leaves the pool for the excluded table
   (stage ``leakage_guard``, ``duplicate_of`` = that image). Train images count too because
   cross-validation and leave-one-source-out hold them out in turn (:data:`HELDOUT_SPLITS`).
 
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from fer_pipeline.dedup.groups import duplicates_across
+from fer_pipeline.dedup.views import ViewRule, view_matches_across
 from fer_pipeline.faces.store import load_faces
 from fer_pipeline.sources.inventory import POOL
 from fer_pipeline.dataset.manifest import ITEM, accepted_faces, image_id_for, published_framing
@@ -56,6 +58,7 @@ class DuplicateRule:
     max_distance: int = 4
     match_mirrored: bool = True
     min_correlation: float = 0.95
+    view: ViewRule | None = None  # re-cropped copies too (its similarity floor; see view_matches_across)
 
 
 def _typed(frame: pd.DataFrame, image_size: tuple[int, int]) -> pd.DataFrame:
@@ -126,6 +129,12 @@ def find_heldout_duplicates(pool: pd.DataFrame, manifest: pd.DataFrame, splits: 
         pixels = load_faces(data_root, pool["face_path"].iloc[rows].tolist())
         match[rows] = duplicates_across(hashes[rows], None if mirror is None else mirror[rows], pixels,
                                         ref_hash, ref_mirror, ref_pixels, rule.max_distance, rule.min_correlation)
+    rest = np.flatnonzero(match < 0)
+    if rule.view is not None and len(rest):  # re-cropped copies pHash does not see
+        paths = pool["face_path"].to_numpy()
+        found, _ = view_matches_across(lambda idx: load_faces(data_root, paths[rest[idx]].tolist()), len(rest),
+                                       lambda idx: ref_pixels[idx], len(ref_pixels), rule.view.min_similarity)
+        match[rest] = found
     hit = np.flatnonzero(match >= 0)
     ref = heldout.iloc[match[hit]]
     for col, src in zip(MATCH_COLUMNS, ("image_id", "split", "source", "source_path")):

@@ -41,6 +41,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from fer_pipeline.atomic import atomic_path
+from fer_pipeline.dedup.views import ViewRule, cached_plain, view_links
 from fer_pipeline.faces.phash import from_hex
 
 BLOCK = 256  # rows per block of the all-pairs fallback: cache-friendly temporaries
@@ -501,6 +502,9 @@ class DedupReport:
     n_conflict_groups: int
     seconds: float
     n_given_up: int = 0  # candidate pairs not correlated after MAX_TRIES rejections between their groups
+    n_view_links: int = 0  # re-cropped copies the view descriptors linked (groups that pHash left apart)
+    view_pairs: pd.DataFrame | None = None  # their rows: a, b (row positions), similarity, margin
+    n_view_described: int = 0  # faces whose plain view descriptor was computed this run (the rest cached)
 
 
 def deduplicate(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool = True,
@@ -692,7 +696,8 @@ class IncrementalStats:
 def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mirrored: bool = True,
                             load_pixels: Callable[[np.ndarray], np.ndarray] | None = None,
                             min_correlation: float = 0.95, cache_path: Path | None = None,
-                            ignore_cache: bool = False) -> tuple[DedupReport, IncrementalStats]:
+                            ignore_cache: bool = False, view_rule: ViewRule | None = None,
+                            view_cache_path: Path | None = None) -> tuple[DedupReport, IncrementalStats]:
     """:func:`deduplicate` that only compares faces not seen before (by ``sha256``) against all.
 
     ``faces`` needs the columns of :func:`deduplicate` plus ``sha256`` (raw content hash).
@@ -703,6 +708,11 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
     order in which files arrived. ``cache_path`` keeps the pairs between runs (written only when
     pixels were available, so cached correlations are real ones); ``ignore_cache`` recomputes
     everything (and rewrites the cache).
+
+    ``view_rule`` (needs ``load_pixels``) then links the groups whose faces are re-cropped copies
+    (:mod:`fer_pipeline.dedup.views`): one face per group (the first in content order) is compared
+    with every other group's, so a group of exact copies does not hide its re-crop behind the
+    margin test; ``view_cache_path`` keeps their plain descriptors by content hash.
     """
     start = time.perf_counter()
     df = faces.reset_index(drop=True).copy()
@@ -774,8 +784,14 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
     la, lb = linker.links()
     link_a = np.concatenate([old_a[old_ok], la])
     link_b = np.concatenate([old_b[old_ok], lb])
-    report = _group(df, ei, ej, face_rows[link_a], face_rows[link_b], len(old_a) + linker.candidates, start)
+    view = _view_links(linker, shas, face_rows, load_pixels, view_rule,
+                       view_cache_path, ignore_cache)
+    report = _group(df, ei, ej, face_rows[np.concatenate([link_a, view.a])],
+                    face_rows[np.concatenate([link_b, view.b])], len(old_a) + linker.candidates, start)
     report.n_given_up = linker.given_up
+    report.n_view_links, report.n_view_described = len(view.a), view.described
+    report.view_pairs = pd.DataFrame({"a": face_rows[view.a], "b": face_rows[view.b],
+                                      "similarity": view.similarity, "margin": view.margin})
     changed = cache is None or len(new) > 0 or removed
     if cache_path is not None and changed and load_pixels is not None:
         NearLinkCache(shas, np.concatenate([old_a, np.minimum(ta, tb)]), np.concatenate([old_b, np.maximum(ta, tb)]),
@@ -783,6 +799,34 @@ def deduplicate_incremental(faces: pd.DataFrame, max_distance: int = 4, match_mi
                       min_correlation).save(cache_path)
     report.seconds = time.perf_counter() - start
     return report, IncrementalStats(len(new), len(old), linker.correlations)
+
+
+@dataclass
+class _ViewResult:
+    a: np.ndarray  # distinct-face indices (content order)
+    b: np.ndarray
+    similarity: np.ndarray
+    margin: np.ndarray
+    described: int
+
+
+def _view_links(linker: _Linker, shas: np.ndarray, face_rows: np.ndarray, load_pixels: Callable[[np.ndarray], np.ndarray] | None,
+                rule: ViewRule | None, cache_path: Path | None, ignore_cache: bool) -> _ViewResult:
+    """The view links between the groups the exact and pHash links made (one face per group,
+    the first in content order, so the result depends on the contents only)."""
+    empty = np.zeros(0, np.int64)
+    if rule is None or load_pixels is None or not len(shas):
+        return _ViewResult(empty, empty, np.zeros(0, np.float32), np.zeros(0, np.float32), 0)
+    group = linker.find(np.arange(len(shas)))
+    _, heads = np.unique(group, return_index=True)
+    heads = np.sort(heads)
+
+    def load(idx: np.ndarray) -> np.ndarray:
+        return np.asarray(load_pixels(face_rows[heads[idx]]))
+
+    plain, described = cached_plain(shas[heads], load, cache_path, ignore_cache)
+    a, b, sim, margin = view_links(load, len(heads), rule, plain)
+    return _ViewResult(heads[a], heads[b], sim, margin, described)
 
 
 def duplicates_across(hashes: np.ndarray, mirrored: np.ndarray | None, pixels: np.ndarray | None,

@@ -48,7 +48,7 @@ Validate = Callable[[Tables, FerSettings], validation.ValidationOutcome]
 
 def duplicate_rule(fer: FerSettings) -> pool_core.DuplicateRule:
     """The manifest's de-duplication settings, as the pool's leakage guard applies them."""
-    return pool_core.DuplicateRule(fer.phash_max_distance, fer.match_mirrored, fer.min_correlation)
+    return pool_core.DuplicateRule(fer.phash_max_distance, fer.match_mirrored, fer.min_correlation, fer.view_rule)
 
 
 def _pool_leakage(t: Tables, fer: FerSettings) -> validation.ValidationOutcome:

@@ -16,6 +16,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr, field_validator
 
 from fer_pipeline.analysis.bias import ATTRIBUTES
+from fer_pipeline.dedup.views import ViewRule
 from fer_pipeline.faces.preprocess import PreprocessSettings
 from fer_pipeline.limits import MAX_BYTES_IN_FLIGHT, MAX_FILE_BYTES
 from fer_pipeline.ml.pretrain import PretrainConfig
@@ -49,6 +50,12 @@ class FerSettings(dg.ConfigurableResource):
     match_mirrored: bool = Field(default=True, description="Also treat mirrored copies as near-duplicates")
     min_correlation: float = Field(default=0.95, description="Confirm phash matches by pixel correlation "
                                    "(0 = trust the perceptual hash alone)")
+    view_duplicates: bool = Field(default=True, description="Also link re-cropped copies pHash misses (shifted, "
+                                  "scaled, rotated crops) by the multi-view descriptor and margin test")
+    view_margin: float = Field(default=ViewRule.margin, ge=0, le=1, description="A view pair's similarity must beat "
+                               "both faces' best third face by this much (calibrated by benchmarks/bench_view_duplicates.py)")
+    view_min_similarity: float = Field(default=ViewRule.min_similarity, ge=0, le=1, description="and reach this "
+                                       "similarity (best cosine of the blurred centres over 54 views)")
     train_share: float = 0.70
     validation_share: float = 0.15
     test_share: float = 0.15
@@ -124,6 +131,11 @@ class FerSettings(dg.ConfigurableResource):
                                   f"{self._store.local}; the next push from it sends them, unless the store changed "
                                   "them meanwhile (then the next pull takes the store's version)")
             raise
+
+    @property
+    def view_rule(self) -> ViewRule | None:
+        """The re-cropped-copy rule of the de-duplication, or None when ``view_duplicates`` is off."""
+        return ViewRule(self.view_margin, self.view_min_similarity) if self.view_duplicates else None
 
     @property
     def preprocess(self) -> PreprocessSettings:

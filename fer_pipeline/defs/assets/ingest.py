@@ -20,6 +20,7 @@ from fer_pipeline.dataset.manifest import (
     published_framing,
 )
 from fer_pipeline.dedup import groups as dedup_core
+from fer_pipeline.dedup.views import descriptor_cache_name
 from fer_pipeline.defs.jobs import SOURCE_OBSERVATION
 from fer_pipeline.defs.metadata import SYNTHETIC_NOTE, counts, frame_version, md_table
 from fer_pipeline.defs.resources import FerSettings
@@ -197,14 +198,21 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
     refs = accepted["face_ref"].to_numpy()
     # incremental: only faces not seen before are compared (and their pixels loaded); the candidate
     # pairs are cached by content hash, per preprocessing/threshold settings, next to the face store
-    cache = (FaceStore(paths.root, fer.preprocess.key).dir / "dedup"
-             / dedup_core.link_cache_name(fer.preprocess.key, fer.phash_max_distance, fer.match_mirrored))
+    cache_dir = FaceStore(paths.root, fer.preprocess.key).dir / "dedup"
+    cache = cache_dir / dedup_core.link_cache_name(fer.preprocess.key, fer.phash_max_distance, fer.match_mirrored)
     report, stats = dedup_core.deduplicate_incremental(
         accepted, fer.phash_max_distance, fer.match_mirrored,
         lambda rows: load_faces(paths.root, refs[rows].tolist()), fer.min_correlation,
-        cache_path=cache, ignore_cache=fer.rebuild)
+        cache_path=cache, ignore_cache=fer.rebuild, view_rule=fer.view_rule,
+        view_cache_path=cache_dir / descriptor_cache_name(fer.preprocess.key))
     write_parquet(paths.dedup_table, report.table)
     df = report.table
+    pairs = report.view_pairs if report.view_pairs is not None else pd.DataFrame(columns=["a", "b"])
+    view_examples = pd.DataFrame({
+        "source_path": df["source_path"].to_numpy()[pairs["a"].to_numpy(int)],
+        "copy_of": df["source_path"].to_numpy()[pairs["b"].to_numpy(int)],
+        "similarity": pairs.get("similarity", pd.Series(dtype=float)).round(3).to_numpy(),
+        "margin": pairs.get("margin", pd.Series(dtype=float)).round(3).to_numpy()})
     examples = df[~df["is_representative"]][["source", "source_path", "duplicate_of", "dup_group"]]
     conflicts = df[df["conflict"]][["dup_group", "source", "source_path", "label"]]
     return dg.MaterializeResult(metadata={
@@ -216,6 +224,11 @@ def deduplicated_faces(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         "near_links": report.n_near_links,
         "near_candidates_by_phash": report.n_near_candidates,
         "near_candidates_given_up": report.n_given_up,
+        "view_links": report.n_view_links,
+        "view_duplicate_examples": md_table(view_examples, 10),
+        "view_rule": (f"margin >= {fer.view_margin}, similarity >= {fer.view_min_similarity}"
+                      if fer.view_duplicates else "off (view_duplicates: false)"),
+        "view_descriptors_computed_this_run": report.n_view_described,
         "label_conflict_groups": report.n_conflict_groups,
         "label_conflict_images": int(df["conflict"].sum()),
         "duplicate_examples": md_table(examples, 10),

@@ -38,7 +38,9 @@ from fer_pipeline.paths import DataPaths
 from fer_pipeline.schema import EXCLUDED_COLUMNS, POOL_COLUMNS
 from fer_pipeline_tests.conftest import asset_metadata, face_png, run_data_pipeline, write, write_catalogue
 
-RUN_CONFIG = {"resources": {"fer": {"config": {"min_images_per_class": 5}}}}
+# view_duplicates off: the re-cropped-copy rule, calibrated on real faces, links a few of these blob patterns
+# and synthetic faces to one another (fer_pipeline_tests/dedup/test_views.py tests it, the guard across included)
+RUN_CONFIG = {"resources": {"fer": {"config": {"min_images_per_class": 5, "view_duplicates": False}}}}
 TABLES = ("manifest", "excluded", "splits", "pool")
 ITEM = ["source", "source_path", "face_index"]
 DEMO = {"name": "demo", "kind": "synthetic", "path": "raw/demo", "n_images": 240, "seed": 3}
@@ -235,7 +237,7 @@ def test_splits_alone_guards_the_published_pool_against_the_new_splits(world: Wo
     the published pool again; what an earlier guard dropped stays excluded (conservative)."""
     root = tmp_path / "data"
     shutil.copytree(world.paths.root, root, ignore=shutil.ignore_patterns("candidates"))
-    config = {"resources": {"fer": {"config": {"min_images_per_class": 5, "split_seed": 1}}}}
+    config = {"resources": {"fer": {"config": {"min_images_per_class": 5, "split_seed": 1, "view_duplicates": False}}}}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FER_DATA_DIR", str(root))
         result = defs.resolve_job_def("data_pipeline").execute_in_process(

@@ -190,11 +190,11 @@ def _read_chunk(root: Path, part: pd.DataFrame, shape: tuple[int, int]) -> tuple
     read for the chunk, face by face only when that fails, so one bad shard costs only its faces."""
     refs = part["face_path"].astype(str).tolist()
     try:
-        faces = load_faces(root, refs)
-        if tuple(faces.shape[1:]) == shape:
-            return faces, list(range(len(refs))), [""] * len(refs)
-    except Exception:  # noqa: BLE001 -- find which faces, below
-        pass
+        whole: np.ndarray | None = load_faces(root, refs)
+    except Exception:  # noqa: BLE001 -- a bad shard or face: found face by face below
+        whole = None
+    if whole is not None and tuple(whole.shape[1:]) == shape:
+        return whole, list(range(len(refs))), [""] * len(refs)
     good, ok, why = [], [], []
     for i, ref in enumerate(refs):
         try:

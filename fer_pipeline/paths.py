@@ -53,6 +53,7 @@ REPORT_FILES: dict[str, str] = {
     "label_issues": "label_issues",  # .parquet + .csv
     "quality_flags": "quality_flags.parquet",
     "outliers": "outliers.parquet",  # face_embeddings: faces far from their nearest neighbours
+    "outlier_faces": "outlier_faces.png",
     "flagged_faces": "flagged_faces.png",
     "review_queue_top": "review_queue_top.png",  # review_queue: its first faces, with their reasons
     "label_issues_top": "label_issues_top.png",

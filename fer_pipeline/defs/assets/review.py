@@ -271,7 +271,8 @@ def face_embeddings(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.M
     meta = {**meta, "model": model, "model_kind": kind, "model_why": choice.reason}
     write_parquet(paths.embeddings, table, meta)
     info = faces.drop(columns=["sha256", "face_index", "face_path"])
-    outliers = outliers.merge(info, on="image_id", how="left").reindex(columns=OUTLIER_TABLE_COLUMNS)
+    outliers = outliers.merge(info, on="image_id", how="left").reindex(columns=OUTLIER_TABLE_COLUMNS).astype(
+        {"score": "float64", "relative_distance": "float64", "reason": "object"})  # typed even when empty
     write_parquet(paths.report("outliers"), outliers, meta)
     shares = outlier_shares(outliers, faces[faces["image_id"].isin(table["image_id"])]) if len(table) \
         else pd.DataFrame(columns=["source", "faces", "outliers", "share"])

@@ -52,6 +52,8 @@ REPORT_FILES: dict[str, str] = {
     # label_issues
     "label_issues": "label_issues",  # .parquet + .csv
     "quality_flags": "quality_flags.parquet",
+    "outliers": "outliers.parquet",  # face_embeddings: faces far from their nearest neighbours
+    "outlier_faces": "outlier_faces.png",
     "flagged_faces": "flagged_faces.png",
     "review_queue_top": "review_queue_top.png",  # review_queue: its first faces, with their reasons
     "label_issues_top": "label_issues_top.png",
@@ -117,6 +119,7 @@ class DataPaths:
     splits = _Under("manifest", "splits.parquet")
     pool = _Under("manifest", "pool.parquet")  # the pretraining pool (published with the three above)
     unlabelled = _Under("manifest", "unlabelled.parquet")  # images with no class yet (published with them too)
+    embeddings = _Under("manifest", "embeddings.parquet")  # face_embeddings: one vector per kept/unlabelled face
     candidates_dir = _Under("manifest", "candidates")  # per-run candidates (write, audit, publish)
     reports_dir = _Under("reports")
     reviews_dir = _Under("reviews")  # the review loop (Label Studio): what to review and what was decided

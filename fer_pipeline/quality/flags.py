@@ -1,8 +1,8 @@
 """Image-quality flags: one row per (face, flag) with a score and a reason.
 
 Flags are for a person to look at: the ``data_quality_flags`` asset computes them on the published
-manifest's faces and the review queue (:mod:`fer_pipeline.review.queue`) ranks flagged faces right
-after cleanlab's label suspects. A flagged face stays in the manifest unless the settings name its
+manifest's faces and the unlabelled ones, and the review queue (:mod:`fer_pipeline.review.queue`)
+ranks flagged faces right after cleanlab's label suspects. A flagged face stays in the manifest unless the settings name its
 flag in ``fer.exclude_flags``: then the manifest stage moves it to the excluded table
 (:func:`flag_stored_faces` here, :func:`fer_pipeline.dataset.manifest.exclude_flagged` there).
 
@@ -21,7 +21,8 @@ memory; and it would be one more dependency for five statistics:
   - ``extreme_aspect``: the original image's width/height beyond ``max_aspect`` (either way): the
     centre crop kept little of it.
 
-Outliers in an embedding space are not here yet: they need the face embeddings (issue 20).
+Outliers in an embedding space are not a pixel statistic: they need a model, so they live above
+``ml`` (:mod:`fer_pipeline.review.embeddings`, the ``face_embeddings`` asset).
 
 Plain Python (numpy, pandas).
 """

@@ -10,8 +10,10 @@ The input contract of the review loop is :data:`fer_pipeline.schema.REVIEW_QUEUE
    manifest order, so the loop works before any model exists.
 
 Faces with an image-quality flag (``data_quality_flags``: blurred, dark, washed out, low
-information, ...) come right after the label suspects, worst flag first, their flag reasons
-added to the row's reasons.
+information, ...) or found an outlier in the embedding space (``face_embeddings``: far from their
+nearest neighbours, :mod:`fer_pipeline.review.embeddings`) come right after the label suspects,
+worst first, their reasons added to the row's reasons. An unlabelled image with a flag joins
+that tier too (a blurred or non-face image is worth a look before it is given a class).
 
 Unlabelled images (``role: unlabelled`` sources: the published ``unlabelled`` table) come next,
 before the scored tier: a class is what they lack, and the one a reviewer gives them adds a face
@@ -21,8 +23,9 @@ listed unscored, in table order (:func:`rank_unlabelled`).
 
 Images a person already reviewed (the manifest's ``review_source``) are left out. ``score`` is in
 [0, 1], higher = more worth a look: ``1 - label quality`` for scored images, ``1 - top-2 margin``
-for unlabelled ones, 0 for unscored ones. Other rankings (embedding duplicates, outliers) add
-rows and reasons to the same contract.
+for unlabelled ones, ``1 - cleanlab's outlier score`` for outliers, 0 for unscored ones; a flagged
+face keeps the larger of its own score and its worst flag's. Other rankings (embedding
+duplicates) add rows and reasons to the same contract.
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ def _with_flags(order: pd.DataFrame, flags: pd.DataFrame | None) -> pd.DataFrame
     order["tier"] = order["tier"].astype("int64")
     score_rank = np.where(order["tier"] == UNSCORED, 0.0, -order["score"].astype("float64"))  # unscored: manifest order
     return order.assign(_key=score_rank).sort_values(["tier", "_key"], kind="mergesort").drop(columns="_key")
+
+
+def outlier_flags(outliers: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The outliers (``image_id``, ``score``: cleanlab's outlier score, lower = more atypical,
+    ``reason``) as queue flags (``image_id``, ``score`` higher = worse, ``reason``)."""
+    if outliers is None or not len(outliers):
+        return None
+    return outliers[["image_id", "reason"]].assign(
+        score=(1.0 - outliers["score"].astype("float64")).clip(0.0, 1.0))[["image_id", "score", "reason"]]
 
 
 def probability_table(test_predictions: pd.DataFrame | None, best_model: str | None,
@@ -124,7 +136,8 @@ def build_review_queue(manifest: pd.DataFrame, label_issues: pd.DataFrame | None
                        probabilities: pd.DataFrame | None = None,
                        classes: Sequence[str] = CLASSES, flags: pd.DataFrame | None = None,
                        unlabelled: pd.DataFrame | None = None, unlabelled_probabilities: pd.DataFrame | None = None,
-                       unlabelled_unscored_reason: str = UNLABELLED_UNSCORED_REASON) -> pd.DataFrame:
+                       unlabelled_unscored_reason: str = UNLABELLED_UNSCORED_REASON,
+                       outliers: pd.DataFrame | None = None) -> pd.DataFrame:
     """The ranked queue (:data:`REVIEW_QUEUE_COLUMNS`) over the kept images of ``manifest`` (the
     published manifest: ``image_id``, ``sha256``, ``face_index``, ``source``, ``source_path``,
     ``face_path``, ``label``, optionally ``review_source``). ``label_issues``: the label-issue
@@ -132,7 +145,9 @@ def build_review_queue(manifest: pd.DataFrame, label_issues: pd.DataFrame | None
     :func:`probability_table`; ``flags``: quality flags (``image_id``, ``score``, ``reason``);
     ``unlabelled``: the published unlabelled images (the manifest's columns, null ``label``) and
     ``unlabelled_probabilities`` the model's for them (``image_id``, ``p_<class>``,
-    ``probabilities``; None: no model), ranked by :func:`rank_unlabelled`."""
+    ``probabilities``; None: no model), ranked by :func:`rank_unlabelled`; ``outliers``: the
+    embedding outliers (``image_id``, ``score`` cleanlab's, lower = more atypical, ``reason``),
+    merged like the quality flags (:func:`outlier_flags`)."""
     kept = _unreviewed(manifest)
     cols = ["image_id", "sha256", "face_index", "source", "source_path", "face_path", "label"]
     unl = _unreviewed(unlabelled) if unlabelled is not None else pd.DataFrame(columns=cols)
@@ -153,7 +168,8 @@ def build_review_queue(manifest: pd.DataFrame, label_issues: pd.DataFrame | None
     if len(unl):
         parts.append(rank_unlabelled(unl, unlabelled_probabilities, unlabelled_unscored_reason))
         kept = pd.concat([kept[cols], unl[cols].assign(label=None)], ignore_index=True)
-    order = _with_flags(pd.concat(parts, ignore_index=True), flags)
+    both = [f[["image_id", "score", "reason"]] for f in (flags, outlier_flags(outliers)) if f is not None and len(f)]
+    order = _with_flags(pd.concat(parts, ignore_index=True), pd.concat(both, ignore_index=True) if both else None)
     queue = order.merge(kept[cols], on="image_id", how="left", validate="one_to_one")
     queue = queue.rename(columns={"face_path": "image"})
     probs = probabilities if probabilities is not None else probability_table(None, None, None)

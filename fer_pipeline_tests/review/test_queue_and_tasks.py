@@ -29,6 +29,7 @@ from fer_pipeline.review.label_studio import (
     task_key,
 )
 from fer_pipeline.review.queue import (
+    UNLABELLED_UNSCORED_REASON,
     UNSCORED_REASON,
     build_review_queue,
     probability_table,
@@ -87,6 +88,26 @@ def test_quality_flagged_faces_come_right_after_the_label_suspects() -> None:
     assert queue.loc[0, "reasons"].startswith("cleanlab label suspect") and queue.loc[0, "reasons"].endswith(
         "; washed out: z")
     assert queue.loc[4, "reasons"] == UNSCORED_REASON
+
+
+def test_outliers_and_flags_of_unlabelled_images_join_the_flagged_tier() -> None:
+    """An embedding outlier (cleanlab score 0.1: queue score 0.9) ranks with the quality-flagged
+    faces, its reason beside a quality flag's; an unlabelled image with a quality flag moves from
+    its own tier up to the flagged one, keeping its unlabelled reason first."""
+    flags = pd.DataFrame({"image_id": ["id1", "u1"], "score": [0.5, 0.4],
+                          "reason": ["dark: d", "blurred: b"]})
+    outliers = pd.DataFrame({"image_id": ["id3", "id1"], "score": [0.1, 0.3],
+                             "reason": ["outlier: far (score 0.10)", "outlier: far (score 0.30)"]})
+    unl = pd.DataFrame({"image_id": ["u0", "u1"], "sha256": ["e" * 64, "f" * 64], "face_index": 0,
+                        "source": "new", "source_path": ["u0.png", "u1.png"], "face_path": ["faces/x.npy#7"] * 2,
+                        "label": None})
+    queue = build_review_queue(_manifest(), _issues(), flags=flags, outliers=outliers, unlabelled=unl)
+    assert queue["image_id"].tolist() == ["id2", "id3", "id1", "u1", "u0", "id0", "id4"]
+    by = queue.set_index("image_id")
+    assert by.loc["id3", "reasons"] == "outlier: far (score 0.10)" and by.loc["id3", "score"] == pytest.approx(0.9)
+    assert by.loc["id1", "reasons"].endswith("; outlier: far (score 0.30); dark: d")
+    assert by.loc["u1", "reasons"] == f"{UNLABELLED_UNSCORED_REASON}; blurred: b" and pd.isna(by.loc["u1", "label"])
+    assert by.loc["u0", "reasons"] == UNLABELLED_UNSCORED_REASON
 
 
 def test_queue_without_any_model_lists_every_unreviewed_image() -> None:

@@ -12,6 +12,11 @@
   (:mod:`fer_pipeline.quality.flags`; ``reports/quality_flags.parquet``), with a warning check of
   the flagged share per source and a grid of the worst faces in its metadata. Flagged faces stay
   in the manifest.
+  The unlabelled images (``role: unlabelled`` sources) are flagged too (``label`` null).
+* ``face_embeddings`` embeds every kept and unlabelled face with the pretrained backbone
+  (:mod:`fer_pipeline.review.embeddings`; ``manifest/embeddings.parquet``, reused by content hash
+  and model identity) and writes the faces far from their nearest neighbours
+  (``reports/outliers.parquet``). After the splits, for review only: nothing upstream reads it.
 * ``review_queue`` ranks what a person should look at first (``reviews/review_queue.parquet``),
   the unlabelled images (``role: unlabelled`` sources) too: the shipped model's least certain first.
 * ``label_studio_tasks`` pushes the queue's top N as tasks (never twice the same image).
@@ -23,6 +28,9 @@ a failed step naming the URL, never an empty review table.
 """
 
 import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -38,6 +46,14 @@ from fer_pipeline.faces.store import load_faces
 from fer_pipeline.publish import read_published, read_unlabelled
 from fer_pipeline.quality.flags import flag_stored_faces
 from fer_pipeline.quality.plots import plot_face_grid
+from fer_pipeline.review.embeddings import (
+    EMBEDDING_COLUMNS,
+    OUTLIER_COLUMNS,
+    OutlierSettings,
+    choose_embedder,
+    find_outliers,
+    refresh_embeddings,
+)
 from fer_pipeline.review.label_studio import (
     LabelStudioError,
     build_tasks,
@@ -51,6 +67,10 @@ DATA_GROUP = "data"
 REVIEW_GROUP = "review"
 QUEUE_SHOWN = 20
 FLAGS_ASSET = "data_quality_flags"
+EMBEDDINGS_ASSET = "face_embeddings"
+BACKBONE = "pretrained_backbone"  # defs.assets.pretrain.BACKBONE (that module imports the data assets, which import these)
+OUTLIER_TABLE_COLUMNS = ["image_id", "source", "source_path", "label", "score", "relative_distance", "reason"]
+FACE_COLUMNS = ["image_id", "sha256", "face_index", "face_path", "source", "source_path", "label"]
 FLAG_MAX_SHARE = 0.05  # the warning check: a source with more of its faces flagged needs a look
 FLAG_TABLE_COLUMNS = ["image_id", "source", "source_path", "label", "flag", "score", "reason"]
 GRID_FACES = 24
@@ -145,17 +165,19 @@ def flag_shares(flags: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
 
 
 @fer_asset(name=FLAGS_ASSET, group_name=DATA_GROUP, deps=[dg.AssetKey("splits")],
-           description="Image-quality flags of every published face (blurred, noisy, dark, washed out, low "
-                       "information, near-constant, extreme aspect), each with a score and a reason "
-                       "(reports/quality_flags.parquet); flagged faces stay in the manifest and go up the review "
-                       "queue.",
+           description="Image-quality flags of every published face, kept or unlabelled (blurred, noisy, dark, "
+                       "washed out, low information, near-constant, extreme aspect), each with a score and a reason "
+                       "(reports/quality_flags.parquet; label null for an unlabelled image); flagged faces stay in "
+                       "the manifest and go up the review queue.",
            check_specs=[dg.AssetCheckSpec("flag_shares", asset=FLAGS_ASSET, blocking=False,
                                           description=f"Warning: per source, at most {FLAG_MAX_SHARE:.0%} of its "
                                                       "faces flagged; the metadata gives every source's shares.")])
 def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
     paths = fer.paths
     published = read_published(paths)
-    faces = published.manifest.reset_index(drop=True)
+    unlabelled = read_unlabelled(paths)  # no class yet: a non-face or a blurred one is worth knowing before review
+    faces = pd.concat([published.manifest, unlabelled.assign(label=None)], ignore_index=True) if len(unlabelled) \
+        else published.manifest.reset_index(drop=True)
     found = flag_stored_faces(paths.root, faces)  # read a chunk at a time, like the manifest's exclusions
     flags = found.merge(faces.drop(columns=["flag", "score", "reason"], errors="ignore"), on="image_id", how="left")
     flags = flags.sort_values(["score", "image_id"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
@@ -170,7 +192,9 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(flags),
         "faces_checked": len(faces),
+        "unlabelled_checked": len(unlabelled),
         "faces_flagged": int(flags["image_id"].nunique()),
+        "unlabelled_flagged": int(flags.loc[flags["label"].isna(), "image_id"].nunique()),
         "by_flag": counts(flags["flag"]),
         "flags_by_source": md_table(shares),
         "top_suspects": md_table(flags[["image_id", "source", "source_path", "label", "flag", "score", "reason"]]
@@ -185,6 +209,107 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         data_version=frame_version(flags))
 
 
+def _read_previous_embeddings(path: Path, log: Callable[[str], None]) -> pd.DataFrame | None:
+    """The stored embeddings (None: none yet, or unreadable: then every face is embedded again, saying so)."""
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 -- a damaged table is recomputed, not fatal
+        log(f"{path} is not readable ({type(exc).__name__}: {exc}): every face is embedded again")
+        return None
+    missing = [c for c in EMBEDDING_COLUMNS if c not in table.columns]
+    if missing:
+        log(f"{path} lacks {missing}: every face is embedded again")
+        return None
+    return table
+
+
+def outlier_shares(outliers: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
+    """Per source: embedded faces, outliers and their share."""
+    out = faces.groupby("source").size().rename("faces").to_frame()
+    out["outliers"] = outliers.groupby("source")["image_id"].nunique().reindex(out.index).fillna(0).astype(int)
+    out["share"] = (out["outliers"] / out["faces"].clip(lower=1)).round(4)
+    return out.reset_index()
+
+
+@fer_asset(name=EMBEDDINGS_ASSET, group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey(BACKBONE)],
+           description="An embedding per kept and unlabelled face (manifest/embeddings.parquet): the pretrained "
+                       "backbone's pooled features (the shipped or main model where there is no backbone, saying "
+                       "why), reused by content hash and model identity; and the outliers among them, faces far "
+                       "from their nearest neighbours by cleanlab's kNN score (reports/outliers.parquet), which go "
+                       "up the review queue. Computed after the splits and used for review only: it decides no "
+                       "duplicate and no split.")
+def face_embeddings(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.MaterializeResult:
+    start = time.perf_counter()
+    paths = fer.paths
+    published = read_published(paths)
+    unlabelled = read_unlabelled(paths)
+    faces = pd.concat([published.manifest[FACE_COLUMNS], unlabelled[FACE_COLUMNS].assign(label=None)],
+                      ignore_index=True)
+    choice = choose_embedder(paths)
+    settings = OutlierSettings()
+    meta = {"data_version": published.data_version, "manifest_version": published.manifest_version}
+    if choice.embedder is None:
+        context.log.warning(f"no model to embed with: {choice.reason}; no embeddings and no outliers this run")
+        table = pd.DataFrame(columns=EMBEDDING_COLUMNS)
+        refreshed = None
+        outliers, note = pd.DataFrame(columns=OUTLIER_COLUMNS), f"no embeddings: {choice.reason}"
+        model, kind = "none", "none"
+    else:
+        embedder = choice.embedder
+        model, kind = embedder.identity, embedder.kind
+        if kind != "backbone":
+            context.log.warning(f"embedding with the {kind}: {choice.reason}")
+        previous = _read_previous_embeddings(paths.embeddings, context.log.warning)
+        refreshed = refresh_embeddings(paths.root, faces, embedder, previous, log=context.log.info)
+        table = refreshed.table
+        if len(refreshed.failed):
+            context.log.warning(f"{len(refreshed.failed)} face(s) not embedded: "
+                                + "; ".join(f"{r.image_id}: {r.reason}" for r in refreshed.failed.head(10).itertuples()))
+        outliers, note = find_outliers(table, settings, kind)
+    meta = {**meta, "model": model, "model_kind": kind, "model_why": choice.reason}
+    write_parquet(paths.embeddings, table, meta)
+    info = faces.drop(columns=["sha256", "face_index", "face_path"])
+    outliers = outliers.merge(info, on="image_id", how="left").reindex(columns=OUTLIER_TABLE_COLUMNS).astype(
+        {"score": "float64", "relative_distance": "float64", "reason": "object"})  # typed even when empty
+    write_parquet(paths.report("outliers"), outliers, meta)
+    shares = outlier_shares(outliers, faces[faces["image_id"].isin(table["image_id"])]) if len(table) \
+        else pd.DataFrame(columns=["source", "faces", "outliers", "share"])
+    top = outliers.head(GRID_FACES)
+    face_path = faces.set_index("image_id")["face_path"]
+    grid = plot_face_grid(load_faces(paths.root, top["image_id"].map(face_path).tolist()) if len(top)
+                          else np.zeros((0, 1, 1), np.uint8),
+                          [f"{r.score:.2f} {r.source}" for r in top.itertuples()], paths.report("outlier_faces"),
+                          "Outliers in the embedding (most atypical first)")
+    failed = refreshed.failed if refreshed is not None else pd.DataFrame(columns=["image_id", "face_path", "reason"])
+    digest = hashlib.sha256("|".join([published.data_version, model, *table["image_id"].astype(str)]).encode())
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": len(table),
+        "faces": len(faces),
+        "unlabelled": len(unlabelled),
+        "computed": refreshed.computed if refreshed is not None else 0,
+        "reused": refreshed.reused if refreshed is not None else 0,
+        "dropped": refreshed.dropped if refreshed is not None else 0,
+        "not_embedded": len(failed),
+        "not_embedded_faces": md_table(failed, 20),
+        "model": kind,
+        "model_identity": model,
+        "model_why": choice.reason,
+        "dimensions": len(table["embedding"].iloc[0]) if len(table) else 0,
+        "outliers": len(outliers),
+        "outlier_threshold": note,
+        "outliers_by_source": md_table(shares),
+        "top_outliers": md_table(outliers[["image_id", "source", "source_path", "label", "score", "reason"]]
+                                 .round({"score": 3}), 15),
+        "outlier_faces": md_image(grid, "outliers"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "data_version": published.data_version,
+        "path": dg.MetadataValue.path(str(paths.embeddings)),
+        "outliers_path": dg.MetadataValue.path(str(paths.report("outliers"))),
+    }, data_version=dg.DataVersion(digest.hexdigest()[:16]))
+
+
 def _caption(row: object) -> str:
     """Grid caption of a queue row, two short lines: rank and label (-> prediction); the first
     reason's kind (its text before the colon; the table beside the grid has the whole reason)."""
@@ -196,9 +321,10 @@ def _caption(row: object) -> str:
 
 
 @fer_asset(group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey("label_issues"), dg.AssetKey("model_evaluation"),
-                                          dg.AssetKey(FLAGS_ASSET), dg.AssetKey("shipped_model")],  # scores the unlabelled
+                                          dg.AssetKey(FLAGS_ASSET), dg.AssetKey(EMBEDDINGS_ASSET),
+                                          dg.AssetKey("shipped_model")],  # scores the unlabelled
            description="What a person should review first, with the reasons: cleanlab's label suspects, quality-flagged "
-                       "faces, the unlabelled images (the shipped model's least certain first), then the rest of the "
+                       "faces and embedding outliers, the unlabelled images (the shipped model's least certain first), then the rest of the "
                        "label-quality ranking, then the images nothing scored yet; the model's prediction and "
                        "probabilities beside each. Reviewed images are left out.")
 def review_queue(context: dg.AssetExecutionContext, fer: FerSettings, label_studio: LabelStudio) -> dg.MaterializeResult:
@@ -213,13 +339,15 @@ def review_queue(context: dg.AssetExecutionContext, fer: FerSettings, label_stud
     oof = pd.read_parquet(oof_path) if oof_path.is_file() else None
     flags_path = paths.report("quality_flags")
     flags = pd.read_parquet(flags_path) if flags_path.is_file() else None
+    outliers_path = paths.report("outliers")
+    outliers = pd.read_parquet(outliers_path) if outliers_path.is_file() else None
     unlabelled = read_unlabelled(paths)
     scores = score_unlabelled(unlabelled, paths)
     if len(unlabelled) and scores.probabilities is None:
         context.log.warning(f"{len(unlabelled)} unlabelled image(s) listed unscored: {scores.unscored_reason}")
     queue = build_review_queue(published.manifest, issues, probability_table(tests, best, oof), flags=flags,
                                unlabelled=unlabelled, unlabelled_probabilities=scores.probabilities,
-                               unlabelled_unscored_reason=scores.unscored_reason)
+                               unlabelled_unscored_reason=scores.unscored_reason, outliers=outliers)
     write_parquet(paths.review_queue, queue, {"data_version": published.data_version})
     if issues is None:
         context.log.warning("no label-issue ranking yet (reports/label_issues.parquet): the queue lists the kept "
@@ -238,6 +366,7 @@ def review_queue(context: dg.AssetExecutionContext, fer: FerSettings, label_stud
         "dagster/row_count": len(queue),
         "label_suspects": int(queue["reasons"].str.startswith("cleanlab label suspect").sum()),
         "quality_flagged": int(queue["image_id"].isin(flags["image_id"]).sum()) if flags is not None else 0,
+        "outliers": int(queue["image_id"].isin(outliers["image_id"]).sum()) if outliers is not None else 0,
         "with_prediction": int(queue["predicted"].notna().sum()),
         "unlabelled": int(queue["label"].isna().sum()),
         "unlabelled_scored": int((queue["label"].isna() & queue["predicted"].notna()).sum()),
@@ -281,8 +410,8 @@ def label_studio_tasks(context: dg.AssetExecutionContext, fer: FerSettings,
     })
 
 
-REVIEW_ASSETS = [data_quality_flags, review_queue, label_studio_tasks]
+REVIEW_ASSETS = [data_quality_flags, face_embeddings, review_queue, label_studio_tasks]
 """The review loop's assets but ``label_studio_reviews``, which joins the data assets (every data run
 pulls first); ``data_quality_flags`` is in the data group too (the data job computes it)."""
-__all__ = ["REVIEW_ASSETS", "REVIEW_COLUMNS", "data_quality_flags", "label_studio_reviews", "label_studio_tasks",
-           "review_queue"]
+__all__ = ["REVIEW_ASSETS", "REVIEW_COLUMNS", "data_quality_flags", "face_embeddings", "label_studio_reviews",
+           "label_studio_tasks", "review_queue"]

@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from scipy import ndimage
@@ -168,3 +169,43 @@ def test_real_faces_copies_found_and_few_strangers_linked() -> None:
     found = sum((int(o), n + k) in pairs for k, o in enumerate(originals))
     assert found >= 27
     assert sum(y < n for _, y in pairs) <= 0.01 * n and n >= 250
+
+
+def test_data_job_links_recrops_and_the_guard_drops_a_pool_recrop(tmp_path: Path) -> None:
+    """The real data job with the rule on (the default): a re-crop with its original's label is a
+    ``duplicate of`` it, one with another label makes a label conflict, a re-crop in the pretraining
+    pool leaves the pool (leakage guard), and every file is still accounted for."""
+    from fer_pipeline.dataset.manifest import accounting_items
+    from fer_pipeline_tests.conftest import asset_metadata, run_data_pipeline, write, write_catalogue
+
+    classes = {"angry": "Angry", "neutral": "Neutral", "focused": "Focused", "tired": "Tired"}
+    photos = {}
+    for c, folder in enumerate(classes):
+        for k in range(10):
+            photos[f"{folder}/p{k}.png"] = _photo(1000 + 20 * c + k)
+            write(tmp_path / "raw" / "four" / folder / f"p{k}.png", photos[f"{folder}/p{k}.png"])
+    write(tmp_path / "raw" / "four" / "angry" / "same_label_copy.jpg", _recrop(photos["angry/p0.png"]))
+    write(tmp_path / "raw" / "four" / "tired" / "other_label_copy.jpg", _recrop(photos["neutral/p1.png"]))
+    write(tmp_path / "raw" / "pool" / "happy" / "pool_copy.jpg", _recrop(photos["focused/p2.png"], shift=-0.08))
+    for k in range(3):
+        write(tmp_path / "raw" / "pool" / "happy" / f"q{k}.png", _photo(5000 + k))
+    write_catalogue(tmp_path, [
+        {"name": "four", "kind": "image_folders", "path": "raw/four", "label_map": classes},
+        {"name": "pool", "kind": "image_folders", "path": "raw/pool", "role": "pretrain"}])
+    result = run_data_pipeline(tmp_path, {"resources": {"fer": {"config": {"min_images_per_class": 1, "n_folds": 2}}}})
+    assert result.success, [e.check_name for e in result.get_asset_check_evaluations() if not e.passed]
+    assert asset_metadata(result, "deduplicated_faces")["view_links"] == 2  # the two copies and nothing else
+    manifest = pd.read_parquet(tmp_path / "manifest" / "manifest.parquet")
+    excluded = pd.read_parquet(tmp_path / "manifest" / "excluded.parquet").set_index(["source", "source_path"])
+    pool = pd.read_parquet(tmp_path / "manifest" / "pool.parquet")
+    ids = manifest.set_index("source_path")["image_id"]
+    assert excluded.loc[("four", "angry/same_label_copy.jpg"), "duplicate_of"] == ids["angry/p0.png"]
+    conflict = excluded.loc[[("four", "tired/other_label_copy.jpg"), ("four", "neutral/p1.png")], "reason"]
+    assert conflict.str.startswith("label conflict").all()
+    guard = excluded.loc[("pool", "happy/pool_copy.jpg")]
+    assert guard["stage"] == "leakage_guard" and guard["duplicate_of"] == ids["focused/p2.png"]
+    assert sorted(pool["source_path"]) == [f"happy/q{k}.png" for k in range(3)]
+    items = accounting_items(pd.read_parquet(tmp_path / "manifest" / "raw_inventory.parquet"),
+                             pd.read_parquet(tmp_path / "manifest" / "faces.parquet"))
+    seen = (len(manifest) + len(excluded) + len(pool))
+    assert seen == len(items) == 46  # 42 four-class files, 4 pool files

@@ -25,6 +25,10 @@ from fer_pipeline.review.queue import UNLABELLED_UNSCORED_REASON, UNSCORED_REASO
 from fer_pipeline.schema import REVIEW_COLUMNS
 from fer_pipeline_tests.defs.test_data_pipeline_e2e import run_data_job
 
+# view_duplicates off: the re-cropped-copy rule, calibrated on real faces, links a few generated faces to
+# one another (fer_pipeline_tests/dedup/test_views.py tests it; the demo turns it off for the same reason)
+NO_VIEWS = {"resources": {"fer": {"config": {"view_duplicates": False}}}}
+
 NEW = [f"new_{i}.png" for i in range(3)]
 
 
@@ -60,7 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
         {"name": "unl", "kind": "image_folders", "path": "raw/unl", "role": "unlabelled"}]}))
     mp = pytest.MonkeyPatch()
     try:
-        first = run_data_job(root, mp)
+        first = run_data_job(root, mp, run_config=NO_VIEWS)
         before = _tables(root)
         by_path = before["unlabelled"].set_index("source_path")
         reviews = pd.DataFrame([
@@ -72,7 +76,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
             columns=list(REVIEW_COLUMNS))
         (root / "reviews").mkdir(exist_ok=True)
         reviews.to_parquet(root / "reviews" / "reviews.parquet", index=False)
-        second = run_data_job(root, mp)
+        second = run_data_job(root, mp, run_config=NO_VIEWS)
     finally:
         mp.undo()
     return {"root": root, "labelled": labelled.relative_to(demo).as_posix(), "first": first, "before": before,

@@ -43,7 +43,8 @@ FLAGS = QUALITY_FLAGS
 
 @dataclass(frozen=True)
 class FlagThresholds:
-    # Set from the spread of 2,462 real AffectNet faces at 48x48 (benchmarks/bench_embedding_dups.py):
+    # Set from the spread of 2,462 real AffectNet faces at 48x48 (measured in issue 20; what they catch:
+    # benchmarks/bench_bad_faces.py):
     # Laplacian ratio 0.005..0.125 (1st percentile 0.010), entropy >= 5.4 bits (0.5th percentile 6.2),
     # 90th percentile intensity >= 74, 10th percentile <= 155
     blur_max: float = 0.006  # Laplacian variance / pixel variance
@@ -65,8 +66,8 @@ def _laplacian_ratio(x: np.ndarray) -> np.ndarray:
 def _entropy(faces: np.ndarray) -> np.ndarray:
     n = len(faces)
     flat = faces.reshape(n, -1).astype(np.int64)
-    counts = np.zeros((n, 256), np.float64)
-    np.add.at(counts, (np.repeat(np.arange(n), flat.shape[1]), flat.ravel()), 1.0)
+    # one bincount over (face, grey level) keys: np.add.at would be an unbuffered loop per pixel
+    counts = np.bincount((flat + 256 * np.arange(n)[:, None]).ravel(), minlength=256 * n).reshape(n, 256)
     p = counts / flat.shape[1]
     with np.errstate(divide="ignore", invalid="ignore"):
         return -np.nansum(np.where(p > 0, p * np.log2(p), 0.0), axis=1)

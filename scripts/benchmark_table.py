@@ -140,6 +140,13 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                Figure("non_faces_in_top_100_by_distance", "non-faces among the 100 most atypical by embedding"),
                Figure("either_non_faces_caught", "flags or outliers: non-faces caught (of 50)"),
                Figure("either_damaged_caught", "flags or outliers: damaged faces caught (of 50)"),
+               Figure("detector_80_non_faces_caught", "not in the pipeline: MTCNN finds no face (score 0.8) in the "
+                      "upscaled crop: non-faces caught (of 50)"),
+               Figure("detector_80_damaged_caught", "the same: damaged faces caught (of 50)"),
+               Figure("detector_80_real_flagged_share", "the same: share of real faces flagged"),
+               Figure("detector_60_real_flagged_share", "the same at score 0.6: share of real faces flagged"),
+               Figure("detector_60_non_faces_caught", "the same at score 0.6: non-faces caught (of 50)"),
+               Figure("detector_ms_per_face", "the same: time per face, one thread", "ms"),
                Figure("pool_images", "backbone: FER2013 pool images"),
                Figure("pretrain_epochs", "backbone: epochs"))),
     Benchmark("train_throughput_cuda", "training throughput of the main model on one GPU (`train_model`, batch 64, "

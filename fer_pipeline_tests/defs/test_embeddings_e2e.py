@@ -18,7 +18,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from fer_pipeline.definitions import defs
 from fer_pipeline.defs.assets.review import review_queue
 from fer_pipeline.defs.resources import FerSettings, LabelStudio
 from fer_pipeline.demo.synthetic_faces import MANIFEST_NAME, generate_demo_source
@@ -26,6 +25,7 @@ from fer_pipeline.ml.checkpoint import read_checkpoint_metadata
 from fer_pipeline.paths import DataPaths
 from fer_pipeline.review.embeddings import embedding_matrix
 from fer_pipeline_tests.defs.test_data_pipeline_e2e import run_data_job
+from fer_pipeline_tests.defs.test_pretrain_assets import _meta, _run
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +40,7 @@ def _clean_pngs(root: Path) -> list[Path]:
 
 
 def _materialize(root: Path, keys: list[str]) -> dg.ExecuteInProcessResult:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FER_DATA_DIR", str(root))
-    try:
-        return defs.resolve_implicit_global_asset_job_def().execute_in_process(
-            instance=dg.DagsterInstance.ephemeral(), asset_selection=[dg.AssetKey(k) for k in keys],
-            run_config={"resources": {"training": {"config": TRAINING}}}, raise_on_error=False)
-    finally:
-        mp.undo()
-
-
-def _meta(result: dg.ExecuteInProcessResult, key: str) -> dict:
-    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == key]
-    return {k: v.value for k, v in event.materialization.metadata.items()}
+    return _run(root, keys, TRAINING)  # the pretraining tests' runner, with this file's one-epoch budget
 
 
 @pytest.fixture(scope="module")

@@ -168,8 +168,10 @@ def nearest_by_views(load: Callable[[np.ndarray], np.ndarray], n: int, plain: np
         sims, nbrs = index.search(np.ascontiguousarray(views.reshape(-1, views.shape[-1])), kk)
         face = np.repeat(idx, len(VIEWS) * kk)
         j, s = nbrs.reshape(-1).astype(np.int64), sims.reshape(-1).astype(np.float32)
-        ok = (j >= 0) & ((j != face) | (not same_set))
+        ok = (j >= 0) & ((j != face) | (not same_set))  # -1: the index found fewer than asked
         face, j, s = face[ok], j[ok], s[ok]
+        if not len(face):
+            continue
         # per (face, neighbour): the best view; then per face its k best neighbours
         order = np.lexsort((-s, j, face))
         face, j, s = face[order], j[order], s[order]
@@ -183,6 +185,8 @@ def nearest_by_views(load: Callable[[np.ndarray], np.ndarray], n: int, plain: np
         out_j.append(j[keep])
         out_s.append(s[keep])
         del views
+    if not out_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
 
 

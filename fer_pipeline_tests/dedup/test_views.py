@@ -209,3 +209,15 @@ def test_data_job_links_recrops_and_the_guard_drops_a_pool_recrop(tmp_path: Path
                              pd.read_parquet(tmp_path / "manifest" / "faces.parquet"))
     seen = (len(manifest) + len(excluded) + len(pool))
     assert seen == len(items) == 46  # 42 four-class files, 4 pool files
+
+
+def test_blank_and_identical_faces_link_nothing_and_never_fail() -> None:
+    """Constant faces have no descriptor (zero after the mean is removed): similarity 0, no link,
+    no NaN; two faces only, or one, are handled."""
+    blank = np.full((5, 48, 48), 128, np.uint8)
+    a, b, sim, margin = views.view_links(lambda idx: blank[idx], len(blank))
+    assert len(a) == 0 and not np.isnan(views.plain_descriptors(blank)).any()
+    one = np.stack([_decode(_photo(1))])
+    assert len(views.view_links(lambda idx: one[idx], 1)[0]) == 0
+    two = np.stack([_decode(_photo(1)), _decode(_recrop(_photo(1)))])  # nothing else to beat: the floor decides
+    assert len(views.view_links(lambda idx: two[idx], 2)[0]) == 1

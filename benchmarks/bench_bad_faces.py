@@ -15,8 +15,8 @@ the pipeline's embedding outlier rule (:mod:`fer_pipeline.review.embeddings`) on
 backbone pretrained here the pipeline's way on FER2013's other expressions (happy, sad, surprise,
 fear, disgust; ``--pool-images`` of them, ``--epochs`` epochs), the model the ``face_embeddings``
 asset uses. Figures: caught per family, and the share of real faces flagged (what a reviewer wades
-through besides). Beside them, a check that is *not* in the pipeline: whether the pipeline's face
-detector (MTCNN) still finds a face in the upscaled crop, at three final-stage scores.
+through besides). Beside them, the ``no_face`` flag's check (on with ``fer.face_check``): whether
+the pipeline's face detector (MTCNN) still finds a face in the upscaled crop, at three scores.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_bad_faces.py
 """
@@ -130,19 +130,16 @@ def backbone_embeddings(faces: np.ndarray, pool_images: int, epochs: int, thread
 
 
 DETECTOR_SCORES = (0.6, 0.8, 0.9)
-DETECTOR_SIDE = 96
 
 
 def detector_check(faces: np.ndarray, n_real: int) -> dict[str, object]:
-    """Not in the pipeline (a candidate ``no_face`` flag): the pipeline's MTCNN detector run on each
-    48 x 48 face upscaled to 96 px; a face is flagged when no detection reaches the final-stage
-    score. Reported at three scores, none chosen here: real faces flagged, planted caught."""
-    from fer_pipeline.faces.detect import MTCNNDetector
+    """The ``no_face`` flag's check (:mod:`fer_pipeline.quality.face_check`): the pipeline's MTCNN
+    detector on each 48 x 48 face upscaled to 96 px; a face is flagged when no detection reaches
+    the score. Reported at three scores (the flag uses 0.8): real faces flagged, plants caught."""
+    from fer_pipeline.quality.face_check import FaceCheck, best_face_scores
 
-    det = MTCNNDetector(min_face_size=24, score_threshold=min(DETECTOR_SCORES), max_side=None)
     t = time.perf_counter()
-    best = np.array([max((d.score for d in det.detect(Image.fromarray(f).resize(
-        (DETECTOR_SIDE, DETECTOR_SIDE), Image.Resampling.BILINEAR).convert("RGB"))), default=0.0) for f in faces])
+    best = best_face_scores(faces, FaceCheck())
     out: dict[str, object] = {"detector_ms_per_face": round((time.perf_counter() - t) / len(faces) * 1000, 1)}
     for score in DETECTOR_SCORES:
         miss = best < score

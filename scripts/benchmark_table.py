@@ -122,7 +122,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                Figure("outside_views_view_recall", "copies beyond the views (shift 12 %, scale 0.85, 8°): recall"),
                Figure("outside_views_view_false_pair_rate", "copies beyond the views: false pairs per face"))),
     Benchmark("bench_bad_faces", "non-faces and damaged faces planted among 2,362 real AffectNet faces (issue 20): "
-              "what the quality flags and the backbone-embedding outliers catch, and the real faces they flag",
+              "what the quality flags, the backbone-embedding outliers and the face check catch, and the real faces they "
+              "flag",
               "PYTHONPATH=. .venv/bin/python benchmarks/bench_bad_faces.py",
               (Figure("flags_non_faces_caught", "quality flags: non-faces caught (of 50)"),
                Figure("flags_caught_clutter", "quality flags: clutter crops"),
@@ -140,8 +141,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                Figure("non_faces_in_top_100_by_distance", "non-faces among the 100 most atypical by embedding"),
                Figure("either_non_faces_caught", "flags or outliers: non-faces caught (of 50)"),
                Figure("either_damaged_caught", "flags or outliers: damaged faces caught (of 50)"),
-               Figure("detector_80_non_faces_caught", "not in the pipeline: MTCNN finds no face (score 0.8) in the "
-                      "upscaled crop: non-faces caught (of 50)"),
+               Figure("detector_80_non_faces_caught", "no_face flag (face_check: MTCNN finds no face scoring 0.8 "
+                      "in the upscaled crop): non-faces caught (of 50)"),
                Figure("detector_80_damaged_caught", "the same: damaged faces caught (of 50)"),
                Figure("detector_80_real_flagged_share", "the same: share of real faces flagged"),
                Figure("detector_60_real_flagged_share", "the same at score 0.6: share of real faces flagged"),

@@ -21,8 +21,9 @@ from fer_pipeline.faces.preprocess import PreprocessSettings
 from fer_pipeline.limits import MAX_BYTES_IN_FLIGHT, MAX_FILE_BYTES
 from fer_pipeline.ml.pretrain import PretrainConfig
 from fer_pipeline.ml.train import TrainConfig
-from fer_pipeline.paths import DataPaths, data_root_setting, is_store_url
+from fer_pipeline.paths import FACES_DIR, DataPaths, data_root_setting, is_store_url
 from fer_pipeline.publish import KEEP_REJECTED
+from fer_pipeline.quality.face_check import NO_FACE, FaceCheck
 from fer_pipeline.quality.flags import QUALITY_FLAGS, unknown_flags
 from fer_pipeline.review.label_studio import ReviewClient
 from fer_pipeline.sources.catalog import Catalog, CatalogError, load_catalog
@@ -74,6 +75,9 @@ class FerSettings(dg.ConfigurableResource):
                                      "excludes (stage 'quality', the flag's reason), e.g. [blurred, dark]; "
                                      f"empty = flagged faces stay and go up the review queue. One of: "
                                      f"{', '.join(QUALITY_FLAGS)}")
+    face_check: bool = Field(default=False, description="Flag faces the face detector finds no face in "
+                             "(no_face; about 13 ms a face once, cached): for photographs, not drawn faces. "
+                             "Naming no_face in exclude_flags turns it on too")
 
     @field_validator("exclude_flags")
     @classmethod
@@ -131,6 +135,16 @@ class FerSettings(dg.ConfigurableResource):
                                   f"{self._store.local}; the next push from it sends them, unless the store changed "
                                   "them meanwhile (then the next pull takes the store's version)")
             raise
+
+    @property
+    def face_check_rule(self) -> FaceCheck | None:
+        """The ``no_face`` check, or None when neither ``face_check`` nor ``exclude_flags`` asks for it."""
+        return FaceCheck() if self.face_check or NO_FACE in self.exclude_flags else None
+
+    def face_check_cache(self) -> Path:
+        """Where the detector's scores are cached: beside the faces they are about."""
+        check = FaceCheck()
+        return Path(self.paths.root) / FACES_DIR / self.preprocess.key / check.cache_name()
 
     @property
     def view_rule(self) -> ViewRule | None:

@@ -36,8 +36,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fer_pipeline.quality.face_check import FaceCheck, ScoreCache, no_face_rows
+
 FLAG_COLUMNS = ["row", "flag", "score", "reason"]
-QUALITY_FLAGS = ("blurred", "noisy", "dark", "washed_out", "low_information", "near_constant", "extreme_aspect")
+QUALITY_FLAGS = ("blurred", "noisy", "dark", "washed_out", "low_information", "near_constant", "extreme_aspect",
+                 "no_face")  # no_face: only when the face check is on (fer_pipeline/quality/face_check.py)
 FLAGS = QUALITY_FLAGS
 
 
@@ -118,19 +121,28 @@ FLAG_CHUNK = 4096  # faces read and flagged at once: 4096 x 48 x 48 x 8 bytes = 
 
 
 def flag_stored_faces(root: str | Path, faces: pd.DataFrame, thresholds: FlagThresholds = FlagThresholds(),
-                      chunk: int = FLAG_CHUNK) -> pd.DataFrame:
+                      chunk: int = FLAG_CHUNK, face_check: FaceCheck | None = None,
+                      face_check_cache: Path | None = None) -> pd.DataFrame:
     """:func:`quality_flags` of stored faces (``image_id``, ``face_path``, ``width``, ``height``
     columns), read from the face store ``chunk`` faces at a time so memory does not grow with the
-    dataset. Rows: ``STORED_FLAG_COLUMNS``, in ``faces`` order."""
+    dataset. Rows: ``STORED_FLAG_COLUMNS``, in ``faces`` order. ``face_check`` adds ``no_face``
+    (the face detector's verdict, cached by face reference in ``face_check_cache``)."""
     from fer_pipeline.faces.store import load_faces
 
     parts = []
+    cache = ScoreCache(face_check_cache) if face_check is not None else None
     for start in range(0, len(faces), chunk):
         part = faces.iloc[start:start + chunk]
-        found = quality_flags(load_faces(root, part["face_path"].tolist()), part["width"].to_numpy(),
-                              part["height"].to_numpy(), thresholds)
+        pixels = load_faces(root, part["face_path"].tolist())
+        found = quality_flags(pixels, part["width"].to_numpy(), part["height"].to_numpy(), thresholds)
+        if cache is not None and face_check is not None:
+            scores = cache.scores_for(part["face_path"].astype(str).tolist(), lambda rows: pixels[rows], face_check)
+            found = pd.concat([found, no_face_rows(scores, face_check)], ignore_index=True).sort_values(
+                ["row", "flag"], kind="mergesort").reset_index(drop=True)
         if len(found):
             parts.append(found.assign(image_id=part["image_id"].to_numpy()[found["row"].to_numpy(dtype=int)]))
+    if cache is not None:
+        cache.save()
     if not parts:
         return pd.DataFrame(columns=STORED_FLAG_COLUMNS)
     return pd.concat(parts, ignore_index=True)[STORED_FLAG_COLUMNS]

@@ -107,8 +107,9 @@ def manifest(context: dg.AssetExecutionContext, fer: FerSettings) -> dg.Material
     # image-quality flags the settings exclude (fer.exclude_flags; none by default: flags go to review)
     quality_moved = kept.iloc[:0]
     if fer.exclude_flags:
-        kept, excluded, quality_moved = exclude_flagged(kept, excluded, flag_stored_faces(paths.root, kept),
-                                                        fer.exclude_flags)
+        found = flag_stored_faces(paths.root, kept, face_check=fer.face_check_rule,
+                                  face_check_cache=fer.face_check_cache())
+        kept, excluded, quality_moved = exclude_flagged(kept, excluded, found, fer.exclude_flags)
     items = accounting_items(inv, faces_table)  # each file, and each further face of a `keep: all` photo
     accounting = check_accounting(items, kept, excluded, pool, unlabelled)
     version = manifest_version(kept, excluded, pool, unlabelled)

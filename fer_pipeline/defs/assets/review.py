@@ -178,7 +178,8 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
     unlabelled = read_unlabelled(paths)  # no class yet: a non-face or a blurred one is worth knowing before review
     faces = pd.concat([published.manifest, unlabelled.assign(label=None)], ignore_index=True) if len(unlabelled) \
         else published.manifest.reset_index(drop=True)
-    found = flag_stored_faces(paths.root, faces)  # read a chunk at a time, like the manifest's exclusions
+    # read a chunk at a time, like the manifest's exclusions (the face check's scores cached: computed once)
+    found = flag_stored_faces(paths.root, faces, face_check=fer.face_check_rule, face_check_cache=fer.face_check_cache())
     flags = found.merge(faces.drop(columns=["flag", "score", "reason"], errors="ignore"), on="image_id", how="left")
     flags = flags.sort_values(["score", "image_id"], ascending=[False, True], kind="mergesort").reset_index(drop=True)
     top = flags.drop_duplicates("image_id").head(GRID_FACES)
@@ -194,6 +195,8 @@ def data_quality_flags(context: dg.AssetExecutionContext, fer: FerSettings) -> d
         "faces_checked": len(faces),
         "unlabelled_checked": len(unlabelled),
         "faces_flagged": int(flags["image_id"].nunique()),
+        "face_check": (f"on: no_face below detector score {fer.face_check_rule.min_score}" if fer.face_check_rule
+                       else "off (fer.face_check: false)"),
         "unlabelled_flagged": int(flags.loc[flags["label"].isna(), "image_id"].nunique()),
         "by_flag": counts(flags["flag"]),
         "flags_by_source": md_table(shares),

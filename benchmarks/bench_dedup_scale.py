@@ -10,7 +10,9 @@
     - ``stage``: what the ``deduplicated_faces`` asset runs (the issue's measurement): faces read
       from a real face store on disk, groups, the link cache and the group table written;
     - ``grouping``: ``deduplicate_incremental`` alone, pixels in memory.
-    Target: dense <= 1.5x distinct for the stage.
+    Target: dense <= 1.5x distinct for the stage. The stage here is the exact and pHash grouping
+    (no ``view_rule``): the re-cropped-copy search's cost is measured over FER2013 by
+    ``bench_faces.py`` and its quality by ``bench_view_duplicates.py``.
 
 Prints seconds, peak RSS (``resource.getrusage``, the process's high-water mark so far) and
 pixel correlations for each, and writes benchmarks/results/bench_dedup_scale.json.

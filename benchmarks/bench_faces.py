@@ -52,6 +52,7 @@ def pipeline(zip_path: Path, limit: int, workers: int) -> dict[str, float | int 
     """One run of what the faces and deduplicated_faces assets run, from empty caches."""
     from fer_pipeline.dataset.manifest import candidates_for_decoding, dedup_input
     from fer_pipeline.dedup.groups import deduplicate_incremental, link_cache_name
+    from fer_pipeline.dedup.views import ViewRule, descriptor_cache_name
     from fer_pipeline.faces.preprocess import PreprocessSettings
     from fer_pipeline.faces.stage import process_faces
     from fer_pipeline.faces.store import FaceStore, load_faces
@@ -79,13 +80,15 @@ def pipeline(zip_path: Path, limit: int, workers: int) -> dict[str, float | int 
         refs = accepted["face_ref"].to_numpy()
         cache = root / "dedup" / link_cache_name(settings.key, 4, True)
         dd, _ = deduplicate_incremental(accepted, 4, True, lambda rows: load_faces(root, refs[rows].tolist()),
-                                        0.95, cache_path=cache)
+                                        0.95, cache_path=cache, view_rule=ViewRule(),  # the defaults: re-crops too
+                                        view_cache_path=root / "dedup" / descriptor_cache_name(settings.key))
         t3 = time.perf_counter()
     return {"images": len(cands), "inventory_files": len(inv), "inventory_s": round(t1 - t0, 2),
             "faces_s": round(t2 - t1, 2), "dedup_s": round(t3 - t2, 2), "workers": report.workers,
             "peak_bytes_in_flight": report.peak_bytes_in_flight, "names": "\n".join(cands["source_path"]),
             "links": f"{dd.n_near_candidates} phash candidates, {dd.n_near_links} confirmed near links, "
-                     f"{dd.n_exact_links} exact links, {dd.n_conflict_groups} label-conflict groups"}
+                     f"{dd.n_exact_links} exact links, {dd.n_view_links} re-cropped-copy links, "
+                     f"{dd.n_conflict_groups} label-conflict groups"}
 
 
 def main() -> None:

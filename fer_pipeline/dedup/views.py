@@ -50,7 +50,7 @@ BLUR_SIGMA = 1.5 / 48  # of the face's side: 1.5 px on the 48 px faces the descr
 BORDER = 1 / 8  # of the side, cut on each edge: the background a re-crop changes most
 NEIGHBOURS = 8  # per face: the margin test needs the best and second-best third faces
 EXACT_MAX = 20_000  # faces: up to here the neighbours are exact (54 x N^2 dot products by BLAS), above HNSW
-CHUNK = 256  # faces whose views are described and searched at once (54 x 256 views: ~32 MB at 48 px)
+CHUNK = 64  # faces described and searched at once: their 54 views, grids and samples take ~100 MB at 48 px
 CACHE_VERSION = 1
 
 
@@ -117,7 +117,8 @@ def view_descriptors(faces: np.ndarray) -> np.ndarray:
 
 
 def plain_descriptors(faces: np.ndarray) -> np.ndarray:
-    """(N, D) float32: the faces as they are (view ``PLAIN``), described."""
+    """(N, D) float32: the faces as they are (view ``PLAIN``), described (callers pass ``CHUNK``
+    faces at a time: the blur's buffers grow with the batch)."""
     faces = np.asarray(faces)
     if len(faces) == 0:
         return np.zeros((0, DESCRIPTOR_SIDE ** 2), np.float32)
@@ -240,8 +241,9 @@ def view_links(load: Callable[[np.ndarray], np.ndarray], n: int, rule: ViewRule 
 
 
 def _plain_of(load: Callable[[np.ndarray], np.ndarray], n: int) -> np.ndarray:
-    """(n, D) plain descriptors, loading ``CHUNK * 16`` faces at a time."""
-    step = CHUNK * 16
+    """(n, D) plain descriptors, ``CHUNK`` faces at a time (the blur's convolution buffers grow with
+    the batch: 6,000 faces at once took 1 GB)."""
+    step = CHUNK
     parts = [plain_descriptors(load(np.arange(s, min(s + step, n)))) for s in range(0, n, step)]
     return np.concatenate(parts) if parts else np.zeros((0, DESCRIPTOR_SIDE ** 2), np.float32)
 
@@ -314,8 +316,8 @@ def cached_plain(shas: np.ndarray, load: Callable[[np.ndarray], np.ndarray], cac
         known = cache.shas[pos] == np.asarray(shas, dtype=object)
         out[known] = cache.plain[pos[known]].astype(np.float32)
     todo = np.flatnonzero(~known)
-    for s in range(0, len(todo), CHUNK * 16):
-        idx = todo[s:s + CHUNK * 16]
+    for s in range(0, len(todo), CHUNK):  # CHUNK at a time: see _plain_of
+        idx = todo[s:s + CHUNK]
         out[idx] = plain_descriptors(load(idx))
     if cache_path is not None and (len(todo) or cache is None or len(cache.shas) != len(shas)):
         order = np.argsort(np.asarray(shas, dtype=str), kind="stable")

@@ -62,9 +62,6 @@ class ViewRule:
     margin: float = 0.018
     min_similarity: float = 0.94
 
-    def key(self) -> str:
-        return f"{self.margin:.6f}|{self.min_similarity:.6f}"
-
 
 def _grids(side: int) -> torch.Tensor:
     """(V, c, c, 2) sampling grids of every view's centre (``c`` = the side less the borders):

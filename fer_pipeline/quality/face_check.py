@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +105,3 @@ def no_face_rows(scores: np.ndarray, check: FaceCheck) -> pd.DataFrame:
         "score": np.clip(1 - scores[hit] / check.min_score, 1e-3, 1.0),
         "reason": [f"no face: the face detector finds none in it (best score {scores[k]:.2f} < {check.min_score})"
                    for k in hit]}, columns=["row", "flag", "score", "reason"])
-
-
-def describe(check: FaceCheck) -> dict[str, object]:
-    return {**asdict(check), "detector": "mtcnn"}

@@ -155,11 +155,17 @@ def label_studio_reviews(context: dg.AssetExecutionContext, fer: FerSettings,
     }, data_version=dg.DataVersion(version))
 
 
+def _source_shares(hits: pd.DataFrame, faces: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per source (the index): its faces, how many distinct ones ``hits`` names (``column``), their share."""
+    out = faces.groupby("source").size().rename("faces").to_frame()
+    out[column] = hits.groupby("source")["image_id"].nunique().reindex(out.index).fillna(0).astype(int)
+    out["share"] = (out[column] / out["faces"].clip(lower=1)).round(4)
+    return out
+
+
 def flag_shares(flags: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
     """Per source: faces, flagged faces, their share, and the count of each flag."""
-    out = faces.groupby("source").size().rename("faces").to_frame()
-    out["flagged"] = flags.groupby("source")["image_id"].nunique().reindex(out.index).fillna(0).astype(int)
-    out["share"] = (out["flagged"] / out["faces"].clip(lower=1)).round(4)
+    out = _source_shares(flags, faces, "flagged")
     per_flag = flags.groupby(["source", "flag"]).size().unstack(fill_value=0)
     return out.join(per_flag, how="left").fillna(0).reset_index()
 
@@ -230,10 +236,7 @@ def _read_previous_embeddings(path: Path, log: Callable[[str], None]) -> pd.Data
 
 def outlier_shares(outliers: pd.DataFrame, faces: pd.DataFrame) -> pd.DataFrame:
     """Per source: embedded faces, outliers and their share."""
-    out = faces.groupby("source").size().rename("faces").to_frame()
-    out["outliers"] = outliers.groupby("source")["image_id"].nunique().reindex(out.index).fillna(0).astype(int)
-    out["share"] = (out["outliers"] / out["faces"].clip(lower=1)).round(4)
-    return out.reset_index()
+    return _source_shares(outliers, faces, "outliers").reset_index()
 
 
 @fer_asset(name=EMBEDDINGS_ASSET, group_name=REVIEW_GROUP, deps=[dg.AssetKey("splits"), dg.AssetKey(BACKBONE)],
